@@ -1,0 +1,1 @@
+"""Experiments: `python -m experiments.<name>`, one study each (see README's table)."""

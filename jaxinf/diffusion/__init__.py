@@ -1,0 +1,1 @@
+"""Diffusion: schedules, solver step rules, the single lax.scan sampling driver, guidance."""

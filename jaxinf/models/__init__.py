@@ -1,0 +1,1 @@
+"""Flax NNX model families, one a file; `functional.py` turns them into pure functions."""

@@ -1,0 +1,80 @@
+"""Layers shared by the model families: embeddings, norms, patchify.
+
+Everything here is a pure function of arrays (the NNX modules hold the parameters); statistics are
+computed in fp32 whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, `[B] -> [B, dim]`, in fp32.
+
+  As in DiT's `TimestepEmbedder` (after ADM / "Attention is all you need"): frequencies
+  `exp(-log(max_period) * i / half)` for `i < half`, the cosines first, then the sines; an odd `dim`
+  is padded with one zero.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+  """1-D sin-cos embedding (MAE / DiT): `[M] -> [M, embed_dim]`, the sines first."""
+  if embed_dim % 2:
+    raise ValueError(f"embed_dim: expected an even number, got {embed_dim}")
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding `[grid_size**2, embed_dim]` in row-major token order.
+
+  Reproduces DiT's `get_2d_sincos_pos_embed` exactly (so converted checkpoints line up): half the
+  channels encode one grid axis and half the other, from `np.meshgrid(w, h)`.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"embed_dim: expected a multiple of 4, got {embed_dim}")
+  coords = np.arange(grid_size, dtype=np.float32)
+  grid = np.stack(np.meshgrid(coords, coords), axis=0)  # w goes first, as in DiT
+  emb_a = sincos_1d(embed_dim // 2, grid[0])
+  emb_b = sincos_1d(embed_dim // 2, grid[1])
+  return np.concatenate([emb_a, emb_b], axis=1).astype(np.float32)
+
+
+def patchify(x: jax.Array, patch: int) -> jax.Array:
+  """`[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]`, each patch flattened in (p, q, c) order."""
+  return einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch)
+
+
+def unpatchify(tokens: jax.Array, patch: int, grid: int, channels: int) -> jax.Array:
+  """Inverse of `patchify`: `[B, grid*grid, p*p*C] -> [B, grid*p, grid*p, C]`."""
+  return einops.rearrange(
+      tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=grid, w=grid, p=patch, q=patch, c=channels
+  )
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine parameters, statistics in fp32, result in `x.dtype`."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation `x * (1 + scale) + shift`, per sample: x `[B, T, D]`, shift/scale `[B, D]`."""
+  return x * (1 + scale[:, None]) + shift[:, None]
