@@ -1,0 +1,139 @@
+"""Choosing an implementation and checking arguments, shared by the four ops.
+
+Every public op in this package validates its arguments here *before* anything is traced, so a
+bad shape, dtype or decay is reported as a `ValueError`/`TypeError` naming the argument instead of
+an XLA shape error deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+IMPLS = ("auto", "reference", "xla", "pallas")
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_impl(impl: str, interpret: bool) -> str:
+  """Maps `impl` to one of "reference" | "xla" | "pallas".
+
+  "auto" is the Pallas kernel on GPU/TPU and the chunked XLA form elsewhere (on CPU Pallas only
+  runs through its interpreter, which is a correctness tool, not a fast path).
+  """
+  if not isinstance(impl, str) or impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if not isinstance(interpret, bool):
+    raise TypeError(f"interpret must be a bool, got {type(interpret).__name__}")
+  backend = jax.default_backend()
+  if impl == "auto":
+    # interpret=True asks for the Pallas kernel explicitly, so honour it on any backend.
+    return "pallas" if backend in _ACCELERATORS or interpret else "xla"
+  if impl == "pallas" and backend not in _ACCELERATORS and not interpret:
+    raise ValueError(
+        f"impl='pallas' on the {backend!r} backend needs interpret=True "
+        "(Pallas kernels compile only for GPU/TPU)")
+  return impl
+
+
+def check_array(name: str, x, ndim: int) -> None:
+  """`x` must be a floating array with `ndim` dimensions."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  if x.ndim != ndim:
+    raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
+def check_shape(name: str, x, expected: Sequence[int]) -> None:
+  if tuple(x.shape) != tuple(expected):
+    raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def check_same_dtype(names: Sequence[str], arrays: Sequence) -> None:
+  """All `arrays` share one dtype: a silent promotion would change the kernel's precision."""
+  dtypes = [a.dtype for a in arrays]
+  if any(d != dtypes[0] for d in dtypes):
+    listing = ", ".join(f"{n}={d}" for n, d in zip(names, dtypes))
+    raise TypeError(f"{', '.join(names)} must share one dtype, got {listing}")
+
+
+def check_lengths(name: str, x, batch: int) -> None:
+  """An integer vector of per-sequence lengths, shape [B]."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an integer array of shape ({batch},), got {type(x).__name__}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+  check_shape(name, x, (batch,))
+
+
+def concrete_value(x) -> np.ndarray | None:
+  """The value of `x` as numpy if it is known now (not a tracer), else None."""
+  try:
+    value = np.asarray(jax.device_get(x))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+          TypeError):
+    return None
+  # Placeholders such as jax.ShapeDtypeStruct come back as object arrays: no value to check.
+  return value if value.dtype.kind in "biuf" else None
+
+
+def check_unit_interval(name: str, x) -> None:
+  """Values in (0, 1] when they are known before tracing (a traced value can't be inspected)."""
+  value = concrete_value(x)
+  if value is None:
+    return
+  if not np.all((value > 0) & (value <= 1)):
+    bad = value[~((value > 0) & (value <= 1))]
+    raise ValueError(f"{name} must lie in (0, 1], got values such as {bad.ravel()[:4].tolist()}")
+
+
+def next_power_of_2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  """Zero-pads (or `value`-pads) `axis` of `x` at the end up to `size`."""
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def gpu_compiler_params(num_warps: int, num_stages: int):
+  """Triton launch parameters on GPU; None elsewhere (the interpreter and TPU ignore them)."""
+  if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+    return None
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tile(requested: int, length: int) -> int:
+  """A power-of-two tile no larger than needed for `length`, at least 16 (Triton's dot minimum)."""
+  return max(16, min(next_power_of_2(requested), next_power_of_2(length)))
+
+
+def kernel_dot(a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
+  """a @ b inside a kernel with fp32 accumulation.
+
+  Operands are cast to `compute_dtype` (the input dtype: bf16 feeds the tensor cores); fp32
+  operands ask for full precision so Triton does not silently drop to TF32.
+  """
+  precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+  return jnp.dot(a.astype(compute_dtype), b.astype(compute_dtype), precision=precision,
+                 preferred_element_type=jnp.float32)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The matmul operand dtype for inputs of `dtype`: 16-bit floats stay, anything else is fp32."""
+  return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(jnp.float32)

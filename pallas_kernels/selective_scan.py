@@ -1,0 +1,319 @@
+"""Mamba-1 selective scan (Gu & Dao 2023, Algorithm 2), with `mamba_ssm.selective_scan_ref`'s
+semantics in a time-major layout.
+
+x_t = exp(delta_t A) * x_{t-1} + delta_t u_t B_t,  y_t = C_t . x_t,  out = (y + D u) * silu(z),
+per channel d with a diagonal [N] state. `reference.selective_scan` is the spec.
+
+* "xla": a `lax.scan` over blocks of C steps; inside a block the linear recurrence
+  x_t = a_t x_{t-1} + b_t is solved by `lax.associative_scan` (Blelloch 1990) on the pairs
+  (a, b), so memory is O(C D N) per block, not O(T D N), and work is O(T D N log C).
+* "pallas": one program per (batch, group, block of channels) walking time with the fp32
+  [N, block_d] state in registers, the fused recurrent form of mamba_ssm's CUDA kernel
+  (state never leaves the chip; each step reads one row of u, delta, z, B, C and writes y).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import dispatch, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveScanBlocks:
+  """Static sizes: `block_d` channels per Pallas program, `xla_chunk` steps per XLA block."""
+  block_d: int = 64
+  xla_chunk: int = 64
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+  dispatch.check_array("u", u, 3)
+  dispatch.check_array("delta", delta, 3)
+  batch, t_len, channels = u.shape
+  if delta.shape != u.shape:
+    raise ValueError(f"delta must have u's shape [B, T, D] {u.shape}, got {delta.shape}")
+  if t_len == 0:
+    raise ValueError("u needs at least one position, got T=0")
+  dispatch.check_same_dtype(("u", "delta"), (u, delta))
+  dispatch.check_array("A", A, 2)
+  if A.shape[0] != channels:
+    raise ValueError(f"A must have shape [D={channels}, N], got {A.shape}")
+  n_state = A.shape[1]
+  for name, x in (("B", B), ("C", C)):
+    if not hasattr(x, "ndim") or x.ndim not in (3, 4):
+      raise ValueError(f"{name} must be [B, T, N] or grouped [B, T, G, N], got "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    dispatch.check_array(name, x, x.ndim)
+  if B.shape != C.shape:
+    raise ValueError(f"B and C must have the same shape, got {B.shape} and {C.shape}")
+  dispatch.check_same_dtype(("B", "C"), (B, C))
+  if B.shape[:2] != (batch, t_len) or B.shape[-1] != n_state:
+    raise ValueError(f"B must be [B={batch}, T={t_len}, (G,) N={n_state}], got {B.shape}")
+  if B.ndim == 4 and channels % B.shape[2]:
+    raise ValueError(f"the number of groups (B.shape[2]={B.shape[2]}) must divide D={channels}")
+  for name, x in (("D", D), ("delta_bias", delta_bias)):
+    if x is not None:
+      dispatch.check_array(name, x, 1)
+      dispatch.check_shape(name, x, (channels,))
+  if z is not None:
+    dispatch.check_array("z", z, 3)
+    dispatch.check_shape("z", z, u.shape)
+    dispatch.check_same_dtype(("u", "z"), (u, z))
+  if initial_state is not None:
+    dispatch.check_array("initial_state", initial_state, 3)
+    dispatch.check_shape("initial_state", initial_state, (batch, channels, n_state))
+
+
+def selective_scan(
+    u: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    delta_bias: jax.Array | None = None,
+    delta_softplus: bool = False,
+    *,
+    initial_state: jax.Array | None = None,
+    return_final_state: bool = False,
+    impl: str = "auto",
+    interpret: bool = False,
+    blocks: SelectiveScanBlocks = SelectiveScanBlocks(),
+):
+  """Selective scan (Mamba, Gu & Dao 2023, Algorithm 2 / eq. 2a-2b with ZOH-Euler discretisation).
+
+  delta <- softplus(delta + delta_bias) (each optional); x_t = exp(delta_t A) x_{t-1} +
+  delta_t u_t B_t; y_t = C_t . x_t; out = (y + D u) * silu(z). As mamba_ssm's
+  `selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)`
+  but time-major: mamba_ssm's u is [B, D, L], ours is [B, T, D].
+
+  Args:
+    u, delta: [B, T, D] (one dtype).  A: [D, N], real.
+    B, C: [B, T, N], or grouped [B, T, G, N] (channel d reads group d // (D // G)).
+    D, delta_bias: [D].  z: [B, T, D].
+    initial_state: [B, D, N] (fp32), default zeros.
+    impl: "auto" | "reference" | "xla" | "pallas".  interpret: Pallas interpreter (CPU).
+  Returns:
+    out [B, T, D] in u's dtype; with `return_final_state`, (out, x_{T-1} [B, D, N] fp32).
+  """
+  _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+  if not isinstance(delta_softplus, bool):
+    raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+  impl = dispatch.resolve_impl(impl, interpret)
+  batch, _, channels = u.shape
+  state = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32) if initial_state is None
+           else initial_state.astype(jnp.float32))
+  if impl == "reference":
+    out, final = _reference_jit(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                initial_state=state)
+  elif impl == "xla":
+    out, final = _selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, state,
+                                     delta_softplus=delta_softplus, chunk=blocks.xla_chunk)
+  else:
+    out, final = _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state,
+                                        delta_softplus=delta_softplus, block_d=blocks.block_d,
+                                        interpret=interpret)
+  return (out, final) if return_final_state else out
+
+
+def selective_scan_step(
+    state: jax.Array,
+    u: jax.Array,
+    delta: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array | None = None,
+    z: jax.Array | None = None,
+    delta_bias: jax.Array | None = None,
+    delta_softplus: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """One decoding step of the selective scan (mamba_ssm's `selective_state_update`).
+
+  Plain jnp: one token is a [D, N] multiply-add. For k > 1 tokens call `selective_scan` with
+  `initial_state=state, return_final_state=True`.
+
+  Args:
+    state: [B, D, N].  u, delta: [B, D].  A: [D, N].  B, C: [B, N] or [B, G, N].
+    D, delta_bias: [D].  z: [B, D].
+  Returns:
+    (out [B, D] in u's dtype, new state [B, D, N] fp32).
+  """
+  add_time = lambda x: None if x is None else x[:, None]
+  _check(add_time(u), add_time(delta), A, add_time(B), add_time(C), D, add_time(z), delta_bias,
+         state)
+  if not isinstance(delta_softplus, bool):
+    raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+  return _step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus)
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus",))
+def _step(state, u, delta, A, B, C, D, z, delta_bias, *, delta_softplus: bool):
+  f32 = jnp.float32
+  u32 = u.astype(f32)
+  dt = _discretisation_step(delta, delta_bias, delta_softplus)  # [B, D]
+  if B.ndim == 3:
+    # channel d reads group d // (D // G): expand the groups over their channels.
+    per_group = u.shape[1] // B.shape[1]
+    B = jnp.repeat(B, per_group, axis=1)
+    C = jnp.repeat(C, per_group, axis=1)
+  else:
+    B, C = B[:, None, :], C[:, None, :]
+  state = (jnp.exp(dt[..., None] * A.astype(f32)) * state.astype(f32)
+           + (dt * u32)[..., None] * B.astype(f32))
+  out = jnp.sum(state * C.astype(f32), axis=-1)
+  out = _finish(out, u32, D, z)
+  return out.astype(u.dtype), state
+
+
+def _discretisation_step(delta, delta_bias, delta_softplus: bool) -> jax.Array:
+  dt = delta.astype(jnp.float32)
+  if delta_bias is not None:
+    dt = dt + delta_bias.astype(jnp.float32)
+  return reference.softplus(dt) if delta_softplus else dt
+
+
+def _finish(y, u32, D, z):
+  """out = (y + D u) * silu(z), each term optional, in fp32."""
+  if D is not None:
+    y = y + u32 * D.astype(jnp.float32)
+  if z is not None:
+    y = y * jax.nn.silu(z.astype(jnp.float32))
+  return y
+
+
+_reference_jit = jax.jit(reference.selective_scan, static_argnames=("delta_softplus",))
+
+
+def _combine(earlier, later):
+  """Composition of x -> a x + b maps: `earlier` applied first."""
+  a1, b1 = earlier
+  a2, b2 = later
+  return a1 * a2, a2 * b1 + b2
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "chunk"))
+def _selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, state, *, delta_softplus: bool,
+                        chunk: int):
+  f32 = jnp.float32
+  _, t_len, channels = u.shape
+  if B.ndim == 3:
+    B, C = B[:, :, None, :], C[:, :, None, :]
+  groups = B.shape[2]
+  chunk = min(chunk, t_len)
+  padded = dispatch.round_up(t_len, chunk)
+  u32 = u.astype(f32)
+  dt = _discretisation_step(delta, delta_bias, delta_softplus)
+  # Padded steps have delta = 0: exp(0 * A) = 1 and delta u B = 0 leave the state untouched.
+  to_blocks = lambda x: rearrange(dispatch.pad_axis(x, 1, padded),
+                                  "b (n c) (g d) -> n b c g d", c=chunk, g=groups)
+  bc_blocks = lambda x: rearrange(dispatch.pad_axis(x.astype(f32), 1, padded),
+                                  "b (n c) g s -> n b c g s", c=chunk)
+  A_g = rearrange(A.astype(f32), "(g d) s -> g d s", g=groups)
+  state = rearrange(state, "b (g d) s -> b g d s", g=groups)
+
+  def block(x, inputs):
+    u_c, dt_c, B_c, C_c = inputs  # [B, C, G, Dg] and [B, C, G, N]
+    decay = jnp.exp(dt_c[..., None] * A_g)  # [B, C, G, Dg, N]
+    drive = (dt_c * u_c)[..., None] * B_c[:, :, :, None, :]
+    decay_cum, drive_cum = lax.associative_scan(_combine, (decay, drive), axis=1)
+    xs = decay_cum * x[:, None] + drive_cum
+    return xs[:, -1], jnp.einsum("bcgds,bcgs->bcgd", xs, C_c)
+
+  final, ys = lax.scan(block, state, (to_blocks(u32), to_blocks(dt), bc_blocks(B), bc_blocks(C)))
+  y = rearrange(ys, "n b c g d -> b (n c) (g d)")[:, :t_len]
+  out = _finish(y, u32, D, z)
+  return out.astype(u.dtype), rearrange(final, "b g d s -> b (g d) s")
+
+
+def _selective_scan_kernel(*refs, length: int, delta_softplus: bool, has_z: bool):
+  """One (batch, group, channel block): the recurrence over time, state [N, block_d] in registers."""
+  if has_z:
+    u_ref, dt_ref, z_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, s0_ref, y_ref, s_out_ref = refs
+  else:
+    u_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, s0_ref, y_ref, s_out_ref = refs
+    z_ref = None
+  f32 = jnp.float32
+  a_t = a_ref[...].astype(f32)  # A transposed: [N, block_d]
+  skip = d_ref[...].astype(f32)  # [1, block_d]
+  bias = bias_ref[...].astype(f32)
+
+  def body(t, x):
+    row = pl.ds(t, 1)
+    u = u_ref[row, :].astype(f32)  # [1, block_d]
+    dt = dt_ref[row, :].astype(f32) + bias
+    if delta_softplus:
+      dt = reference.softplus(dt)
+    b = b_ref[row, :].astype(f32).T  # [N, 1]
+    c = c_ref[row, :].astype(f32).T
+    x = jnp.exp(a_t * dt) * x + b * (dt * u)
+    y = jnp.sum(x * c, axis=0, keepdims=True) + skip * u
+    if has_z:
+      zt = z_ref[row, :].astype(f32)
+      y = y * zt / (1.0 + jnp.exp(-zt))
+    y_ref[row, :] = y.astype(y_ref.dtype)
+    return x
+
+  s_out_ref[...] = lax.fori_loop(0, length, body, s0_ref[...].astype(f32))
+
+
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "block_d", "interpret"))
+def _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state, *, delta_softplus: bool,
+                           block_d: int, interpret: bool):
+  batch, t_len, channels = u.shape
+  n_state = A.shape[1]
+  if B.ndim == 3:
+    B, C = B[:, :, None, :], C[:, :, None, :]
+  groups = B.shape[2]
+  per_group = channels // groups
+  block_d = min(dispatch.next_power_of_2(block_d), dispatch.next_power_of_2(per_group))
+  d_pad = dispatch.round_up(per_group, block_d)
+  n_pad = dispatch.next_power_of_2(n_state)
+  # Channels padded with u = delta = 0 (and A = B = C = 0 for padded states) stay at zero and are
+  # sliced off; Triton tiles need power-of-two extents.
+  by_group = lambda x: dispatch.pad_axis(
+      rearrange(x, "b t (g d) -> b t g d", g=groups), 3, d_pad)
+  per_channel = lambda x: dispatch.pad_axis(
+      rearrange(x.astype(jnp.float32), "(g d) -> g 1 d", g=groups), 2, d_pad)
+  a_t = dispatch.pad_axis(dispatch.pad_axis(
+      rearrange(A.astype(jnp.float32), "(g d) s -> g s d", g=groups), 2, d_pad), 1, n_pad)
+  skip = per_channel(D if D is not None else jnp.zeros((channels,), jnp.float32))
+  bias = per_channel(delta_bias if delta_bias is not None else jnp.zeros((channels,), jnp.float32))
+  s0 = dispatch.pad_axis(dispatch.pad_axis(
+      rearrange(state, "b (g d) s -> b g s d", g=groups), 3, d_pad), 2, n_pad)
+  B, C = dispatch.pad_axis(B, 3, n_pad), dispatch.pad_axis(C, 3, n_pad)
+
+  seq_spec = pl.BlockSpec((None, t_len, None, block_d), lambda b, g, j: (b, 0, g, j))
+  bc_spec = pl.BlockSpec((None, t_len, None, n_pad), lambda b, g, j: (b, 0, g, 0))
+  vec_spec = pl.BlockSpec((None, 1, block_d), lambda b, g, j: (g, 0, j))
+  state_spec = pl.BlockSpec((None, None, n_pad, block_d), lambda b, g, j: (b, g, 0, j))
+  has_z = z is not None
+  seq_inputs = [by_group(u), by_group(delta)] + ([by_group(z)] if has_z else [])
+  kernel = functools.partial(_selective_scan_kernel, length=t_len, delta_softplus=delta_softplus,
+                             has_z=has_z)
+  y, final = pl.pallas_call(
+      kernel,
+      grid=(batch, groups, d_pad // block_d),
+      in_specs=[seq_spec] * len(seq_inputs) + [
+          pl.BlockSpec((None, n_pad, block_d), lambda b, g, j: (g, 0, j)),
+          bc_spec, bc_spec, vec_spec, vec_spec, state_spec],
+      out_specs=[seq_spec, state_spec],
+      out_shape=[
+          jax.ShapeDtypeStruct((batch, t_len, groups, d_pad), u.dtype),
+          jax.ShapeDtypeStruct((batch, groups, n_pad, d_pad), jnp.float32),
+      ],
+      compiler_params=dispatch.gpu_compiler_params(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="selective_scan",
+  )(*seq_inputs, a_t, B, C, skip, bias, s0)
+  y = rearrange(y[..., :per_group], "b t g d -> b t (g d)")
+  final = rearrange(final[:, :, :n_state, :per_group], "b g s d -> b (g d) s")
+  return y, final

@@ -1,0 +1,163 @@
+"""Softmax attention: every impl against `reference.softmax_attention` and `jax.nn.dot_product_attention`.
+
+Tolerances, relative to the largest |reference| entry (plus the same relative slack per entry):
+fp32 1e-5 (the two forms sum in different orders); bf16 1e-2 (outputs are rounded to bf16,
+relative step 2^-8, and the flash kernel feeds bf16 probabilities to its second matmul).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import attention, attention_step, reference
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+FAST_IMPLS = ("xla", "pallas")
+
+
+def run(impl, *args, **kwargs):
+  return attention(*args, impl=impl, interpret=impl == "pallas", **kwargs)
+
+
+def assert_close(actual, expected, tol, what=""):
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  expected = np.asarray(jnp.asarray(expected, jnp.float32))
+  scale = max(float(np.max(np.abs(expected))), 1e-6)
+  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+def make_qkv(seed, batch, tq, tk, heads, kv_heads, dim, dtype):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((batch, tq, heads, dim))
+  k = rng.standard_normal((batch, tk, kv_heads, dim))
+  v = rng.standard_normal((batch, tk, kv_heads, dim))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+# The corners every run must cover, beside whatever hypothesis draws.
+@example(batch=1, tq=1, heads=(1, 1), dim=32, causal=True, with_lengths=False,
+         dtype=jnp.float32, seed=0)
+@example(batch=2, tq=100, heads=(4, 2), dim=128, causal=True, with_lengths=True,
+         dtype=jnp.bfloat16, seed=1)
+@example(batch=1, tq=17, heads=(2, 1), dim=64, causal=False, with_lengths=True,
+         dtype=jnp.float32, seed=2)
+@given(
+    batch=st.sampled_from([1, 2]),
+    tq=st.sampled_from([1, 17, 64, 100]),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4)]),
+    dim=st.sampled_from([32, 64, 128]),
+    causal=st.booleans(),
+    with_lengths=st.booleans(),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_impls_match_reference(batch, tq, heads, dim, causal, with_lengths, dtype, seed):
+  h, hkv = heads
+  # Non-causal draws also get a different key length, to cover Tq != Tk.
+  tk = tq if causal else tq + 13
+  q, k, v = make_qkv(seed, batch, tq, tk, h, hkv, dim, dtype)
+  lengths = None
+  if with_lengths:
+    lengths = jnp.asarray(np.random.default_rng(seed).integers(1, tk + 1, size=batch), jnp.int32)
+  scale = 0.7 / dim ** 0.5
+  expected = reference.softmax_attention(q, k, v, causal=causal, scale=scale, kv_lengths=lengths)
+  for impl in FAST_IMPLS:
+    out = run(impl, q, k, v, causal=causal, scale=scale, kv_lengths=lengths)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_close(out, expected, TOL[dtype], impl)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 1), (4, 2)])
+def test_matches_jax_nn_dot_product_attention(causal, heads):
+  h, hkv = heads
+  q, k, v = make_qkv(0, 2, 40, 40, h, hkv, 32, jnp.float32)
+  lengths = jnp.asarray([40, 23], jnp.int32)
+  kwargs = dict(is_causal=causal, scale=0.3)
+  if not causal:
+    kwargs["key_value_seq_lengths"] = lengths
+  with jax.default_matmul_precision("highest"):
+    expected = jax.nn.dot_product_attention(q, k, v, **kwargs)
+  for impl in ("reference",) + FAST_IMPLS:
+    out = run(impl, q, k, v, causal=causal, scale=0.3, kv_lengths=None if causal else lengths)
+    assert_close(out, expected, 1e-5, impl)
+
+
+def test_fully_masked_rows_are_zero():
+  q, k, v = make_qkv(1, 2, 8, 8, 2, 2, 32, jnp.float32)
+  lengths = jnp.asarray([0, 8], jnp.int32)
+  for impl in ("reference",) + FAST_IMPLS:
+    out = run(impl, q, k, v, kv_lengths=lengths)
+    assert np.all(np.asarray(out[0]) == 0.0), impl
+    assert np.all(np.isfinite(np.asarray(out))), impl
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_decode_token_by_token_equals_causal_prefill(impl):
+  t_len = 9
+  q, k, v = make_qkv(2, 2, t_len, t_len, 4, 2, 64, jnp.float32)
+  expected = reference.softmax_attention(q, k, v, causal=True)
+  for t in range(t_len):
+    # The cache is allocated at full size; only the first t + 1 slots are valid.
+    lengths = jnp.full((2,), t + 1, jnp.int32)
+    out = attention_step(q[:, t:t + 1], k, v, lengths, impl=impl, interpret=impl == "pallas")
+    assert_close(out[:, 0], expected[:, t], 1e-5, f"{impl} t={t}")
+
+
+@pytest.mark.parametrize("impl", ("reference",) + FAST_IMPLS)
+def test_speculative_verify_matches_prefill_rows(impl):
+  # Three draft tokens per sequence against caches of different lengths: query j of sequence b
+  # must equal row lengths[b] - 3 + j of a causal prefill over the whole cache.
+  draft, size = 3, 24
+  q_all, k, v = make_qkv(3, 2, size, size, 2, 1, 32, jnp.float32)
+  lengths = jnp.asarray([10, 24], jnp.int32)
+  prefill = reference.softmax_attention(q_all, k, v, causal=True)
+  queries = jnp.stack([q_all[b, int(n) - draft:int(n)] for b, n in enumerate(lengths)])
+  out = attention_step(queries, k, v, lengths, impl=impl, interpret=impl == "pallas")
+  for b, n in enumerate(np.asarray(lengths)):
+    assert_close(out[b], prefill[b, n - draft:n], 1e-5, f"{impl} sequence {b}")
+
+
+def _abstract(*shapes, dtype=jnp.float32):
+  # Placeholders that cannot be traced or computed with: an error raised with these was raised
+  # by argument checking, before any tracing.
+  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, error, name",
+    [
+        (((2, 8, 4, 32), (2, 8, 3, 32), (2, 8, 3, 32)), {}, ValueError, "k.shape[2]"),
+        (((2, 8, 4, 32), (2, 8, 2, 16), (2, 8, 2, 16)), {}, ValueError, "head dim"),
+        (((2, 8, 4, 32), (2, 8, 2, 32), (2, 9, 2, 32)), {}, ValueError, "k and v"),
+        (((2, 8, 4, 32), (1, 8, 2, 32), (1, 8, 2, 32)), {}, ValueError, "batch"),
+        (((2, 8, 32), (2, 8, 32), (2, 8, 32)), {}, ValueError, "q must have 4"),
+        (((2, 8, 4, 32),) * 3, {"impl": "triton"}, ValueError, "impl"),
+        pytest.param(((2, 8, 4, 32),) * 3, {"impl": "pallas"}, ValueError, "interpret=True",
+                     marks=pytest.mark.skipif(jax.default_backend() != "cpu",
+                                              reason="Pallas compiles on accelerators")),
+        (((2, 8, 4, 32),) * 3, {"scale": jnp.float32(0.1)}, TypeError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"kv_lengths": jnp.ones((3,), jnp.int32)}, ValueError,
+         "kv_lengths"),
+        (((2, 8, 4, 32),) * 3, {"kv_lengths": jnp.ones((2,), jnp.float32)}, TypeError,
+         "kv_lengths"),
+        (((2, 8, 4, 32),) * 3, {"kv_lengths": jnp.asarray([3, 9])}, ValueError, "kv_lengths"),
+    ],
+)
+def test_bad_input_raises_before_tracing(shapes, kwargs, error, name):
+  with pytest.raises(error, match=name.replace("[", r"\[").replace("]", r"\]")):
+    attention(*_abstract(*shapes), **kwargs)
+
+
+def test_mismatched_dtypes_raise():
+  q, k, v = _abstract((1, 4, 2, 32), (1, 4, 2, 32), (1, 4, 2, 32))
+  with pytest.raises(TypeError, match="share one dtype"):
+    attention(q, k, jax.ShapeDtypeStruct(v.shape, jnp.bfloat16))
+  with pytest.raises(ValueError, match="lengths"):
+    attention_step(q, k, v, jnp.asarray([3]))  # fewer valid slots than new queries
