@@ -1,0 +1,1 @@
+"""Training: diffusion losses, AdamW with EMA, orbax checkpoints that resume exactly."""

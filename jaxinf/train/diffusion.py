@@ -1,0 +1,225 @@
+"""Training a denoiser: the diffusion loss for each prediction type, AdamW, EMA, exact resume.
+
+Loss (Ho et al. 2020, eq. 14, "simple"): t ~ U{0..T-1}, eps ~ N(0, I),
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, MSE between the model output and the target of its
+prediction type (eps, x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0). With a learned variance the
+hybrid loss of improved DDPM (Nichol & Dhariwal 2021, Sec. 3.1) adds L_vlb, with the mean held
+fixed (stop-gradient) so that L_vlb trains only the variance, as DiT does.
+
+Everything a step needs is derived from (seed, step): the batch indices, the timesteps, the noise
+and the label dropout come from `fold_in(key, step)`. A run resumed from a checkpoint at step k
+therefore produces exactly the losses an uninterrupted run produces after step k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxinf.checkpoints.native import CheckpointStore
+from jaxinf.diffusion import schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTrainConfig:
+  steps: int = 1500
+  batch_size: int = 64
+  learning_rate: float = 2e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.0
+  ema_decay: float = 0.995
+  grad_clip: float = 1.0
+  prediction_type: str = "epsilon"
+  seed: int = 0
+  checkpoint_every: int = 250
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "checkpoint_every"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"ema_decay: expected in [0, 1), got {self.ema_decay}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+    schedules.check_prediction_type(self.prediction_type)
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x):
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _discretized_gaussian_nll(x, mean, log_scale):
+  """-log p(x) for data on 256 bins in [-1, 1] (Ho et al. 2020, eq. 13), elementwise, in nats."""
+  centered = x - mean
+  inv_std = jnp.exp(-log_scale)
+  cdf_plus = _approx_std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+  cdf_min = _approx_std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_probs = jnp.where(
+      x < -0.999, log_cdf_plus,
+      jnp.where(x > 0.999, log_one_minus_cdf_min, jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))))
+  return -log_probs
+
+
+def vlb_terms(schedule: schedules.NoiseSchedule, x0, x_t, t, x0_pred, var_values):
+  """Per-sample L_vlb term (bits/dim) of improved DDPM with the learned-range variance.
+
+  L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0, the decoder NLL at t = 0.
+  `x0_pred` should be stop-gradient'ed by the caller so the term trains only the variance.
+  """
+  # tables in float64 first: 1 - abar loses most of its digits in fp32 when abar is near 1
+  abar = schedule.alphas_cumprod
+  abar_prev = np.concatenate([[1.0], abar[:-1]])
+  betas = schedule.betas
+  post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+  # log of the posterior variance with the t = 0 entry (zero) replaced by the t = 1 entry
+  post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]]))
+  table = lambda v: jnp.asarray(v, jnp.float32)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+  c0 = table(np.sqrt(abar_prev) * betas / (1.0 - abar))
+  ct = table(np.sqrt(1.0 - betas) * (1.0 - abar_prev) / (1.0 - abar))
+  min_log, max_log = table(post_log_var), table(np.log(betas))
+  true_mean = c0 * x0 + ct * x_t
+  model_mean = c0 * x0_pred + ct * x_t
+  frac = (var_values + 1.0) / 2.0
+  model_log_var = frac * max_log + (1.0 - frac) * min_log
+  kl = _normal_kl(true_mean, min_log, model_mean, model_log_var)
+  nll = _discretized_gaussian_nll(x0, model_mean, 0.5 * model_log_var)
+  axes = tuple(range(1, x0.ndim))
+  per_sample = jnp.where(t == 0, nll.mean(axes), kl.mean(axes))
+  return per_sample / math.log(2.0)
+
+
+def diffusion_loss(apply: Callable, params, x0, y, key, *, schedule: schedules.NoiseSchedule,
+                   prediction_type: str, learned_sigma: bool):
+  """Mean loss over the batch for `apply(params, x_t, t, y)`; see the module docstring."""
+  k_t, k_eps = jax.random.split(key)
+  t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
+  eps = jax.random.normal(k_eps, x0.shape)
+  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+  x_t = schedules.add_noise(x0, eps, abar)
+  out = apply(params, x_t, t.astype(jnp.float32), y)
+  c = x0.shape[-1]
+  pred = out[..., :c]
+  target = schedules.training_target(x0, eps, abar, prediction_type)
+  loss = jnp.mean(jnp.square(pred - target))
+  if learned_sigma:
+    x0_pred, _ = schedules.predict_x0_eps(jax.lax.stop_gradient(pred), x_t, abar, prediction_type)
+    loss = loss + jnp.mean(vlb_terms(schedule, x0, x_t, t, x0_pred, out[..., c:]))
+  return loss
+
+
+def make_optimizer(cfg: DiffusionTrainConfig) -> optax.GradientTransformation:
+  lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+       optax.constant_schedule(cfg.learning_rate)], [max(cfg.warmup_steps, 1)])
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+def make_train_step(apply: Callable, cfg: DiffusionTrainConfig, schedule: schedules.NoiseSchedule,
+                    *, learned_sigma: bool, drop_labels: Callable | None = None):
+  """A jitted `step(state, images, labels) -> (state, loss)`; the batch is drawn inside."""
+  opt = make_optimizer(cfg)
+  base_key = jax.random.key(cfg.seed)
+
+  @jax.jit
+  def step(state, images, labels):
+    key = jax.random.fold_in(base_key, state["step"])
+    k_idx, k_drop, k_loss = jax.random.split(key, 3)
+    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, images.shape[0])
+    x0, y = images[idx], labels[idx]
+    if drop_labels is not None:
+      y = drop_labels(y, k_drop)
+    loss, grads = jax.value_and_grad(
+        lambda p: diffusion_loss(apply, p, x0, y, k_loss, schedule=schedule,
+                                 prediction_type=cfg.prediction_type,
+                                 learned_sigma=learned_sigma))(state["params"])
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p,
+                       state["ema"], params)
+    return {"params": params, "ema": ema, "opt_state": opt_state,
+            "step": state["step"] + 1}, loss
+
+  return step
+
+
+def init_train_state(params, cfg: DiffusionTrainConfig) -> dict[str, Any]:
+  return {"params": params, "ema": jax.tree.map(jnp.copy, params),
+          "opt_state": make_optimizer(cfg).init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def _read_losses(path: Path, upto: int) -> list[dict]:
+  """Loss records with step <= upto (records past a restored checkpoint are dropped)."""
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      break  # a line cut short by a kill: nothing after it was checkpointed
+    if rec["step"] <= upto:
+      records.append(rec)
+  return records
+
+
+def train_diffusion(apply: Callable, params, images, labels, *, cfg: DiffusionTrainConfig,
+                    schedule: schedules.NoiseSchedule, out_dir: str | os.PathLike,
+                    learned_sigma: bool = False, drop_labels: Callable | None = None,
+                    progress: bool = True) -> tuple[dict[str, Any], list[dict]]:
+  """Trains for `cfg.steps` steps, checkpointing to `out_dir/checkpoints` and appending
+  `{"step", "loss"}` to `out_dir/losses.jsonl`; resumes from the latest checkpoint if any.
+
+  Returns (final train state, the loss records of the whole run, resumed parts included).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  if images.shape[0] != labels.shape[0]:
+    raise ValueError(f"labels: expected {images.shape[0]} labels for the images, got {labels.shape}")
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  store = CheckpointStore(out_dir / "checkpoints")
+  state = init_train_state(params, cfg)
+  start = store.latest_step()
+  if start is not None:
+    state = store.restore(start, state)
+  start = int(start or 0)
+  log_path = out_dir / "losses.jsonl"
+  records = _read_losses(log_path, start)
+  log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  step_fn = make_train_step(apply, cfg, schedule, learned_sigma=learned_sigma,
+                            drop_labels=drop_labels)
+  with open(log_path, "a") as log, tqdm(total=cfg.steps, initial=start, disable=not progress,
+                                        desc="train", unit="step") as bar:
+    for s in range(start, cfg.steps):
+      state, loss = step_fn(state, images, labels)
+      rec = {"step": s + 1, "loss": float(loss)}
+      records.append(rec)
+      log.write(json.dumps(rec) + "\n")
+      log.flush()
+      if (s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps:
+        store.save(s + 1, state)
+      bar.update(1)
+      if (s + 1) % 50 == 0:
+        bar.set_postfix(loss=f"{np.mean([r['loss'] for r in records[-50:]]):.4f}")
+  store.close()
+  return state, records
