@@ -7,8 +7,8 @@ product (q k^T * M) v with M_ij = lambda^{i-j}; between blocks a [Dk, Dv] state 
 read by q_i lambda^{i+1} S and updated as S <- lambda^C S + (k * lambda^{C-1-j})^T v. Cost is
 O(T C D + T D^2): linear in T.
 
-* "xla": the intra-block products for all blocks at once, then a `lax.scan` over blocks that
-  only carries the state.
+* "xla": a `lax.fori_loop` over blocks, each step the intra-block product plus the state read
+  and update (Algorithm 1's loop as written), slicing the inputs in place.
 * "pallas": one program per (batch, head, block of Dv columns) walking the blocks in order with
   the fp32 state in registers (the columns of S are independent, so splitting Dv adds programs
   without communication).
@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -144,33 +143,38 @@ _reference_jit = jax.jit(reference.lightning_attention)
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _lightning_xla(q, k, v, log_decay, state, *, chunk: int):
-  t_len, heads = q.shape[1], q.shape[2]
+  t_len, dtype = q.shape[1], q.dtype
   chunk = min(chunk, t_len)
   padded = dispatch.round_up(t_len, chunk)
-  to_blocks = lambda x: rearrange(dispatch.pad_axis(x.astype(jnp.float32), 1, padded),
-                                  "b (n c) h d -> b n h c d", c=chunk)
-  qc, kc, vc = to_blocks(q), to_blocks(k), to_blocks(v)
+  q, k, v = (dispatch.pad_axis(x.astype(jnp.float32), 1, padded) for x in (q, k, v))
   # Padded positions get log-decay 0: they neither decay the state nor (k = v = 0) add to it, so
   # the final state is the state after the last real token.
   pos = jnp.arange(padded)
   log_g = jnp.where(pos[:, None] < t_len, log_decay[None, :], 0.0)  # [T', H]
-  cum = jnp.cumsum(rearrange(log_g, "(n c) h -> n h c", c=chunk), axis=-1)  # log lambda^{i+1}
   lower = jnp.tril(jnp.ones((chunk, chunk), bool))
-  lag = jnp.where(lower, cum[..., :, None] - cum[..., None, :], -jnp.inf)  # log lambda^{i-j}
-  intra = jnp.einsum("bnhid,bnhjd->bnhij", qc, kc) * jnp.exp(lag)[None]
-  out = jnp.einsum("bnhij,bnhje->bnhie", intra, vc)
-  last = cum[..., -1:]  # [n, H, 1]: log lambda^{C}
-  block_kv = jnp.einsum("bnhjd,bnhje->nbhde", kc * jnp.exp(last - cum)[None, ..., None], vc)
-  block_decay = jnp.exp(last[..., 0])  # [n, H]
 
-  def carry_state(s, inputs):
-    kv, lam = inputs
-    return lam[None, :, None, None] * s + kv, s
+  # Lightning Attention-2's loop, one block per step, slicing the [B, T, H, D] inputs in place:
+  # a block's working set is O(B H C D) whatever T is, and no transposed copy of q, k, v or o is
+  # made. (Materialising every block's [C, C] scores at once, or rearranging the inputs to
+  # block-major, made CPU time grow faster than T once the arrays left the cache.)
+  def block(n, carry):
+    s, out = carry
+    start = n * chunk
+    q_c, k_c, v_c = (lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in (q, k, v))
+    g = lax.dynamic_slice_in_dim(log_g, start, chunk, axis=0).T  # [H, C]
+    cum = jnp.cumsum(g, axis=-1)  # log lambda^{i+1}
+    lag = jnp.where(lower, cum[:, :, None] - cum[:, None, :], -jnp.inf)  # log lambda^{i-j}
+    scores = jnp.einsum("bihd,bjhd->bhij", q_c, k_c) * jnp.exp(lag)
+    out_c = (jnp.einsum("bhij,bjhe->bihe", scores, v_c)
+             + jnp.einsum("bihd,bhde->bihe", q_c * jnp.exp(cum).T[None, :, :, None], s))
+    last = cum[:, -1:]  # log lambda^{C}
+    s = (jnp.exp(last)[None, :, :, None] * s
+         + jnp.einsum("bjhd,bjhe->bhde", k_c * jnp.exp(last - cum).T[None, :, :, None], v_c))
+    return s, lax.dynamic_update_slice_in_dim(out, out_c, start, axis=1)
 
-  final, entering = lax.scan(carry_state, state, (block_kv, block_decay))
-  out = out + jnp.einsum("bnhid,nbhde->bnhie", qc * jnp.exp(cum)[None, ..., None], entering)
-  out = rearrange(out, "b n h c e -> b (n c) h e")[:, :t_len]
-  return out.astype(q.dtype), final
+  out = jnp.zeros(v.shape, jnp.float32)
+  final, out = lax.fori_loop(0, padded // chunk, block, (state, out))
+  return out[:, :t_len].astype(dtype), final
 
 
 def _lightning_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, s_out_ref, *, chunk: int,
