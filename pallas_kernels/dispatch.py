@@ -111,8 +111,13 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 
 
 def gpu_compiler_params(num_warps: int, num_stages: int):
-  """Triton launch parameters on GPU; None elsewhere (the interpreter and TPU ignore them)."""
-  if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+  """Triton launch parameters, passed everywhere except on TPU.
+
+  Passing them explicitly matters: with no compiler params, recent JAX lowers a GPU pallas_call
+  through Mosaic GPU (`jax_pallas_use_mosaic_gpu` defaults to True), whose layout rules these
+  kernels are not written for. The interpreter ignores them; TPU lowering would reject them.
+  """
+  if jax.default_backend() == "tpu":
     return None
   from jax.experimental.pallas import triton as plgpu
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
