@@ -10,6 +10,7 @@ draws its noise from `fold_in(loop_key, i)`; the initial noise comes from a key 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,6 +31,22 @@ def sample(key: jax.Array, denoiser: Denoiser, schedule: schedules.NoiseSchedule
   return_trajectory: also return `[steps, *shape]` — x after each step.
   All arguments are validated here, before anything is traced.
   """
+  args, static = _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init,
+                          return_trajectory)
+  return _scan(key, *args, **static)
+
+
+def compile_sample(denoiser: Denoiser, schedule: schedules.NoiseSchedule, solver,
+                   shape: tuple[int, ...], *, steps: int, cond: Any = None, guidance=None,
+                   x_init: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
+  """Ahead-of-time compiled `sample`: returns `run(key) -> samples` (the same computation as
+  `sample(key, ...)` with these arguments), so compilation and sampling can be timed apart."""
+  args, static = _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init, False)
+  compiled = _scan.lower(jax.random.key(0), *args, **static).compile()
+  return lambda key: compiled(key, *args)
+
+
+def _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init, return_trajectory):
   if not isinstance(schedule, schedules.NoiseSchedule):
     raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
   if not all(hasattr(solver, a) for a in ("table", "step", "init_state")):
@@ -45,8 +62,8 @@ def sample(key: jax.Array, denoiser: Denoiser, schedule: schedules.NoiseSchedule
   if guidance is not None:
     denoiser = guidance(denoiser)
   table = {k: jnp.asarray(v) for k, v in solver.table(schedule, steps).items()}
-  return _scan(key, denoiser, table, cond, x_init, solver=solver, shape=shape,
-               return_trajectory=return_trajectory)
+  static = dict(solver=solver, shape=shape, return_trajectory=return_trajectory)
+  return (denoiser, table, cond, x_init), static
 
 
 def split_variance(denoiser: Denoiser, out: jax.Array):
