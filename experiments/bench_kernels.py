@@ -54,7 +54,7 @@ class BenchConfig:
   impls: tuple[str, ...] = IMPLS
   repeats: int = 5
   reference_max_length: int = 4096
-  interpret_max_length: int = 1024
+  interpret_max_length: int = 2048
   fit_min_length: int = 1024
   name: str = "bench_kernels"
   results_root: str = "results"

@@ -210,9 +210,13 @@ class Checker:
       q, k, v = self.attention_inputs(t_len, dtype)
       flops = 4 * c.batch * c.heads * t_len * t_len * c.dim / 2  # causal: half the tiles
       results = {}
+      flash = lambda blocks: (lambda q, k, v: pk.attention(
+          q, k, v, causal=True, impl="pallas", interpret=self.interpret, blocks=blocks))
       candidates = {
-          "pallas_flash": lambda q, k, v: pk.attention(q, k, v, causal=True, impl="pallas",
-                                                       interpret=self.interpret),
+          "pallas_flash": flash(pk.AttentionBlocks()),
+          # Larger tiles suit D = 128 on Hopper; reported to pick the default from data.
+          "pallas_flash_128x64": flash(pk.AttentionBlocks(block_q=128, block_k=64)),
+          "pallas_flash_128x128": flash(pk.AttentionBlocks(block_q=128, block_k=128)),
           "cudnn" if on_gpu else "jax_nn_xla": lambda q, k, v: jax.nn.dot_product_attention(
               q, k, v, is_causal=True, implementation="cudnn" if on_gpu else None),
           "xla_chunked": lambda q, k, v: pk.attention(q, k, v, causal=True, impl="xla"),
@@ -229,10 +233,12 @@ class Checker:
         self.row(section="attention", impl=impl, T=t_len, ms=1e3 * seconds, tflops=tflops,
                  frac_peak=tflops / c.peak_tflops)
       baseline = results.get("cudnn", results.get("jax_nn_xla"))
-      if "pallas_flash" in results and baseline:
-        ratio = baseline / results["pallas_flash"]
+      flash_times = {k: t for k, t in results.items() if k.startswith("pallas_flash")}
+      if flash_times and baseline:
+        best = min(flash_times, key=flash_times.get)
+        ratio = baseline / flash_times[best]
         self.row(section="attention", impl="flash_vs_cudnn" if on_gpu else "flash_vs_jax_nn",
-                 T=t_len, speed_ratio=ratio, goal=">=0.7",
+                 T=t_len, best=best, speed_ratio=ratio, goal=">=0.7",
                  status="MET" if ratio >= 0.7 else "NOT MET")
 
   def lightning_speed(self) -> None:

@@ -15,14 +15,16 @@ from jax import lax
 import numpy as np
 
 IMPLS = ("auto", "reference", "xla", "pallas")
-_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+_GPUS = ("gpu", "cuda", "rocm")
 
 
 def resolve_impl(impl: str, interpret: bool) -> str:
   """Maps `impl` to one of "reference" | "xla" | "pallas".
 
-  "auto" is the Pallas kernel on GPU/TPU and the chunked XLA form elsewhere (on CPU Pallas only
-  runs through its interpreter, which is a correctness tool, not a fast path).
+  "auto" is the Pallas kernel on GPU and the chunked XLA form elsewhere. On CPU Pallas only runs
+  through its interpreter, a correctness tool rather than a fast path. On TPU too "auto" means
+  XLA: the kernels are written for Triton, and Mosaic TPU rejects their [B, T, H, D] tiles (the
+  squeezed head axis sits in a block's second-minor dimension); `impl="pallas"` there says so.
   """
   if not isinstance(impl, str) or impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -31,11 +33,11 @@ def resolve_impl(impl: str, interpret: bool) -> str:
   backend = jax.default_backend()
   if impl == "auto":
     # interpret=True asks for the Pallas kernel explicitly, so honour it on any backend.
-    return "pallas" if backend in _ACCELERATORS or interpret else "xla"
-  if impl == "pallas" and backend not in _ACCELERATORS and not interpret:
+    return "pallas" if backend in _GPUS or interpret else "xla"
+  if impl == "pallas" and backend not in _GPUS and not interpret:
     raise ValueError(
-        f"impl='pallas' on the {backend!r} backend needs interpret=True "
-        "(Pallas kernels compile only for GPU/TPU)")
+        f"impl='pallas' on the {backend!r} backend needs interpret=True: the Pallas kernels "
+        "compile for GPU (Triton) only; use impl='xla' for a compiled path here")
   return impl
 
 

@@ -16,15 +16,19 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import reference, selective_scan, selective_scan_step
+from pallas_kernels import SelectiveScanBlocks, reference, selective_scan, selective_scan_step
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-FAST_IMPLS = ("xla", "pallas")
+# The XLA form's two in-block solvers are both checked, whatever "auto" picks on this backend.
+FAST_IMPLS = ("xla", "xla_associative", "pallas")
 # exp(delta * A) per step: near 0 forgets at once, near 1 remembers for thousands of steps.
 DELTA_SCALE = {"near_zero": 8.0, "middle": 0.5, "near_one": 1e-3}
 
 
 def run(impl, *args, **kwargs):
+  if impl.startswith("xla"):
+    inner = "associative" if impl == "xla_associative" else "sequential"
+    return selective_scan(*args, impl="xla", blocks=SelectiveScanBlocks(xla_inner=inner), **kwargs)
   return selective_scan(*args, impl=impl, interpret=impl == "pallas", **kwargs)
 
 

@@ -20,14 +20,18 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import reference, wkv7, wkv7_step
+from pallas_kernels import WKVBlocks, reference, wkv7, wkv7_step
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-FAST_IMPLS = ("xla", "pallas")
+# Both XLA forms are checked, whatever "auto" picks on this backend.
+FAST_IMPLS = ("xla_chunked", "xla_recurrent", "pallas")
 DECAYS = {"near_zero": (1e-4, 1e-2), "middle": (0.5, 0.99), "near_one": (0.999, 1.0)}
 
 
 def run(impl, *args, **kwargs):
+  if impl.startswith("xla"):
+    form = impl.removeprefix("xla_")
+    return wkv7(*args, impl="xla", blocks=WKVBlocks(xla_form=form), **kwargs)
   return wkv7(*args, impl=impl, interpret=impl == "pallas", **kwargs)
 
 
