@@ -36,7 +36,14 @@ import pallas_kernels as pk
 from experiments.reporting import markdown_table, results_dir, write_report
 
 OPS = ("attention", "lightning", "selective_scan", "wkv7")
-IMPLS = ("reference", "xla", "pallas")
+IMPLS = ("reference", "xla", "xla_parallel", "pallas")
+# "xla" is what impl="xla" (and "auto" on CPU) runs. For the two recurrences that is a sequential
+# in-block loop on CPU; "xla_parallel" forces the form used on accelerators (associative in-block
+# scan for the selective scan, the WY chunk form for WKV-7) so both are on the record.
+PARALLEL_FORMS = {
+    "selective_scan": pk.SelectiveScanBlocks(xla_inner="associative"),
+    "wkv7": pk.WKVBlocks(xla_form="chunked"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,8 @@ def make_op(op: str, impl: str, cfg: BenchConfig, t_len: int, interpret: bool,
   keys = jax.random.split(key, 8)
   dtype = jnp.dtype(cfg.dtype)
   b, h, d = cfg.batch, cfg.heads, cfg.dim
+  extra = {"blocks": PARALLEL_FORMS[op]} if impl == "xla_parallel" else {}
+  impl = "xla" if impl == "xla_parallel" else impl
   normal = lambda k, shape, s=1.0: (s * jax.random.normal(k, shape)).astype(dtype)
   if op == "attention":
     args = tuple(normal(keys[i], (b, t_len, h, d)) for i in range(3))
@@ -93,7 +102,7 @@ def make_op(op: str, impl: str, cfg: BenchConfig, t_len: int, interpret: bool,
     D = jnp.ones((channels,), jnp.float32)
     args = (u, delta, A, B, C, D)
     fn = lambda u, delta, A, B, C, D: pk.selective_scan(
-        u, delta, A, B, C, D, delta_softplus=True, impl=impl, interpret=interpret)
+        u, delta, A, B, C, D, delta_softplus=True, impl=impl, interpret=interpret, **extra)
     flops = 6 * b * t_len * channels * n
   elif op == "wkv7":
     kk = jax.random.normal(keys[4], (b, t_len, h, d))
@@ -103,7 +112,8 @@ def make_op(op: str, impl: str, cfg: BenchConfig, t_len: int, interpret: bool,
     args = (normal(keys[0], (b, t_len, h, d)), w.astype(dtype),
             normal(keys[1], (b, t_len, h, d), d ** -0.5), normal(keys[2], (b, t_len, h, d)),
             (-kk).astype(dtype), (kk * rate).astype(dtype))
-    fn = lambda r, w, k, v, a, bb: pk.wkv7(r, w, k, v, a, bb, impl=impl, interpret=interpret)
+    fn = lambda r, w, k, v, a, bb: pk.wkv7(r, w, k, v, a, bb, impl=impl, interpret=interpret,
+                                           **extra)
     flops = 8 * b * h * t_len * d * d
   else:
     raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
@@ -189,6 +199,7 @@ def main(cfg: BenchConfig) -> dict:
   interpret = backend == "cpu"
   rows, skipped = [], []
   plan = [(op, impl, t) for op in cfg.ops for impl in cfg.impls for t in cfg.lengths]
+  plan = [(op, impl, t) for op, impl, t in plan if impl != "xla_parallel" or op in PARALLEL_FORMS]
   for op, impl, t_len in tqdm(plan, desc="bench_kernels"):
     reason = skip_reason(impl, t_len, cfg, backend)
     if reason is not None:
@@ -233,7 +244,10 @@ def main(cfg: BenchConfig) -> dict:
       f"scan with D={cfg.heads * cfg.dim} channels and N={cfg.state_size}. Medians of "
       f"{cfg.repeats} runs after one warm-up; peak memory from XLA's memory analysis of the "
       "compiled executable. `gflops` counts the fast algorithm's FLOPs (causal half for "
-      "attention), so reference rows are not comparable on it.",
+      "attention), so reference rows are not comparable on it. `xla` is what impl='xla' runs "
+      "here (on CPU the recurrences use a sequential in-block loop); `xla_parallel` is the form "
+      "used on accelerators (associative in-block scan for the selective scan, the WY chunk "
+      "form for WKV-7). `pallas` on CPU is the Pallas interpreter, not a compiled kernel.",
       "",
       f"**Goal check (T={t_max})**: lightning (xla) exponent {lightning_exp:.3f} "
       f"(goal <= 1.2: {'met' if goals['lightning_xla_exponent_le_1.2'] else 'NOT met'}); "
