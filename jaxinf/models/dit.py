@@ -11,6 +11,10 @@ Linear-SiLU-Linear (normal init 0.02), a label table with one extra "null" row u
 classifier-free guidance and by label dropout in training, blocks with LayerNorm without affine
 (eps 1e-6), fused qkv with bias, tanh-GELU MLP of ratio 4, six adaLN chunks (shift, scale, gate for
 attention and for the MLP), zero-initialised modulation and output layer.
+
+diffusers' port differs in two numerical details, both config fields here (defaults = the release):
+`timestep_freq_shift` (its timestep frequencies use `half - 1` in the exponent's denominator) and
+`mlp_norm_eps` (its LayerNorm before the MLP uses eps 1e-5); see `jaxinf.checkpoints.dit`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ class DiTConfig:
   label_init_std: float = 0.02
   frequency_embedding_size: int = 256
   layer_norm_eps: float = 1e-6
+  # The two places where diffusers' port (`DiTTransformer2DModel`) computes differently from the
+  # release; the defaults are the release's, and `jaxinf.checkpoints.dit` sets diffusers' values when
+  # it converts a diffusers checkpoint. `timestep_freq_shift` is diffusers' `downscale_freq_shift`:
+  # frequencies exp(-log(10000) i / (half - shift)); the release uses 0, diffusers' DiT 1.
+  # `mlp_norm_eps` is the eps of the LayerNorm before the MLP (None: `layer_norm_eps`, as in the
+  # release); diffusers uses its `norm_eps` config there, 1e-5 by default.
+  timestep_freq_shift: float = 0.0
+  mlp_norm_eps: float | None = None
   # Parameters are fp32; activations run in this dtype (bf16 on GPU/TPU). Norms and softmax are fp32.
   dtype: str = "float32"
 
@@ -66,6 +78,14 @@ class DiTConfig:
       raise ValueError(f"hidden_size: expected a multiple of 4 (2-D sin-cos), got {self.hidden_size}")
     if not 0.0 <= self.class_dropout_prob < 1.0:
       raise ValueError(f"class_dropout_prob: expected in [0, 1), got {self.class_dropout_prob}")
+    if not 0.0 <= self.timestep_freq_shift < self.frequency_embedding_size // 2:
+      raise ValueError(
+          f"timestep_freq_shift: expected in [0, {self.frequency_embedding_size // 2}), got "
+          f"{self.timestep_freq_shift}")
+    for name in ("layer_norm_eps", "mlp_norm_eps"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -154,6 +174,7 @@ class DiTBlock(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     d = cfg.hidden_size
     self.eps = cfg.layer_norm_eps
+    self.mlp_eps = cfg.layer_norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
     self.attn = Attention(d, cfg.num_heads, dtype, rngs=rngs)
     self.mlp = Mlp(d, int(d * cfg.mlp_ratio), dtype, rngs=rngs)
     self.adaLN_modulation = nnx.Linear(
@@ -164,7 +185,7 @@ class DiTBlock(nnx.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = layers.modulate(layers.layer_norm(x, self.eps), shift_msa, scale_msa)
     x = x + gate_msa[:, None] * self.attn(h)
-    h = layers.modulate(layers.layer_norm(x, self.eps), shift_mlp, scale_mlp)
+    h = layers.modulate(layers.layer_norm(x, self.mlp_eps), shift_mlp, scale_mlp)
     return x + gate_mlp[:, None] * self.mlp(h)
 
 
@@ -193,13 +214,14 @@ class TimestepEmbedder(nnx.Module):
     init = nnx.initializers.normal(0.02)
     dtype = jnp.dtype(cfg.dtype)
     self.frequency_embedding_size = cfg.frequency_embedding_size
+    self.freq_shift = cfg.timestep_freq_shift
     self.linear_1 = nnx.Linear(cfg.frequency_embedding_size, cfg.hidden_size, kernel_init=init,
                                dtype=dtype, rngs=rngs)
     self.linear_2 = nnx.Linear(cfg.hidden_size, cfg.hidden_size, kernel_init=init, dtype=dtype,
                                rngs=rngs)
 
   def __call__(self, t: jax.Array) -> jax.Array:
-    freq = layers.timestep_embedding(t, self.frequency_embedding_size)
+    freq = layers.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
     return self.linear_2(jax.nn.silu(self.linear_1(freq)))
 
 

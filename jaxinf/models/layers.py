@@ -14,15 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
+                       freq_shift: float = 0.0) -> jax.Array:
   """Sinusoidal embedding of (possibly fractional) timesteps, `[B] -> [B, dim]`, in fp32.
 
   As in DiT's `TimestepEmbedder` (after ADM / "Attention is all you need"): frequencies
-  `exp(-log(max_period) * i / half)` for `i < half`, the cosines first, then the sines; an odd `dim`
-  is padded with one zero.
+  `exp(-log(max_period) * i / (half - freq_shift))` for `i < half`, the cosines first, then the
+  sines; an odd `dim` is padded with one zero. DiT uses `freq_shift = 0`; diffusers' `Timesteps`
+  calls it `downscale_freq_shift` (1 in its DiT port).
   """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.exp(
+      -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
   args = t.astype(jnp.float32)[:, None] * freqs[None]
   emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   if dim % 2:
