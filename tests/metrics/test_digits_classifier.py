@@ -58,3 +58,17 @@ def test_bad_images(ev):
     ev.fd(np.zeros((10, 28, 28, 1)))
   with pytest.raises(ValueError, match="labels"):
     ev.cond_accuracy(np.zeros((10, 8, 8, 1)), np.zeros(9))
+
+
+def test_the_recipe_reproduces_the_shipped_accuracy(tmp_path):
+  """Retraining from scratch (what `experiments.train_digits_classifier` does) clears 97% again
+  and writes a file the evaluator loads."""
+  from experiments import train_digits_classifier as exp
+  acc = exp.main(exp.Config(out=str(tmp_path / "clf.npz")))
+  assert acc >= 0.97
+  _, meta = arrays.load_params(tmp_path / "clf.npz")
+  assert float(meta["heldout_accuracy"]) == pytest.approx(acc)
+  images, labels = digits.load_digits_images()
+  _, test = digits.split_indices()
+  assert DigitsEvaluator(arrays.load_params(tmp_path / "clf.npz")[0]).cond_accuracy(
+      images[test], labels[test]) == pytest.approx(acc)
