@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinf.checkpoints import arrays
-from jaxinf.checkpoints.torch_weights import (StateDict, check_source_keys, conv_kernel,
+from jaxinf.checkpoints.torch_weights import (StateDict, check_source_keys, checkpoint_files,
                                               linear_kernel, read_safetensors)
 from jaxinf.models import layers
 from jaxinf.models.dit import DiT, DiTConfig
@@ -323,7 +323,7 @@ def load_dit(path: str | os.PathLike, source: str, cfg: DiTConfig | None = None,
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"path: {str(path)!r} does not exist")
-  state_dict = read_safetensors(_weight_files(path))
+  state_dict = read_safetensors(checkpoint_files(path))
   if cfg is None:
     config_json = (path if path.is_dir() else path.parent) / "config.json"
     if source == "diffusers" and config_json.is_file():
@@ -333,23 +333,6 @@ def load_dit(path: str | os.PathLike, source: str, cfg: DiTConfig | None = None,
     else:
       raise ValueError(f"cfg: no config.json beside {str(path)!r}; pass cfg= or num_heads=")
   return cfg, dit_params_from_state_dict(state_dict, cfg, source)
-
-
-def _weight_files(path: Path) -> list[Path]:
-  """The safetensors file(s) of a checkpoint: a file, or diffusers' full-precision file (or its
-  shards) in a folder. Half-precision variants beside it are not picked silently."""
-  if path.is_file():
-    return [path]
-  single = path / "diffusion_pytorch_model.safetensors"
-  if single.is_file():
-    return [single]
-  shards = sorted(path.glob("diffusion_pytorch_model-*-of-*.safetensors"))
-  if shards:
-    return shards
-  found = sorted(p.name for p in path.glob("*.safetensors"))
-  raise FileNotFoundError(
-      f"path: no diffusion_pytorch_model.safetensors (or shards) in {str(path)!r}; found {found}; "
-      "pass the file to load")
 
 
 def _check_source(source: str) -> None:

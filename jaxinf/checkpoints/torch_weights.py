@@ -63,6 +63,24 @@ def _read_f32(f, path: Path, name: str) -> np.ndarray:
     return g.get_tensor(name).to(torch.float32).numpy()
 
 
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+  """The safetensors file(s) of a checkpoint: a file, or diffusers' full-precision file (or its
+  shards) in a folder. Half-precision variants beside it are not picked silently."""
+  path = Path(path)
+  if path.is_file():
+    return [path]
+  single = path / "diffusion_pytorch_model.safetensors"
+  if single.is_file():
+    return [single]
+  shards = sorted(path.glob("diffusion_pytorch_model-*-of-*.safetensors"))
+  if shards:
+    return shards
+  found = sorted(p.name for p in path.glob("*.safetensors"))
+  raise FileNotFoundError(
+      f"path: no diffusion_pytorch_model.safetensors (or shards) in {str(path)!r}; found {found}; "
+      "pass the file to load")
+
+
 def linear_kernel(weight: np.ndarray) -> np.ndarray:
   """`nn.Linear.weight [out, in]` -> Flax `Linear.kernel [in, out]`."""
   if weight.ndim != 2:
