@@ -31,6 +31,7 @@ from pallas_kernels import dispatch, reference
 # A large finite negative instead of -inf: exp(mask - mask) must not produce NaN for a row whose
 # every key in a block is masked.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2_E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,14 +214,15 @@ def _flash_kernel(q_ref, k_ref, v_ref, limit_ref, o_ref, *, scale: float, block_
     start = j * block_k
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
-    logits = dispatch.kernel_dot(q, k.T, cd) * scale
+    # Base-2 logits (log2(e) folded into the scale): exp2 is the GPU's native exponential.
+    logits = dispatch.kernel_dot(q, k.T, cd) * (scale * _LOG2_E)
     key_pos = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
     visible = key_pos < limit[:, None]
     logits = jnp.where(visible, logits, _MASK_VALUE)
     new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-    correction = jnp.exp(row_max - new_max)
+    correction = jnp.exp2(row_max - new_max)
     # The where keeps fully-masked rows at exactly zero weight (exp(mask - mask) would be 1).
-    probs = jnp.where(visible, jnp.exp(logits - new_max[:, None]), 0.0)
+    probs = jnp.where(visible, jnp.exp2(logits - new_max[:, None]), 0.0)
     row_sum = correction * row_sum + jnp.sum(probs, axis=1)
     acc = correction[:, None] * acc + dispatch.kernel_dot(probs, v, cd)
     return acc, new_max, row_sum

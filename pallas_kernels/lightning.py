@@ -1,6 +1,6 @@
 """Lightning attention: linear attention with a per-head exponential decay, in linear time.
 
-o_t = sum_{s<=t} lambda_h^{t-s} (q_t . k_s) v_s  (TransNormerLLM, Qin et al. 2023, eq. 3-4), or as
+o_t = sum_{s<=t} lambda_h^{t-s} (q_t . k_s) v_s  (TransNormerLLM, Qin et al. 2023), or as
 a recurrence S_t = lambda_h S_{t-1} + k_t^T v_t, o_t = q_t S_t. Both fast forms follow Lightning
 Attention-2 (Qin et al. 2024, Algorithm 1): inside a block of C positions a masked quadratic
 product (q k^T * M) v with M_ij = lambda^{i-j}; between blocks a [Dk, Dv] state carried forward,
@@ -71,7 +71,7 @@ def lightning_attention(
     interpret: bool = False,
     blocks: LightningBlocks = LightningBlocks(),
 ):
-  """Lightning attention (Lightning Attention-2, Qin et al. 2024, eq. 4 and Algorithm 1).
+  """Lightning attention (Lightning Attention-2, Qin et al. 2024, Algorithm 1).
 
   o_t = q_t S_t,  S_t = lambda_h S_{t-1} + k_t^T v_t,  S_{-1} = initial_state (default 0):
   no normalisation and no implicit scale (scale q yourself). Run [0, T1) with

@@ -82,11 +82,11 @@ def lightning_attention(
     *,
     initial_state: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Linear attention with per-head exponential decay (TransNormerLLM, Qin et al. 2023, eq. 3-4).
+  """Linear attention with per-head exponential decay (TransNormerLLM, Qin et al. 2023).
 
   o_t = sum_{s<=t} lambda_h^{t-s} (q_t . k_s) v_s + lambda_h^{t+1} q_t S_0,
   with no normalisation and no implicit scale. Equivalently S_t = lambda_h S_{t-1} + k_t^T v_t,
-  o_t = q_t S_t (Lightning Attention-2, Qin et al. 2024, eq. 4). This reference is the quadratic
+  o_t = q_t S_t (the recurrent form of Lightning Attention-2, Qin et al. 2024). This reference is the quadratic
   sum, written out with the masked decay matrix lambda^{t-s}.
 
   Args:
@@ -189,7 +189,7 @@ def wkv7(
     *,
     initial_state: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """RWKV-7 "Goose" WKV: the generalised delta rule (Peng et al. 2025, eq. 13-14).
+  """RWKV-7 "Goose" WKV: the generalised delta rule (Peng et al. 2025, the WKV state update).
 
   S_t = S_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t,   y_t = S_t r_t^T,
   with row vectors a_t, b_t, k_t, r_t, w_t in R^{Dk} and v_t in R^{Dv}. The state S is

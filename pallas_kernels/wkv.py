@@ -1,7 +1,7 @@
 """RWKV-7 WKV: the generalised delta rule with a diagonal-plus-rank-one transition.
 
 S_t = S_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t,  y_t = S_t r_t^T  (RWKV-7 "Goose", Peng et al.
-2025, eq. 13-14), state S [Dv, Dk] per head. `reference.wkv7` is the spec.
+2025, its WKV state update), state S [Dv, Dk] per head. `reference.wkv7` is the spec.
 
 * "xla": chunks of C steps, in the WY-style form flash-linear-attention uses for DPLR (Yang et al.
   2024, "Parallelizing Linear Transformers with the Delta Rule", sec. 3). Write u_i = S_{i-1} a_i^T.
@@ -85,7 +85,7 @@ def wkv7(
     interpret: bool = False,
     blocks: WKVBlocks = WKVBlocks(),
 ):
-  """RWKV-7 WKV (Peng et al. 2025, eq. 13-14): S_t = S_{t-1}(diag(w_t) + a_t^T b_t) + v_t^T k_t,
+  """RWKV-7 WKV (Peng et al. 2025, the state update): S_t = S_{t-1}(diag(w_t) + a_t^T b_t) + v_t^T k_t,
   y_t = S_t r_t^T.
 
   As RWKV-LM's `rwkv_v7_numpy.py` with a = -kk, b = kk * a_rate (and fla's naive DPLR
