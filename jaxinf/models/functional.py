@@ -29,3 +29,37 @@ def to_functional(module: nnx.Module, method: str = "__call__") -> tuple[Callabl
 
   apply.__name__ = f"{type(module).__name__}.{method.strip('_') or 'call'}"
   return apply, params
+
+
+class SequenceModel:
+  """The contract every language-model family provides to the decoders (DESIGN.md).
+
+  A model object is static (hashable; it is passed to jit as a static argument) and exposes:
+
+  - `vocab_size: int`, `max_len: int | None` (the longest context it supports, None if unbounded).
+  - `init_cache(batch, max_len) -> cache`: a pytree with fixed shapes; `cache["length"]` `[B]` int32
+    counts the tokens each row holds.
+  - `prefill(params, tokens [B, T], cache, lengths [B]) -> (logits [B, T, V], cache)`: the parallel
+    form over right-padded prompts; row b's positions >= lengths[b] must leave its cache untouched
+    (their logits are ignored). Afterwards `cache["length"] == lengths`.
+  - `step(params, tokens [B, k], cache) -> (logits [B, k, V], cache)`: the recurrent / cached form,
+    appending k >= 1 tokens to every row.
+  - `rollback(cache, keep [B]) -> cache`: undoes the last `step` but for its first keep[b] tokens
+    (0 <= keep <= k), exactly — a length pointer for a KV cache, a kept state history for
+    recurrent models. This is what speculative verification uses.
+  """
+
+  vocab_size: int
+  max_len: int | None = None
+
+  def init_cache(self, batch: int, max_len: int):  # pragma: no cover - interface
+    raise NotImplementedError
+
+  def prefill(self, params, tokens, cache, lengths):  # pragma: no cover - interface
+    raise NotImplementedError
+
+  def step(self, params, tokens, cache):  # pragma: no cover - interface
+    raise NotImplementedError
+
+  def rollback(self, cache, keep):  # pragma: no cover - interface
+    raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Decoding: sampling rules, prefill + lax.while_loop generation for any SequenceModel, tokenizers."""
