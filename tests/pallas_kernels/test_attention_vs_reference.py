@@ -161,3 +161,14 @@ def test_mismatched_dtypes_raise():
     attention(q, k, jax.ShapeDtypeStruct(v.shape, jnp.bfloat16))
   with pytest.raises(ValueError, match="lengths"):
     attention_step(q, k, v, jnp.asarray([3]))  # fewer valid slots than new queries
+
+
+def test_odd_head_dims_are_padded_correctly():
+  # D = 48 and Dv = 40 are not powers of two: the kernel pads them to 64 and slices back.
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.standard_normal((2, 30, 4, 48)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, 30, 2, 48)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, 30, 2, 40)), jnp.float32)
+  expected = reference.softmax_attention(q, k, v, causal=True)
+  for impl in FAST_IMPLS:
+    assert_close(run(impl, q, k, v, causal=True), expected, 1e-5, impl)

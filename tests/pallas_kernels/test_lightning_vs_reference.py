@@ -169,3 +169,13 @@ def test_bad_dtypes_and_state_raise_before_tracing():
     lightning_attention(q, k, q, decay, initial_state=_abstract((1, 2, 32, 16))[0])
   with pytest.raises(TypeError, match="integer|floating"):
     lightning_attention(q, k, q, jax.ShapeDtypeStruct((2,), jnp.int32))
+
+
+def test_odd_head_dims_are_padded_correctly():
+  # Dk = 48 and Dv = 40 are not powers of two: the kernel pads them and slices back.
+  q, k, v, decay, state = make_inputs(8, 2, 70, 2, 48, 40, "middle", jnp.float32)
+  expected, expected_final = reference.lightning_attention(q, k, v, decay, initial_state=state)
+  for impl in FAST_IMPLS:
+    out, final = run(impl, q, k, v, decay, initial_state=state, return_final_state=True)
+    assert_close(out, expected, 1e-5, impl)
+    assert_close(final, expected_final, 1e-5, impl)

@@ -226,3 +226,13 @@ def test_bad_dtypes_and_optionals_raise_before_tracing():
     selective_scan(u, delta, A, B, C, delta_softplus=1)
   with pytest.raises(ValueError, match="impl"):
     selective_scan(u, delta, A, B, C, impl="cuda")
+
+
+def test_odd_sizes_are_padded_correctly():
+  # N = 12 states and 2 groups of 40 channels: neither is a power of two.
+  args, kwargs = make_inputs(8, 2, 45, 80, 12, 2, "middle", True, True, jnp.float32)
+  expected, expected_final = run("reference", *args, return_final_state=True, **kwargs)
+  for impl in FAST_IMPLS:
+    out, final = run(impl, *args, return_final_state=True, **kwargs)
+    assert_close(out, expected, 1e-5, impl)
+    assert_close(final, expected_final, 1e-5, impl)

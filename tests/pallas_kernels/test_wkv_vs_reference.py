@@ -173,3 +173,13 @@ def test_bad_dtypes_and_state_raise_before_tracing():
     wkv7(r, w, k, v, a, b, initial_state=_abstract((1, 2, 32, 16))[0])
   with pytest.raises(ValueError, match="state"):
     wkv7_step(*_abstract(*((1, 2, 32),) * 6), _abstract((1, 2, 16, 32))[0])
+
+
+def test_odd_head_dims_are_padded_correctly():
+  # Dk = 48 and Dv = 40 are not powers of two: the kernel pads them and slices back.
+  inputs, state, _ = make_inputs(8, 2, 45, 2, 48, 40, "middle", jnp.float32)
+  expected, expected_final = reference.wkv7(*inputs, initial_state=state)
+  for impl in FAST_IMPLS:
+    out, final = run(impl, *inputs, initial_state=state, return_final_state=True)
+    assert_close(out, expected, 1e-5, impl)
+    assert_close(final, expected_final, 1e-5, impl)
