@@ -5,6 +5,11 @@ unconditional one. The conditional and unconditional passes run as one batched f
 Guidance is applied to the raw model output: x0, eps and v are affine in it with the same x_t, so
 guiding any of them is the same. With a learned variance only the prediction half is guided and the
 variance half comes from the conditional pass, as in DiT's `forward_with_cfg`.
+
+`guided_channels=k` guides only the first k prediction channels and takes the rest from the
+conditional pass. The DiT release's `forward_with_cfg` (and its `sample.py`) guide the first 3 of
+the 4 latent channels "for exact reproducibility"; pass `guided_channels=3` to reproduce its
+samples. diffusers' `DiTPipeline` guides all `in_channels` latent channels (the default here).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec
 @dataclasses.dataclass(frozen=True)
 class _GuidedApply:
   inner: DenoiserSpec
+  guided_channels: int | None = None
 
   def __call__(self, params, x_t, t, cond):
     null = jnp.full_like(cond, self.inner.null_cond)
@@ -28,16 +34,19 @@ class _GuidedApply:
                            jnp.concatenate([cond, null]))
     out_c, out_u = jnp.split(out.astype(jnp.float32), 2)
     scale = params["scale"]
-    if not self.inner.learned_sigma:
+    c = out.shape[-1] // 2 if self.inner.learned_sigma else out.shape[-1]
+    if self.guided_channels is not None:
+      c = self.guided_channels
+    if c == out.shape[-1]:
       return out_u + scale * (out_c - out_u)
-    c = out.shape[-1] // 2
     guided = out_u[..., :c] + scale * (out_c[..., :c] - out_u[..., :c])
     return jnp.concatenate([guided, out_c[..., c:]], axis=-1)
 
 
-def classifier_free_guidance(denoiser: Denoiser, scale) -> Denoiser:
+def classifier_free_guidance(denoiser: Denoiser, scale, *,
+                             guided_channels: int | None = None) -> Denoiser:
   """Wraps a class-conditional denoiser; `scale` stays a traced leaf, so sweeping it never
-  recompiles."""
+  recompiles. `guided_channels`: guide only the first k prediction channels (None: all)."""
   if not isinstance(denoiser, Denoiser):
     raise TypeError(f"denoiser: expected a jaxinf Denoiser, got {type(denoiser).__name__}")
   if denoiser.spec.null_cond is None:
@@ -46,18 +55,33 @@ def classifier_free_guidance(denoiser: Denoiser, scale) -> Denoiser:
         "(a DiT built with class_dropout_prob = 0)")
   if not isinstance(scale, jax.core.Tracer) and not np.isfinite(np.asarray(scale)).all():
     raise ValueError(f"scale: expected a finite number, got {scale!r}")
-  spec = dataclasses.replace(denoiser.spec, apply=_GuidedApply(denoiser.spec))
+  _check_guided_channels(guided_channels, denoiser.spec)
+  spec = dataclasses.replace(denoiser.spec, apply=_GuidedApply(denoiser.spec, guided_channels))
   return Denoiser({"inner": denoiser.params, "scale": jnp.asarray(scale, jnp.float32)}, spec)
+
+
+def _check_guided_channels(guided_channels, spec: DenoiserSpec) -> None:
+  if guided_channels is None:
+    return
+  if isinstance(guided_channels, bool) or not isinstance(guided_channels, (int, np.integer)):
+    raise TypeError(f"guided_channels: expected an int or None, got {guided_channels!r}")
+  # the prediction has the sample's channel count (the variance half, if any, comes after it)
+  hi = spec.sample_shape[-1] if spec.sample_shape is not None else None
+  if guided_channels < 1 or (hi is not None and guided_channels > hi):
+    raise ValueError(f"guided_channels: expected in [1, {hi if hi is not None else 'C'}] "
+                     f"(the prediction's channels), got {guided_channels}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CFG:
-  """`guidance=CFG(scale)` for `sample`: classifier-free guidance at a fixed scale."""
+  """`guidance=CFG(scale)` for `sample`: classifier-free guidance at a fixed scale;
+  `CFG(scale, guided_channels=3)` guides only the first 3 channels as the DiT release does."""
 
   scale: float
+  guided_channels: int | None = None
 
   def __call__(self, denoiser: Denoiser) -> Denoiser:
-    return classifier_free_guidance(denoiser, self.scale)
+    return classifier_free_guidance(denoiser, self.scale, guided_channels=self.guided_channels)
 
 
-jax.tree_util.register_dataclass(CFG, data_fields=["scale"], meta_fields=[])
+jax.tree_util.register_dataclass(CFG, data_fields=["scale"], meta_fields=["guided_channels"])
