@@ -24,7 +24,8 @@ class DenoiserSpec:
   """Static description of a denoiser.
 
   apply: `(params, x_t [B, ...], t [B] float, cond) -> [B, ..., C or 2C]`.
-  prediction_type: `epsilon`, `v_prediction` or `sample` — what the output means.
+  prediction_type: `epsilon`, `v_prediction` or `sample` on a VP schedule, or `flow` (the velocity
+    eps - x0 of a rectified flow) — what the output means.
   learned_sigma: the output carries a second half of channels in [-1, 1] that interpolates the log
     variance between the posterior and beta (improved DDPM, eq. 15).
   sample_shape: the per-sample shape the model was built for (checked before tracing), or None.
@@ -40,7 +41,7 @@ class DenoiserSpec:
   null_cond: int | None = None
 
   def __post_init__(self):
-    schedules.check_prediction_type(self.prediction_type)
+    schedules.check_prediction_type(self.prediction_type, schedules.ALL_PREDICTION_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)

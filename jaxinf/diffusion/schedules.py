@@ -16,7 +16,11 @@ import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# what a denoiser on a variance-preserving schedule may predict
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# a rectified-flow denoiser predicts the velocity dx/dsigma = eps - x0 (Liu et al. 2023; SD3)
+FLOW_PREDICTION_TYPES = ("flow",)
+ALL_PREDICTION_TYPES = PREDICTION_TYPES + FLOW_PREDICTION_TYPES
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -38,9 +42,12 @@ class NoiseSchedule:
   num_train_timesteps: int = 1000
   beta_start: float = 1e-4
   beta_end: float = 0.02
+  rescale_betas_zero_snr: bool = False
 
   def __post_init__(self):
     _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+    if not isinstance(self.rescale_betas_zero_snr, bool):
+      raise TypeError(f"rescale_betas_zero_snr: expected a bool, got {self.rescale_betas_zero_snr!r}")
     if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
       raise ValueError(
           f"num_train_timesteps: expected a positive int, got {self.num_train_timesteps!r}")
@@ -51,6 +58,10 @@ class NoiseSchedule:
 
   @property
   def betas(self) -> np.ndarray:
+    betas = self._base_betas()
+    return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+  def _base_betas(self) -> np.ndarray:
     n = self.num_train_timesteps
     if self.beta_schedule == "linear":
       return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
@@ -61,8 +72,105 @@ class NoiseSchedule:
 
   @property
   def alphas_cumprod(self) -> np.ndarray:
-    """abar_t for t = 0 .. T-1, float64."""
-    return np.cumprod(1.0 - self.betas)
+    """abar_t for t = 0 .. T-1, float64 (exactly 0 at T-1 under zero-terminal-SNR rescaling)."""
+    abar = np.cumprod(1.0 - self.betas)
+    if self.rescale_betas_zero_snr:
+      abar[-1] = 0.0  # cumprod leaves ~1e-17 of rounding where the rescaling means exactly 0
+    return abar
+
+  @property
+  def sigmas(self) -> np.ndarray:
+    """The variance-exploding noise level sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al.
+    2022, Table 1, VP column), t = 0 .. T-1. Under zero-terminal SNR sigma_{T-1} is infinite; as
+    diffusers does, abar_{T-1} is floored at 2^-24 here so that sigma-space solvers stay finite."""
+    abar = self.alphas_cumprod.copy()
+    if self.rescale_betas_zero_snr:
+      abar[-1] = 2.0**-24
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Algorithm 1:
+  shift and scale sqrt(abar) so that it is unchanged at t = 0 and exactly 0 at t = T-1."""
+  sqrt_abar = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+  first, last = sqrt_abar[0], sqrt_abar[-1]
+  sqrt_abar = (sqrt_abar - last) * first / (first - last)
+  abar = sqrt_abar**2
+  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+  return 1.0 - alphas
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSchedule:
+  """A rectified-flow / flow-matching schedule: `x_sigma = (1 - sigma) x0 + sigma eps`, sigma in
+  (0, 1], model time `t = sigma * num_train_timesteps` (SD3, Esser et al. 2024, Sec. 2).
+
+  Timestep shifting (Esser et al. 2024, eq. 23) moves the grid towards high noise:
+  - static: `sigma' = shift sigma / (1 + (shift - 1) sigma)`;
+  - dynamic (resolution-dependent, `mu` given, e.g. from `dynamic_shift_mu(image_seq_len)`), the
+    exponential form of FLUX: `sigma' = e^mu / (e^mu + (1/sigma - 1))`.
+  """
+
+  num_train_timesteps: int = 1000
+  shift: float = 1.0
+  mu: float | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+      raise ValueError(
+          f"num_train_timesteps: expected an int >= 2, got {self.num_train_timesteps!r}")
+    if not (isinstance(self.shift, (int, float)) and np.isfinite(self.shift) and self.shift > 0):
+      raise ValueError(f"shift: expected a finite number > 0, got {self.shift!r}")
+    if self.mu is not None:
+      if not (isinstance(self.mu, (int, float)) and np.isfinite(self.mu)):
+        raise ValueError(f"mu: expected a finite number or None, got {self.mu!r}")
+      if self.shift != 1.0:
+        raise ValueError(f"shift: a dynamic shift (mu={self.mu}) replaces the static shift; "
+                         f"leave shift at 1.0, got {self.shift}")
+
+  def apply_shift(self, sigma: np.ndarray) -> np.ndarray:
+    sigma = np.asarray(sigma, np.float64)
+    if self.mu is not None:
+      return math.exp(self.mu) / (math.exp(self.mu) + (1.0 / sigma - 1.0))
+    return self.shift * sigma / (1.0 + (self.shift - 1.0) * sigma)
+
+
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+  """FLUX's resolution-dependent shift exponent: linear in the number of latent tokens, from
+  `base_shift` at `base_seq_len` to `max_shift` at `max_seq_len` (diffusers' `calculate_shift`)."""
+  if not isinstance(image_seq_len, (int, np.integer)) or image_seq_len < 1:
+    raise ValueError(f"image_seq_len: expected a positive int, got {image_seq_len!r}")
+  slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+  return float(base_shift + slope * (image_seq_len - base_seq_len))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+  """EDM's noise levels (Karras et al. 2022, eq. 5): evenly spaced in sigma^(1/rho), decreasing."""
+  ramp = np.linspace(0.0, 1.0, n)
+  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+  return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """The fractional training timestep whose noise level is `sigma`: linear interpolation of log
+  sigma between the two neighbouring integer timesteps (clipped to [0, T-1]); the convention
+  diffusers uses to feed Karras sigmas to a model trained on integer timesteps."""
+  sigma = np.atleast_1d(np.asarray(sigma, np.float64))
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  # index of the last training level at or below each sigma, kept one short of the end
+  low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+  w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0.0, 1.0)
+  return (1.0 - w) * low + w * (low + 1)
+
+
+def dynamic_threshold(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
+  """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample, s = the `ratio`
+  quantile of |x0| clamped to [1, max_value]; x0 is clipped to [-s, s] and divided by s."""
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+  s = jnp.clip(jnp.quantile(flat, ratio, axis=1), 1.0, max_value)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -s, s) / s
 
 
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading",
@@ -100,8 +208,21 @@ def check_steps(steps, num_train_timesteps: int) -> None:
         f"steps: expected 1 <= steps <= num_train_timesteps ({num_train_timesteps}), got {steps}")
 
 
-def check_prediction_type(prediction_type: str) -> None:
-  _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+def check_prediction_type(prediction_type: str, choices: tuple[str, ...] = PREDICTION_TYPES) -> None:
+  _check_choice("prediction_type", prediction_type, choices)
+
+
+def x0_from_output(model_output: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                   prediction_type: str) -> jax.Array:
+  """x0 implied by a model output at `x_t = alpha x0 + sigma eps`, in fp32: the conversion of
+  `predict_x0_eps` written with alpha_t, sigma_t (DPM-Solver's notation, Lu et al. 2022b, eq. 3)."""
+  check_prediction_type(prediction_type)
+  out = model_output.astype(jnp.float32)
+  if prediction_type == "epsilon":
+    return (x_t - sigma * out) / alpha
+  if prediction_type == "sample":
+    return out
+  return alpha * x_t - sigma * out
 
 
 def predict_x0_eps(model_output: jax.Array, x_t: jax.Array, alpha_bar: jax.Array,
@@ -123,6 +244,19 @@ def predict_x0_eps(model_output: jax.Array, x_t: jax.Array, alpha_bar: jax.Array
   if prediction_type == "sample":
     return out, (x_t - a * out) / s
   return a * x_t - s * out, a * out + s * x_t
+
+
+def predict_x0_eps_as(model_output: jax.Array, x_t: jax.Array, alpha: jax.Array,
+                      sigma: jax.Array, prediction_type: str) -> tuple[jax.Array, jax.Array]:
+  """`predict_x0_eps` given alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t) directly."""
+  check_prediction_type(prediction_type)
+  out = model_output.astype(jnp.float32)
+  x_t = x_t.astype(jnp.float32)
+  if prediction_type == "epsilon":
+    return (x_t - sigma * out) / alpha, out
+  if prediction_type == "sample":
+    return out, (x_t - alpha * out) / sigma
+  return alpha * x_t - sigma * out, alpha * out + sigma * x_t
 
 
 def training_target(x0: jax.Array, eps: jax.Array, alpha_bar: jax.Array,

@@ -148,7 +148,7 @@ class TestBadInput:
       (lambda: solvers.DDIM(spacing="uniform"), "spacing"),
       (lambda: solvers.DDPM(variance_type="learned"), "variance_type"),
       (lambda: solvers.DDIM(eta=-0.1), "eta"),
-      (lambda: solvers.make_solver("euler"), "name"),
+      (lambda: solvers.make_solver("euler_a"), "name"),
       (lambda: solvers.make_solver("ddim", etaa=1.0), "etaa"),
       (lambda: schedules.predict_x0_eps(jnp.zeros(2), jnp.zeros(2), 0.5, "eps"), "prediction_type"),
       (lambda: gaussian_denoiser(np.zeros(2), np.eye(2), schedules.NoiseSchedule(), "x0"),
