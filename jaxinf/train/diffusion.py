@@ -14,21 +14,18 @@ therefore produces exactly the losses an uninterrupted run produces after step k
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from jaxinf.checkpoints.native import CheckpointStore
 from jaxinf.diffusion import schedules
+from jaxinf.train.loop import adamw_with_warmup, run_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +124,7 @@ def diffusion_loss(apply: Callable, params, x0, y, key, *, schedule: schedules.N
 
 
 def make_optimizer(cfg: DiffusionTrainConfig) -> optax.GradientTransformation:
-  lr = optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
-       optax.constant_schedule(cfg.learning_rate)], [max(cfg.warmup_steps, 1)])
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(lr, weight_decay=cfg.weight_decay))
+  return adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
 
 
 def make_train_step(apply: Callable, cfg: DiffusionTrainConfig, schedule: schedules.NoiseSchedule,
@@ -167,21 +160,6 @@ def init_train_state(params, cfg: DiffusionTrainConfig) -> dict[str, Any]:
           "opt_state": make_optimizer(cfg).init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def _read_losses(path: Path, upto: int) -> list[dict]:
-  """Loss records with step <= upto (records past a restored checkpoint are dropped)."""
-  if not path.exists():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      break  # a line cut short by a kill: nothing after it was checkpointed
-    if rec["step"] <= upto:
-      records.append(rec)
-  return records
-
-
 def train_diffusion(apply: Callable, params, images, labels, *, cfg: DiffusionTrainConfig,
                     schedule: schedules.NoiseSchedule, out_dir: str | os.PathLike,
                     learned_sigma: bool = False, drop_labels: Callable | None = None,
@@ -195,31 +173,7 @@ def train_diffusion(apply: Callable, params, images, labels, *, cfg: DiffusionTr
   labels = jnp.asarray(labels, jnp.int32)
   if images.shape[0] != labels.shape[0]:
     raise ValueError(f"labels: expected {images.shape[0]} labels for the images, got {labels.shape}")
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  store = CheckpointStore(out_dir / "checkpoints")
-  state = init_train_state(params, cfg)
-  start = store.latest_step()
-  if start is not None:
-    state = store.restore(start, state)
-  start = int(start or 0)
-  log_path = out_dir / "losses.jsonl"
-  records = _read_losses(log_path, start)
-  log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
   step_fn = make_train_step(apply, cfg, schedule, learned_sigma=learned_sigma,
                             drop_labels=drop_labels)
-  with open(log_path, "a") as log, tqdm(total=cfg.steps, initial=start, disable=not progress,
-                                        desc="train", unit="step") as bar:
-    for s in range(start, cfg.steps):
-      state, loss = step_fn(state, images, labels)
-      rec = {"step": s + 1, "loss": float(loss)}
-      records.append(rec)
-      log.write(json.dumps(rec) + "\n")
-      log.flush()
-      if (s + 1) % cfg.checkpoint_every == 0 or s + 1 == cfg.steps:
-        store.save(s + 1, state)
-      bar.update(1)
-      if (s + 1) % 50 == 0:
-        bar.set_postfix(loss=f"{np.mean([r['loss'] for r in records[-50:]]):.4f}")
-  store.close()
-  return state, records
+  return run_training(step_fn, init_train_state(params, cfg), (images, labels), steps=cfg.steps,
+                      out_dir=out_dir, checkpoint_every=cfg.checkpoint_every, progress=progress)
