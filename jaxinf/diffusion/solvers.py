@@ -49,8 +49,9 @@ def _check_x0_options(solver) -> None:
   ratio = getattr(solver, "dynamic_thresholding_ratio", 0.995)
   if not 0.0 < ratio <= 1.0:
     raise ValueError(f"dynamic_thresholding_ratio: expected a value in (0, 1], got {ratio}")
-  if not getattr(solver, "sample_max_value", 1.0) >= 1.0:
-    raise ValueError(f"sample_max_value: expected >= 1, got {solver.sample_max_value}")
+  # below 1 is allowed: s is then clamped to exactly sample_max_value (diffusers' behaviour too)
+  if not getattr(solver, "sample_max_value", 1.0) > 0.0:
+    raise ValueError(f"sample_max_value: expected > 0, got {solver.sample_max_value}")
 
 
 def _clip_x0(solver, x0: jax.Array) -> jax.Array:
