@@ -1,7 +1,8 @@
-"""Layers shared by the model families: embeddings, norms, patchify.
+"""Layers shared by the model families: embeddings, norms, rotary positions, gating, patchify.
 
-Everything here is a pure function of arrays (the NNX modules hold the parameters); statistics are
-computed in fp32 whatever the activation dtype.
+Everything here is a pure function of arrays (the NNX modules hold the parameters), except
+`RMSNorm`, the one-weight module several language-model families share; statistics are computed in
+fp32 whatever the activation dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
@@ -81,3 +83,58 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """adaLN modulation `x * (1 + scale) + shift`, per sample: x `[B, T, D]`, shift/scale `[B, D]`."""
   return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+  """RMSNorm (Zhang & Sennrich 2019): `weight * x / sqrt(mean(x^2) + eps)`, statistics in fp32.
+
+  In the order of transformers' `LlamaRMSNorm` / `MambaRMSNorm`: the normalised activations are cast
+  back to `x.dtype` before the weight multiplies them, so a bf16 model rounds where they round.
+  `weight=None` is the weightless form (TransNormerLLM's SRMSNorm).
+  """
+  xf = x.astype(jnp.float32)
+  normed = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps))
+  normed = normed.astype(x.dtype)
+  return normed if weight is None else weight.astype(x.dtype) * normed
+
+
+def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
+  """RoPE inverse frequencies `theta^(-2i/d)`, i < d/2 (Su et al. 2021, RoFormer, eq. 15), fp32."""
+  if head_dim % 2:
+    raise ValueError(f"head_dim: RoPE needs an even head dimension, got {head_dim}")
+  return (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(
+      np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding of `x` `[B, T, H, D]` at integer `positions` `[B, T]`.
+
+  The "rotate half" layout of GPT-NeoX and transformers' Llama (`rotate_half`): dimension i is
+  paired with i + D/2, not with its neighbour as in the paper's interleaved form, so weights
+  converted from transformers need no permutation. Angles are computed in fp32.
+  """
+  inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """SwiGLU's gating `silu(gate) * up` (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6);
+  the projections around it belong to the module that holds their weights."""
+  return jax.nn.silu(gate) * up
+
+
+class RMSNorm(nnx.Module):
+  """`rms_norm` with a learned per-channel weight (initialised to ones), as `LlamaRMSNorm`."""
+
+  def __init__(self, dim: int, eps: float):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.weight[...], self.eps)

@@ -1,0 +1,381 @@
+"""Softmax decoder LM — the baseline family: Llama's architecture with a per-row KV cache.
+
+Pre-norm decoder blocks (Touvron et al. 2023, "LLaMA", §2.2): RMSNorm, grouped-query attention
+(Ainslie et al. 2023) with rotary positions in the rotate-half layout, SwiGLU MLP, a final RMSNorm
+and a tied or untied output head. The arithmetic is that of transformers' `LlamaForCausalLM`
+(`modeling_llama.py`), so its weights convert by renaming and transposing only
+(`jaxinf.checkpoints.transformers_lm`); the parity test holds the two together to 1e-4.
+
+Two forms of one model (DESIGN.md, "every fast path has a slow twin"):
+
+* `prefill` — the parallel form over right-padded prompts: `pallas_kernels.attention`, causal with
+  per-row key lengths; keys/values of the valid positions are written to the cache.
+* `step` — the cached form over k >= 1 new tokens: their keys/values go to slots
+  `[length, length + k)`, and `pallas_kernels.attention_step` attends the k queries to the cache
+  (k > 1 is speculative verification). `rollback` only moves the length pointer: slots past it are
+  dead and the next step overwrites them, so undoing a step is exact.
+
+The KV cache is `{"k", "v": [L, B, S, Hkv, D], "length": [B], "last_k": [B]}` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from jaxinf.models import layers
+from jaxinf.models.functional import SequenceModel, to_functional
+from pallas_kernels import dispatch
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static configuration. Field names follow the paper; `jaxinf.checkpoints.transformers_lm` maps
+  transformers' `LlamaConfig` onto them."""
+
+  vocab_size: int = 259
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None  # None: hidden_size // num_heads, as LlamaConfig
+  mlp_hidden: int = 172
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  max_len: int = 2048  # the longest context (RoPE has no hard limit; the cache is sized by it)
+  init_std: float = 0.02  # Llama's initializer_range: normal(0, init_std) for every matrix
+  dtype: str = "float32"  # activations and KV cache; parameters are fp32, softmax and norms fp32
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "mlp_hidden", "max_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(f"num_heads: {self.num_heads} does not divide hidden_size "
+                         f"{self.hidden_size}; set head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 2 \
+        or self.head_dim % 2:
+      raise ValueError(f"head_dim: expected an even int >= 2 (RoPE pairs channels), got "
+                       f"{self.head_dim!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads} "
+                       "(grouped-query attention)")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
+
+
+class Attention(nnx.Module):
+  """Projections of grouped-query attention; the attention itself is the kernel's, called by
+  `Transformer` with the form (prefill or cached step) it needs."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                               kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.q_proj = linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+    self.k_proj = linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+    self.v_proj = linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+    self.o_proj = linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+
+  def qkv(self, h: jax.Array, positions: jax.Array):
+    """h [B, T, C] (normed) -> q [B, T, H, D], k, v [B, T, Hkv, D], RoPE applied to q and k."""
+    b, t, _ = h.shape
+    cfg = self.cfg
+    q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    return (layers.apply_rope(q, positions, cfg.rope_theta),
+            layers.apply_rope(k, positions, cfg.rope_theta), v)
+
+  def out(self, o: jax.Array) -> jax.Array:
+    b, t = o.shape[:2]
+    return self.o_proj(o.reshape(b, t, -1))
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)) (Shazeer 2020), transformers' `LlamaMLP`."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                               kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.gate_proj = linear(cfg.hidden_size, cfg.mlp_hidden)
+    self.up_proj = linear(cfg.hidden_size, cfg.mlp_hidden)
+    self.down_proj = linear(cfg.mlp_hidden, cfg.hidden_size)
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    return self.down_proj(layers.swiglu(self.gate_proj(h), self.up_proj(h)))
+
+
+class DecoderBlock(nnx.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x)); split at the attention so that prefill and step
+  can each call their own kernel between `attention_inputs` and `finish`."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    self.mlp = SwiGLU(cfg, rngs=rngs)
+
+  def attention_inputs(self, x: jax.Array, positions: jax.Array):
+    return self.self_attn.qkv(self.input_layernorm(x), positions)
+
+  def finish(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+    # The residual stream stays fp32 (DESIGN.md, numerics); the branches run in the compute dtype.
+    x = x + self.self_attn.out(attn).astype(jnp.float32)
+    return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
+
+
+class Transformer(nnx.Module):
+  """The decoder LM. `__call__` is the cache-free causal forward (training); `prefill` and `step`
+  are the two halves of the SequenceModel contract (see `TransformerLM`)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
+                                  embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
+                                dtype=jnp.dtype(cfg.dtype),
+                                kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    h = self.norm(x).astype(jnp.dtype(self.cfg.dtype))
+    if self.cfg.tie_embeddings:
+      logits = h @ self.embed_tokens.embedding[...].astype(h.dtype).T
+    else:
+      logits = self.lm_head(h)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, *, impl: str = "auto", interpret: bool = False):
+    """Causal logits `[B, T, V]` of full sequences `[B, T]`, no cache."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self.embed_tokens(tokens).astype(jnp.float32)
+    for block in self.layers:
+      q, k, v = block.attention_inputs(x, positions)
+      o = pallas_kernels.attention(q, k, v, causal=True, impl=impl, interpret=interpret)
+      x = block.finish(x, o)
+    return self._logits(x)
+
+  def prefill(self, tokens, cache, lengths, *, impl: str = "auto", interpret: bool = False):
+    b, t = tokens.shape
+    lengths = lengths.astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    # Slots of padded positions keep their old contents: the contract says they leave the cache
+    # untouched (they are past `length`, so no later step would read them anyway).
+    keep_new = (positions < lengths[:, None])[:, :, None, None]
+    ks, vs = cache["k"], cache["v"]
+    x = self.embed_tokens(tokens).astype(jnp.float32)
+    for i, block in enumerate(self.layers):
+      q, k, v = block.attention_inputs(x, positions)
+      o = pallas_kernels.attention(q, k, v, causal=True, kv_lengths=lengths, impl=impl,
+                                   interpret=interpret)
+      ks = ks.at[i, :, :t].set(jnp.where(keep_new, k, ks[i, :, :t]))
+      vs = vs.at[i, :, :t].set(jnp.where(keep_new, v, vs[i, :, :t]))
+      x = block.finish(x, o)
+    cache = dict(cache, k=ks, v=vs, length=lengths, last_k=jnp.zeros_like(lengths))
+    return self._logits(x), cache
+
+  def step(self, tokens, cache, *, impl: str = "auto", interpret: bool = False):
+    b, k_new = tokens.shape
+    start = cache["length"]
+    positions = start[:, None] + jnp.arange(k_new, dtype=jnp.int32)[None]
+    rows = jnp.arange(b)[:, None]
+    new_length = start + k_new
+    ks, vs = cache["k"], cache["v"]
+    x = self.embed_tokens(tokens).astype(jnp.float32)
+    for i, block in enumerate(self.layers):
+      q, k, v = block.attention_inputs(x, positions)
+      ks = ks.at[i, rows, positions].set(k)
+      vs = vs.at[i, rows, positions].set(v)
+      o = pallas_kernels.attention_step(q, ks[i], vs[i], new_length, impl=impl,
+                                        interpret=interpret)
+      x = block.finish(x, o)
+    cache = dict(cache, k=ks, v=vs, length=new_length,
+                 last_k=jnp.full_like(start, k_new))
+    return self._logits(x), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by the SequenceModel implementations: all run before tracing, on concrete
+# values only (inside jit, e.g. in `generate`, the caller has checked already).
+
+
+def check_token_ids(name: str, tokens, vocab_size: int, lengths=None) -> None:
+  """`tokens` `[B, T]` integer ids in [0, vocab_size) (only positions < lengths[b] if given)."""
+  if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+    raise TypeError(f"{name}: expected an integer array [B, T], got {type(tokens).__name__}")
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"{name}: expected shape [B, T] with T >= 1, got {tuple(tokens.shape)}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+  value = dispatch.concrete_value(tokens)
+  if value is None:
+    return
+  if lengths is not None:
+    n = dispatch.concrete_value(lengths)
+    if n is None:
+      return
+    value = value[np.arange(value.shape[1])[None] < n[:, None]]
+  bad = value[(value < 0) | (value >= vocab_size)]
+  if bad.size:
+    raise ValueError(f"{name}: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
+                     f"[0, {vocab_size})")
+
+
+def check_prefill_lengths(lengths, batch: int, t: int) -> None:
+  dispatch.check_lengths("lengths", lengths, batch)
+  value = dispatch.concrete_value(lengths)
+  if value is not None and ((value < 0) | (value > t)).any():
+    raise ValueError(f"lengths: expected values in [0, T={t}], got {value.tolist()}")
+
+
+def check_cache_batch(cache, batch: int) -> None:
+  if not isinstance(cache, dict) or "length" not in cache:
+    raise TypeError(f"cache: expected the dict from init_cache, got {type(cache).__name__}")
+  if cache["length"].shape != (batch,):
+    raise ValueError(f"cache: holds {cache['length'].shape[0]} rows, tokens have {batch}")
+
+
+def check_keep(keep, cache) -> None:
+  """0 <= keep[b] <= the number of tokens the last step appended to row b."""
+  dispatch.check_lengths("keep", keep, cache["length"].shape[0])
+  value, last = dispatch.concrete_value(keep), dispatch.concrete_value(cache["last_k"])
+  if value is not None and last is not None and ((value < 0) | (value > last)).any():
+    raise ValueError(f"keep: expected 0 <= keep <= the last step's {last.tolist()} tokens, got "
+                     f"{value.tolist()}")
+
+
+def check_int(name: str, value, low: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+@functools.cache
+def _functional(cfg: TransformerConfig) -> dict[str, Callable[..., Any]]:
+  """The module's methods as pure functions of (params, ...), built once per config from an
+  abstract module (no weights are allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return {m: to_functional(abstract, m)[0] for m in ("__call__", "prefill", "step")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerLM(SequenceModel):
+  """`Transformer` under the SequenceModel contract (`jaxinf.models.functional`).
+
+  Hashable by value, so it is a static argument of jit (`generate`). `impl`/`interpret` choose the
+  attention kernels' implementation ("auto": Pallas on GPU, the chunked XLA form on CPU).
+  """
+
+  config: TransformerConfig
+  impl: str = "auto"
+  interpret: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.config, TransformerConfig):
+      raise TypeError(f"config: expected a TransformerConfig, got {type(self.config).__name__}")
+    dispatch.resolve_impl(self.impl, self.interpret)  # validates both
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def max_len(self) -> int:
+    return self.config.max_len
+
+  def init_params(self, seed: int = 0) -> dict:
+    """Random parameters as a nested dict of fp32 arrays (Llama's normal(0, init_std), norms 1)."""
+    return nnx.to_pure_dict(nnx.state(Transformer(self.config, rngs=nnx.Rngs(seed))))
+
+  def abstract_params(self) -> dict:
+    """The parameter tree's shapes (`jax.ShapeDtypeStruct`), for key checks without weights."""
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: Transformer(self.config, rngs=nnx.Rngs(0)))))
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    check_int("batch", batch)
+    check_int("max_len", max_len)
+    if max_len > self.config.max_len:
+      raise ValueError(f"max_len: {max_len} exceeds the model's context of {self.config.max_len}")
+    cfg = self.config
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return {"k": zeros, "v": zeros, "length": jnp.zeros((batch,), jnp.int32),
+            "last_k": jnp.zeros((batch,), jnp.int32)}
+
+  def __call__(self, params: dict, tokens) -> jax.Array:
+    """Cache-free causal logits `[B, T, V]` (training and scoring)."""
+    check_token_ids("tokens", tokens, self.vocab_size)
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
+                       f"{self.max_len}")
+    return _forward_jit(self, params, tokens)
+
+  def prefill(self, params: dict, tokens, cache: dict, lengths):
+    """Parallel form over right-padded prompts `[B, T]` into a fresh cache (length 0)."""
+    check_token_ids("tokens", tokens, self.vocab_size, lengths)
+    b, t = tokens.shape
+    check_cache_batch(cache, b)
+    check_prefill_lengths(lengths, b, t)
+    if t > cache["k"].shape[2]:
+      raise ValueError(f"tokens: a prompt of {t} positions does not fit the cache of "
+                       f"{cache['k'].shape[2]} (init_cache(batch, max_len >= {t}))")
+    return _prefill_jit(self, params, tokens, cache, lengths)
+
+  def step(self, params: dict, tokens, cache: dict):
+    """Cached form: appends `tokens` `[B, k]` (k >= 1) to every row."""
+    check_token_ids("tokens", tokens, self.vocab_size)
+    b, k = tokens.shape
+    check_cache_batch(cache, b)
+    size = cache["k"].shape[2]
+    length = dispatch.concrete_value(cache["length"])
+    if k > size or (length is not None and (length + k > size).any()):
+      raise ValueError(f"tokens: {k} more tokens overflow the cache of {size} positions (rows "
+                       f"hold {None if length is None else length.tolist()})")
+    return _step_jit(self, params, tokens, cache)
+
+  def rollback(self, cache: dict, keep) -> dict:
+    """Keeps the first keep[b] tokens of the last step: the KV slots past the new length are dead
+    and get overwritten by the next step, so this is exact."""
+    check_keep(keep, cache)
+    keep = jnp.asarray(keep, jnp.int32)
+    return dict(cache, length=cache["length"] - cache["last_k"] + keep, last_k=keep)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_jit(model: TransformerLM, params, tokens):
+  return _functional(model.config)["__call__"](params, tokens, impl=model.impl,
+                                               interpret=model.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_jit(model: TransformerLM, params, tokens, cache, lengths):
+  return _functional(model.config)["prefill"](params, tokens, cache, lengths, impl=model.impl,
+                                              interpret=model.interpret)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step_jit(model: TransformerLM, params, tokens, cache):
+  return _functional(model.config)["step"](params, tokens, cache, impl=model.impl,
+                                           interpret=model.interpret)

@@ -1,0 +1,127 @@
+"""Checks of the SequenceModel contract (`jaxinf.models.functional`) that every language-model
+family must pass; each family's test module calls them with its own tiny model.
+
+The independent source in each is the model's other form: the cache-free forward (`model(params,
+tokens)`), a longer prefill, or the one-token step, never the checked call against itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf.decoding.generate import generate
+
+# fp32 on CPU: different association orders of the same sums (chunked scan vs per-token update,
+# flash-style attention vs a one-query softmax) differ by a few ulps of the logits (|logit| ~ 10).
+ATOL = 2e-5
+
+
+def random_tokens(model, shape, seed: int) -> np.ndarray:
+  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, model.vocab_size),
+                    np.int32)
+
+
+def step_one_by_one(model, params, cache, tokens: np.ndarray):
+  """Logits `[B, n, V]` of stepping `tokens` `[B, n]` one token at a time, and the cache."""
+  out = []
+  for j in range(tokens.shape[1]):
+    logits, cache = model.step(params, jnp.asarray(tokens[:, j:j + 1]), cache)
+    out.append(np.asarray(logits[:, 0]))
+  return np.stack(out, axis=1), cache
+
+
+def check_prefill_then_step(model, params, seq: np.ndarray, prompt_len: int, chunk: int):
+  """prefill(seq[:, :P]) then steps of `chunk` tokens == one prefill of the whole of seq, and both
+  equal the cache-free forward."""
+  b, t = seq.shape
+  full = np.asarray(model(params, jnp.asarray(seq)))
+  lengths = jnp.full((b,), t, jnp.int32)
+  long_logits, _ = model.prefill(params, jnp.asarray(seq), model.init_cache(b, t), lengths)
+  np.testing.assert_allclose(np.asarray(long_logits), full, rtol=0, atol=ATOL)
+
+  cache = model.init_cache(b, t)
+  logits, cache = model.prefill(params, jnp.asarray(seq[:, :prompt_len]), cache,
+                                jnp.full((b,), prompt_len, jnp.int32))
+  pieces = [np.asarray(logits)]
+  for start in range(prompt_len, t, chunk):
+    logits, cache = model.step(params, jnp.asarray(seq[:, start:start + chunk]), cache)
+    pieces.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), np.asarray(long_logits), rtol=0,
+                             atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(cache["length"]), np.full((b,), t))
+
+
+def check_rollback(model, params, seq: np.ndarray, prompt_len: int, k: int, keep: np.ndarray,
+                   n_after: int, state_keys=()):
+  """step(k tokens) then rollback(keep) then stepping on == stepping one by one throughout.
+
+  Row b keeps keep[b] of the k drafted tokens and continues with its own next `n_after` tokens
+  seq[b, P + keep[b]:]; the reference is every token of seq stepped one at a time. With
+  `state_keys`, the recurrent states after the rollback must equal the one-by-one states.
+  """
+  b, t = seq.shape
+  assert t >= prompt_len + k + n_after
+  lengths = jnp.full((b,), prompt_len, jnp.int32)
+  cache0 = model.init_cache(b, t)
+  _, cache0 = model.prefill(params, jnp.asarray(seq[:, :prompt_len]), cache0, lengths)
+  ref, _ = step_one_by_one(model, params, cache0, seq[:, prompt_len:])
+
+  logits_k, cache = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]), cache0)
+  np.testing.assert_allclose(np.asarray(logits_k), ref[:, :k], rtol=0, atol=ATOL)
+  cache = model.rollback(cache, jnp.asarray(keep, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(cache["length"]), prompt_len + keep)
+
+  if state_keys:
+    for row in range(b):
+      _, row_cache = step_one_by_one(model, params, cache0,
+                                     seq[:, prompt_len:prompt_len + keep[row]])
+      if keep[row] == 0:
+        row_cache = cache0
+      for key in state_keys:
+        np.testing.assert_allclose(np.asarray(cache[key][:, row]),
+                                   np.asarray(row_cache[key][:, row]), rtol=0, atol=1e-6,
+                                   err_msg=f"state {key!r} of row {row} after rollback")
+
+  rows = np.arange(b)[:, None]
+  cont = seq[rows, prompt_len + keep[:, None] + np.arange(n_after)[None]]
+  logits_after, _ = step_one_by_one(model, params, cache, cont)
+  expected = ref[rows, keep[:, None] + np.arange(n_after)[None]]
+  np.testing.assert_allclose(logits_after, expected, rtol=0, atol=ATOL)
+
+
+def check_ragged_batch(model, params, prompts: list[list[int]], continuation: np.ndarray,
+                       pad_id: int):
+  """A right-padded batch gives every row the logits it gets alone, in prefill and in later steps."""
+  b, t = len(prompts), max(len(p) for p in prompts)
+  n = continuation.shape[1]
+  tokens = np.full((b, t), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  cache = model.init_cache(b, t + n)
+  logits, cache = model.prefill(params, jnp.asarray(tokens), cache, jnp.asarray(lengths))
+  stepped, _ = step_one_by_one(model, params, cache, continuation)
+  for i, p in enumerate(prompts):
+    alone_cache = model.init_cache(1, len(p) + n)
+    alone, alone_cache = model.prefill(params, jnp.asarray([p], jnp.int32), alone_cache,
+                                       jnp.asarray([len(p)], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits[i, :len(p)]), np.asarray(alone[0]), rtol=0,
+                               atol=ATOL, err_msg=f"prefill, row {i}")
+    alone_steps, _ = step_one_by_one(model, params, alone_cache, continuation[i:i + 1])
+    np.testing.assert_allclose(stepped[i], alone_steps[0], rtol=0, atol=ATOL,
+                               err_msg=f"steps, row {i}")
+
+
+def check_generate_greedy(model, params, prompts: list[list[int]], max_new_tokens: int):
+  """`generate` (compiled while_loop, greedy) == a Python loop of argmax over the cache-free
+  forward, row by row."""
+  out = generate(model, params, prompts, jax.random.key(0), max_new_tokens=max_new_tokens)
+  tokens = np.asarray(out.tokens)
+  for i, p in enumerate(prompts):
+    seq = list(p)
+    for _ in range(max_new_tokens):
+      logits = np.asarray(model(params, jnp.asarray([seq], jnp.int32)))[0, -1]
+      seq.append(int(np.argmax(logits)))
+    np.testing.assert_array_equal(tokens[i], seq[len(p):], err_msg=f"row {i}")

@@ -1,0 +1,127 @@
+"""The softmax transformer under the SequenceModel contract: prefill vs step vs the cache-free
+forward, exact rollback, ragged batches, generate, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinf.decoding.generate import generate
+from jaxinf.models.transformer import TransformerConfig, TransformerLM
+from sequence_contract import (check_generate_greedy, check_prefill_then_step,
+                               check_ragged_batch, check_rollback, random_tokens)
+
+# init_std 0.2 rather than Llama's 0.02: logits of order 1-10, so a wrong mask or position shows.
+TINY = TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         mlp_hidden=64, max_len=48, init_std=0.2)
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def model_params(request):
+  model = TransformerLM(dataclasses.replace(TINY, tie_embeddings=request.param == "tied"))
+  return model, model.init_params(0)
+
+
+def test_prefill_then_step_equals_longer_prefill(model_params):
+  model, params = model_params
+  seq = random_tokens(model, (2, 13), seed=1)
+  check_prefill_then_step(model, params, seq, prompt_len=5, chunk=3)
+
+
+def test_step_rollback_is_exact(model_params):
+  model, params = model_params
+  seq = random_tokens(model, (3, 16), seed=2)
+  check_rollback(model, params, seq, prompt_len=5, k=4, keep=np.array([0, 2, 4]), n_after=3)
+
+
+def test_ragged_batch_rows_match_running_alone(model_params):
+  model, params = model_params
+  prompts = [random_tokens(model, (n,), seed=10 + n).tolist() for n in (7, 2, 5)]
+  continuation = random_tokens(model, (3, 3), seed=3)
+  check_ragged_batch(model, params, prompts, continuation, pad_id=63)
+
+
+def test_generate_greedy_end_to_end(model_params):
+  model, params = model_params
+  prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]
+  check_generate_greedy(model, params, prompts, max_new_tokens=6)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  """Grouped-query attention == full multi-head attention whose k/v heads are copies: an
+  independent check of the head grouping (query head h reads kv head h // (H / Hkv))."""
+  gqa = TransformerLM(TINY)
+  mha = TransformerLM(dataclasses.replace(TINY, num_kv_heads=TINY.num_heads))
+  params = gqa.init_params(0)
+  wide = jax_tree_copy(params)
+  d, g = TINY.head_dim, TINY.num_heads // TINY.num_kv_heads
+  for layer in wide["layers"].values():
+    for name in ("k_proj", "v_proj"):
+      kernel = np.asarray(layer["self_attn"][name]["kernel"]).reshape(TINY.hidden_size, -1, d)
+      layer["self_attn"][name]["kernel"] = jnp.asarray(
+          np.repeat(kernel, g, axis=1).reshape(TINY.hidden_size, -1))
+  seq = jnp.asarray(random_tokens(gqa, (2, 9), seed=4))
+  np.testing.assert_allclose(np.asarray(gqa(params, seq)), np.asarray(mha(wide, seq)), rtol=0,
+                             atol=2e-5)
+
+
+def jax_tree_copy(tree):
+  return {k: jax_tree_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_token_ids_out_of_range_raise():
+  model = TransformerLM(TINY)
+  params = model.init_params(0)
+  cache = model.init_cache(1, 8)
+  with pytest.raises(ValueError, match=r"tokens: token ids \[64\] outside the vocabulary"):
+    model.prefill(params, jnp.asarray([[1, 64, 2]]), cache, jnp.asarray([3]))
+  with pytest.raises(ValueError, match=r"tokens: token ids \[-1\]"):
+    model.step(params, jnp.asarray([[-1]]), cache)
+  with pytest.raises(TypeError, match="tokens: expected integer token ids"):
+    model.prefill(params, jnp.zeros((1, 3)), cache, jnp.asarray([3]))
+  with pytest.raises(ValueError, match="prompts: token ids"):
+    generate(model, params, [[1, 99]], None, max_new_tokens=2)
+  # a padded position may hold anything: only positions < lengths are ids
+  model.prefill(params, jnp.asarray([[1, 2, 999]]), cache, jnp.asarray([2]))
+
+
+def test_prompt_longer_than_cache_or_context_raises():
+  model = TransformerLM(TINY)
+  params = model.init_params(0)
+  with pytest.raises(ValueError, match="tokens: a prompt of 9 positions does not fit the cache of 8"):
+    model.prefill(params, jnp.ones((1, 9), jnp.int32), model.init_cache(1, 8), jnp.asarray([9]))
+  with pytest.raises(ValueError, match="max_len: 49 exceeds the model's context of 48"):
+    model.init_cache(1, 49)
+  cache = model.init_cache(1, 4)
+  _, cache = model.prefill(params, jnp.ones((1, 3), jnp.int32), cache, jnp.asarray([3]))
+  with pytest.raises(ValueError, match="tokens: 2 more tokens overflow the cache of 4"):
+    model.step(params, jnp.ones((1, 2), jnp.int32), cache)
+  with pytest.raises(ValueError, match="exceed the model's context of 48"):
+    generate(model, params, [[1] * 40], None, max_new_tokens=10)
+  with pytest.raises(ValueError, match=r"lengths: expected values in \[0, T=3\]"):
+    model.prefill(params, jnp.ones((1, 3), jnp.int32), model.init_cache(1, 8), jnp.asarray([4]))
+
+
+def test_rollback_beyond_last_step_raises():
+  model = TransformerLM(TINY)
+  params = model.init_params(0)
+  cache = model.init_cache(2, 8)
+  _, cache = model.prefill(params, jnp.ones((2, 3), jnp.int32), cache, jnp.asarray([3, 3]))
+  _, cache = model.step(params, jnp.ones((2, 2), jnp.int32), cache)
+  with pytest.raises(ValueError, match=r"keep: expected 0 <= keep <= the last step's \[2, 2\]"):
+    model.rollback(cache, jnp.asarray([1, 3]))
+
+
+def test_bad_config_raises():
+  with pytest.raises(ValueError, match="num_kv_heads: 3 must divide num_heads 4"):
+    TransformerConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="head_dim: expected an even int"):
+    TransformerConfig(hidden_size=12, num_heads=4)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    TransformerLM(TINY, impl="cuda")
