@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec
+from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec, FeatureApply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +29,14 @@ class _GuidedApply:
   guided_channels: int | None = None
 
   def __call__(self, params, x_t, t, cond):
+    return self.combine(params, self.inner.apply(params["inner"], *self.batch(x_t, t, cond)))
+
+  def batch(self, x_t, t, cond):
+    """The conditional and unconditional inputs as one batch of 2B."""
     null = jnp.full_like(cond, self.inner.null_cond)
-    out = self.inner.apply(params["inner"], jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                           jnp.concatenate([cond, null]))
+    return jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([cond, null])
+
+  def combine(self, params, out):
     out_c, out_u = jnp.split(out.astype(jnp.float32), 2)
     scale = params["scale"]
     c = out.shape[-1] // 2 if self.inner.learned_sigma else out.shape[-1]
@@ -41,6 +46,26 @@ class _GuidedApply:
       return out_u + scale * (out_c - out_u)
     guided = out_u[..., :c] + scale * (out_c[..., :c] - out_u[..., :c])
     return jnp.concatenate([guided, out_c[..., c:]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GuidedWithFeatures:
+  guided: _GuidedApply
+
+  def __call__(self, params, x_t, t, cond):
+    out, features = self.guided.inner.features.with_features(
+        params["inner"], *self.guided.batch(x_t, t, cond))
+    return self.guided.combine(params, out), features
+
+
+@dataclasses.dataclass(frozen=True)
+class _GuidedFromFeatures:
+  guided: _GuidedApply
+
+  def __call__(self, params, x_t, t, cond, features):
+    out = self.guided.inner.features.from_features(
+        params["inner"], *self.guided.batch(x_t, t, cond), features)
+    return self.guided.combine(params, out)
 
 
 def classifier_free_guidance(denoiser: Denoiser, scale, *,
@@ -56,7 +81,11 @@ def classifier_free_guidance(denoiser: Denoiser, scale, *,
   if not isinstance(scale, jax.core.Tracer) and not np.isfinite(np.asarray(scale)).all():
     raise ValueError(f"scale: expected a finite number, got {scale!r}")
   _check_guided_channels(guided_channels, denoiser.spec)
-  spec = dataclasses.replace(denoiser.spec, apply=_GuidedApply(denoiser.spec, guided_channels))
+  guided = _GuidedApply(denoiser.spec, guided_channels)
+  features = None
+  if denoiser.spec.features is not None:  # the cached features then hold both halves' (2B rows)
+    features = FeatureApply(_GuidedWithFeatures(guided), _GuidedFromFeatures(guided))
+  spec = dataclasses.replace(denoiser.spec, apply=guided, features=features)
   return Denoiser({"inner": denoiser.params, "scale": jnp.asarray(scale, jnp.float32)}, spec)
 
 

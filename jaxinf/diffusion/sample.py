@@ -26,7 +26,7 @@ from jaxinf.diffusion.solvers import DDPM
 
 def sample(key: jax.Array, denoiser: Denoiser, schedule, solver, shape: tuple[int, ...], *,
            steps: int, cond: Any = None, guidance=None, x_init: jax.Array | None = None,
-           return_trajectory: bool = False, noise: jax.Array | None = None):
+           return_trajectory: bool = False, noise: jax.Array | None = None, cache=None):
   """Draws `shape[0]` samples with `solver` over `steps` timesteps of `schedule` (a
   `NoiseSchedule`, or a `FlowSchedule` for the flow solvers).
 
@@ -37,8 +37,16 @@ def sample(key: jax.Array, denoiser: Denoiser, schedule, solver, shape: tuple[in
     Heun-type solvers interleave 2 steps - 1 rows).
   noise: `[rows, *shape]` per-row standard-normal draws for a stochastic solver, replacing the
     `fold_in` draws, so a trajectory can be replayed against another library's noise.
+  cache: a `jaxinf.diffusion.cache.FeatureCache` refresh schedule: reuse the denoiser's block
+    features between refresh steps (the denoiser needs feature hooks; see that module).
   All arguments are validated here, before anything is traced.
   """
+  if cache is not None:
+    if return_trajectory or noise is not None:
+      raise ValueError("cache: cannot be combined with return_trajectory or noise")
+    from jaxinf.diffusion.cache import sample_cached  # cache builds on this module
+    return sample_cached(key, denoiser, schedule, solver, shape, steps=steps, cache=cache,
+                         cond=cond, guidance=guidance, x_init=x_init)
   args, static = _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init,
                           return_trajectory, noise)
   return _scan(key, *args, **static)

@@ -181,12 +181,27 @@ class DiTBlock(nnx.Module):
         d, 6 * d, kernel_init=_zeros, bias_init=_zeros, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    return self.forward_with_features(x, c)[0]
+
+  def forward_with_features(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The block, also returning its attention and MLP outputs before gating `[2, B, T, D]` —
+    what feature caching (FORA) reuses at later steps."""
     mod = self.adaLN_modulation(jax.nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = layers.modulate(layers.layer_norm(x, self.eps), shift_msa, scale_msa)
-    x = x + gate_msa[:, None] * self.attn(h)
+    attn = self.attn(h)
+    x = x + gate_msa[:, None] * attn
     h = layers.modulate(layers.layer_norm(x, self.mlp_eps), shift_mlp, scale_mlp)
-    return x + gate_mlp[:, None] * self.mlp(h)
+    mlp = self.mlp(h)
+    return x + gate_mlp[:, None] * mlp, jnp.stack([attn, mlp])
+
+  def forward_from_features(self, x: jax.Array, c: jax.Array, features: jax.Array) -> jax.Array:
+    """The block with its attention and MLP outputs taken from `features` (computed at an
+    earlier step): only the modulation, which depends on this step's t, is recomputed."""
+    mod = self.adaLN_modulation(jax.nn.silu(c))
+    _, _, gate_msa, _, _, gate_mlp = jnp.split(mod, 6, axis=-1)
+    x = x + gate_msa[:, None] * features[0].astype(x.dtype)
+    return x + gate_mlp[:, None] * features[1].astype(x.dtype)
 
 
 class FinalLayer(nnx.Module):
@@ -250,16 +265,40 @@ class DiT(nnx.Module):
     check_dit_inputs(self.cfg, x, t, y)
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    h, c = self._embed(x, t, y)
+    for block in self.blocks:
+      h = block(h, c)
+    return self._head(h, c)
+
+  def forward_with_features(self, x, t, y) -> tuple[jax.Array, jax.Array]:
+    """(output, every block's attention/MLP outputs `[depth, 2, B, T, D]`) for feature caching."""
+    h, c = self._embed(x, t, y)
+    features = []
+    for block in self.blocks:
+      h, f = block.forward_with_features(h, c)
+      features.append(f)
+    return self._head(h, c), jnp.stack(features)
+
+  def forward_from_features(self, x, t, y, features: jax.Array) -> jax.Array:
+    """The output with every block's attention and MLP taken from `features` (FORA, Selvaraju et
+    al. 2024): embeddings, modulations and the final layer run; attention and MLPs are skipped."""
+    h, c = self._embed(x, t, y)
+    for i, block in enumerate(self.blocks):
+      h = block.forward_from_features(h, c, features[i])
+    return self._head(h, c)
+
+  def _embed(self, x, t, y):
     cfg = self.cfg
     self.check_inputs(x, t, y)
     dtype = jnp.dtype(cfg.dtype)
     pos = jnp.asarray(layers.sincos_2d(cfg.hidden_size, cfg.grid_size), dtype)
     h = self.x_embedder(layers.patchify(x.astype(dtype), cfg.patch_size)) + pos[None]
-    c = self.t_embedder(t) + self.y_embedder(y)
-    for block in self.blocks:
-      h = block(h, c)
-    out = self.final_layer(h, c)
-    out = layers.unpatchify(out, cfg.patch_size, cfg.grid_size, cfg.out_channels)
+    return h, self.t_embedder(t) + self.y_embedder(y)
+
+  def _head(self, h, c):
+    cfg = self.cfg
+    out = layers.unpatchify(self.final_layer(h, c), cfg.patch_size, cfg.grid_size,
+                            cfg.out_channels)
     return out.astype(jnp.float32)
 
   def drop_labels(self, y: jax.Array, key: jax.Array) -> jax.Array:
