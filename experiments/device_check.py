@@ -212,15 +212,16 @@ class Checker:
       results = {}
       flash = lambda blocks: (lambda q, k, v: pk.attention(
           q, k, v, causal=True, impl="pallas", interpret=self.interpret, blocks=blocks))
-      candidates = {
-          "pallas_flash": flash(pk.AttentionBlocks()),
-          # Larger tiles suit D = 128 on Hopper; reported to pick the default from data.
-          "pallas_flash_128x64": flash(pk.AttentionBlocks(block_q=128, block_k=64)),
-          "pallas_flash_128x128": flash(pk.AttentionBlocks(block_q=128, block_k=128)),
+      candidates = {"pallas_flash": flash(pk.AttentionBlocks())}
+      if not c.cpu:  # at --cpu sizes every tile clamps to the same small one
+        # Larger tiles suit D = 128 on Hopper; reported to pick the default from data.
+        candidates["pallas_flash_128x64"] = flash(pk.AttentionBlocks(block_q=128, block_k=64))
+        candidates["pallas_flash_128x128"] = flash(pk.AttentionBlocks(block_q=128, block_k=128))
+      candidates.update({
           "cudnn" if on_gpu else "jax_nn_xla": lambda q, k, v: jax.nn.dot_product_attention(
               q, k, v, is_causal=True, implementation="cudnn" if on_gpu else None),
           "xla_chunked": lambda q, k, v: pk.attention(q, k, v, causal=True, impl="xla"),
-      }
+      })
       for impl, fn in candidates.items():
         try:
           seconds = timed(fn, (q, k, v), c.repeats)
@@ -245,12 +246,11 @@ class Checker:
     c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     t_len = c.lightning_length
     q, k, v, lam = self.lightning_inputs(t_len, dtype)
-    variants = {
-        "pallas": pk.LightningBlocks(),
-        "pallas_block_v32": pk.LightningBlocks(block_v=32),
-        "pallas_chunk128": pk.LightningBlocks(chunk=128),
-        "xla": pk.LightningBlocks(),
-    }
+    variants = {"pallas": pk.LightningBlocks()}
+    if not c.cpu:
+      variants["pallas_block_v32"] = pk.LightningBlocks(block_v=32)
+      variants["pallas_chunk128"] = pk.LightningBlocks(chunk=128)
+    variants["xla"] = pk.LightningBlocks()
     times = {}
     for name, blocks in variants.items():
       impl = name.split("_")[0]
@@ -283,7 +283,8 @@ class Checker:
     if op == "selective_scan":
       args = self.scan_inputs(t_len, dtype)
       # Channel-block sizes for the kernel (more, smaller programs hide more load latency).
-      variants = {f"pallas_block_d{n}": pk.SelectiveScanBlocks(block_d=n) for n in (32, 64, 128)}
+      variants = {f"pallas_block_d{n}": pk.SelectiveScanBlocks(block_d=n)
+                  for n in ((64,) if c.cpu else (32, 64, 128))}
       variants["xla"] = pk.SelectiveScanBlocks()
       fn_of = lambda name, blocks: (lambda u, dt, A, B, C, D, z: pk.selective_scan(
           u, dt, A, B, C, D, z, delta_softplus=True, impl=name.split("_")[0],
@@ -291,7 +292,8 @@ class Checker:
       out_bytes = args[0].size * args[0].dtype.itemsize
     else:
       args = self.wkv_inputs(t_len, dtype)
-      variants = {f"pallas_block_v{n}": pk.WKVBlocks(block_v=n) for n in (16, 32, 64)}
+      variants = {f"pallas_block_v{n}": pk.WKVBlocks(block_v=n)
+                  for n in ((32,) if c.cpu else (16, 32, 64))}
       variants["xla"] = pk.WKVBlocks()
       fn_of = lambda name, blocks: (lambda *x: pk.wkv7(
           *x, impl=name.split("_")[0], interpret=self.interpret and name != "xla",
