@@ -75,10 +75,10 @@ def check_rollback(model, params, seq: np.ndarray, prompt_len: int, k: int, keep
 
   if state_keys:
     for row in range(b):
-      _, row_cache = step_one_by_one(model, params, cache0,
-                                     seq[:, prompt_len:prompt_len + keep[row]])
-      if keep[row] == 0:
-        row_cache = cache0
+      row_cache = cache0
+      if keep[row]:
+        _, row_cache = step_one_by_one(model, params, cache0,
+                                       seq[:, prompt_len:prompt_len + keep[row]])
       for key in state_keys:
         np.testing.assert_allclose(np.asarray(cache[key][:, row]),
                                    np.asarray(row_cache[key][:, row]), rtol=0, atol=1e-6,
