@@ -89,6 +89,13 @@ class RWKV7Config:
     return self.d_ffn if self.d_ffn is not None else 4 * self.d_model
 
 
+# ~0.93M parameters on the byte vocabulary (ByteTokenizer: 259 ids); matched in size with
+# `transnormer.TRANSNORMER_1M` (~0.97M) for the family comparison. LoRA ranks scaled down from
+# RWKV-LM's (64/64/32/128 at C=768) roughly with C.
+RWKV7_1M = RWKV7Config(vocab_size=259, d_model=128, n_layers=4, head_size=32, decay_lora=16,
+                       a_lora=16, v_lora=8, gate_lora=32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Family-specific layers (fp32 statistics whatever the activation dtype).
 

@@ -93,6 +93,12 @@ class TransNormerConfig:
     return bool(self.lrpe[layer]) if self.lrpe else False
 
 
+# ~0.97M parameters on the byte vocabulary (ByteTokenizer: 259 ids); matched in size with
+# `rwkv.RWKV7_1M` (~0.93M). LRPE in the first layer only, as the release's configs.
+TRANSNORMER_1M = TransNormerConfig(vocab_size=259, d_model=128, n_layers=5, n_heads=4, glu_dim=256,
+                                   lrpe=(True, False, False, False, False))
+
+
 # ------------------------------------------------------------------------------------------------
 # Family-specific pieces.
 

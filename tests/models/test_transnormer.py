@@ -150,3 +150,19 @@ def test_bad_input_raises(lm):
     TransNormerConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=4)
   with pytest.raises(ValueError, match="lrpe"):
     TransNormerConfig(vocab_size=10, d_model=32, n_layers=2, n_heads=4, lrpe=(True,))
+
+
+def test_named_small_configs_are_matched_in_size():
+  from flax import nnx
+
+  from jaxinf.decoding.tokenizer import ByteTokenizer
+  from jaxinf.models.rwkv import RWKV7, RWKV7_1M
+  from jaxinf.models.transnormer import TRANSNORMER_1M, TransNormerLLM
+
+  count = lambda make: sum(int(np.prod(x.shape)) for x in
+                           jax.tree.leaves(nnx.state(nnx.eval_shape(make))))
+  n_rwkv = count(lambda: RWKV7(RWKV7_1M, rngs=nnx.Rngs(0)))
+  n_tnl = count(lambda: TransNormerLLM(TRANSNORMER_1M, rngs=nnx.Rngs(0)))
+  assert RWKV7_1M.vocab_size == TRANSNORMER_1M.vocab_size == ByteTokenizer().vocab_size
+  assert 0.8e6 < n_rwkv < 1.2e6 and 0.8e6 < n_tnl < 1.2e6
+  assert abs(n_rwkv - n_tnl) / max(n_rwkv, n_tnl) < 0.05
