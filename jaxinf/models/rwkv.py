@@ -287,7 +287,8 @@ class RWKV7(nnx.Module):
 
 
 def _wkv_token_by_token(r, w, k, v, a, b, state):
-  """wkv7_step over the T positions: (y [B, T, H, N], the state after each token [T, B, H, N, N])."""
+  """wkv7_step over the T positions: (y [B, T, H, N], the state after each token
+  [T, B, H, N, N])."""
   def body(s, xs):
     y, s = wkv7_step(*xs, s)
     return s, (y, s)
@@ -345,7 +346,7 @@ class RWKV7LM(SequenceModel):
 
   Cache: {"length" [B], "state": {"att_shift", "ffn_shift" [L, B, C], "wkv" [L, B, H, N, N]},
   "history": the same with a position axis of size max_step + 1 after L (index j: the state after
-  j tokens of the last step), "last_k" []}.
+  j tokens of the last step), "last_k" [B]}.
   """
   cfg: RWKV7Config
   graphdef: Any
@@ -374,7 +375,7 @@ class RWKV7LM(SequenceModel):
     history = {k: jnp.zeros((v.shape[0], cfg.max_step + 1) + v.shape[1:], v.dtype)
                for k, v in state.items()}
     return {"length": jnp.zeros((batch,), jnp.int32), "state": state, "history": history,
-            "last_k": jnp.zeros((), jnp.int32)}
+            "last_k": jnp.zeros((batch,), jnp.int32)}
 
   def _check(self, tokens, cache):
     # every position is checked, padding too: an id outside the table would be clamped silently
@@ -419,20 +420,22 @@ class RWKV7LM(SequenceModel):
                for name in state}
     out = {name: seq[name][:, -1] for name in state}
     return logits, dict(cache, state=out, history=history, length=cache["length"] + k,
-                        last_k=jnp.int32(k))
+                        last_k=jnp.full_like(cache["last_k"], k))
 
   def rollback(self, cache, keep):
-    """Undoes the last step but its first keep[b] tokens: the state after them, exactly."""
+    """Undoes the last step but its first keep[b] tokens: the state after them, exactly. last_k
+    becomes keep, so a later rollback may undo further, back to the state before the step."""
     b = cache["length"].shape[0]
     if getattr(keep, "shape", None) != (b,):
       raise ValueError(f"keep: expected shape [{b}], got {getattr(keep, 'shape', keep)}")
     vals, last_k = concrete_or_none(keep), concrete_or_none(cache["last_k"])
-    if vals is not None and last_k is not None and (vals.min() < 0 or vals.max() > int(last_k)):
-      raise ValueError(f"keep: expected values in [0, {int(last_k)}] (the last step's tokens), "
-                       f"got {vals.tolist()}")
+    if vals is not None and last_k is not None and ((vals < 0) | (vals > last_k)).any():
+      raise ValueError(f"keep: expected values in [0, last_k] per row, last_k = {last_k.tolist()} "
+                       f"(the last step's tokens), got {vals.tolist()}")
     keep = jnp.asarray(keep, jnp.int32)
     state = {name: gather_rows(hist, keep) for name, hist in cache["history"].items()}
-    return dict(cache, state=state, length=cache["length"] - cache["last_k"] + keep)
+    return dict(cache, state=state, length=cache["length"] - cache["last_k"] + keep,
+                last_k=keep)
 
 
 def rwkv7_model(cfg: RWKV7Config, key: jax.Array) -> tuple[RWKV7LM, dict]:

@@ -8,9 +8,10 @@ code (OpenNLPLab, `modeling_transnormer.py` shipped with the TransNormerLLM-385M
 
 SRMSNorm(x) = x rsqrt(mean(x^2) + eps), no weight (`SimpleRMSNorm`, eps 1e-6).
 TokenMixer (`NormLinearAttention`): q, k, v, u = chunk4(x W_qkvu); q, k = SiLU(q), SiLU(k) (v and u
-  stay linear); optional LRPE (per layer, `linear_use_lrpe_list`): q -> [q cos(theta t), q sin(theta t)],
-  the same for k, with a learned theta [H, D]; o_t = sum_{s<=t} lambda_h^{t-s} (q_t . k_s) v_s with no
-  1/sqrt(d) scale and no normaliser; out = (SRMSNorm(o) * u) W_out.
+  stay linear); optional LRPE (per layer, `linear_use_lrpe_list`):
+  q -> [q cos(theta t), q sin(theta t)], the same for k, with a learned theta [H, D];
+  o_t = sum_{s<=t} lambda_h^{t-s} (q_t . k_s) v_s with no 1/sqrt(d) scale and no normaliser;
+  out = (SRMSNorm(o) * u) W_out.
 Decay: ALiBi's slopes m_h (`_build_slope_tensor`: 2^(-8(h+1)/H) for a power-of-two H, the ALiBi
   interleave otherwise), scaled per layer by (1 - l/(L-1) + 1e-5), and lambda_h = exp(-m_h).
 SGLU (`GLU`): l3(l1(x) * l2(x)), no activation.
@@ -273,7 +274,7 @@ class TransNormerLM(SequenceModel):
   """TransNormerLLM behind the SequenceModel contract (`jaxinf.models.functional`).
 
   Cache: {"length" [B], "state": {"kv": per layer [B, H, Dk, Dv]}, "history": {"kv": per layer
-  [max_step + 1, B, H, Dk, Dv]} (index j: the state after j tokens of the last step), "last_k" []}.
+  [max_step + 1, B, H, Dk, Dv]} (index j: the state after j tokens of the last step), "last_k" [B]}.
   Dk is 2 D in layers with LRPE (the release uses it in some layers only, hence a list, not one
   stacked array). The LRPE position of a token is its row's length before it.
   """
@@ -302,7 +303,7 @@ class TransNormerLM(SequenceModel):
           for i in range(cfg.n_layers)]
     return {"length": jnp.zeros((batch,), jnp.int32), "state": {"kv": kv},
             "history": {"kv": [jnp.zeros((cfg.max_step + 1,) + s.shape, jnp.float32) for s in kv]},
-            "last_k": jnp.zeros((), jnp.int32)}
+            "last_k": jnp.zeros((batch,), jnp.int32)}
 
   def _check(self, tokens, cache):
     check_tokens(tokens, self.vocab_size)
@@ -338,21 +339,23 @@ class TransNormerLM(SequenceModel):
     history = [old.at[0].set(p).at[1:k + 1].set(h)
                for old, p, h in zip(cache["history"]["kv"], prev, hist)]
     return logits, dict(cache, state={"kv": [h[-1] for h in hist]}, history={"kv": history},
-                        length=cache["length"] + k, last_k=jnp.int32(k))
+                        length=cache["length"] + k, last_k=jnp.full_like(cache["last_k"], k))
 
   def rollback(self, cache, keep):
-    """Undoes the last step but its first keep[b] tokens: the state after them, exactly."""
+    """Undoes the last step but its first keep[b] tokens: the state after them, exactly. last_k
+    becomes keep, so a later rollback may undo further, back to the state before the step."""
     b = cache["length"].shape[0]
     if getattr(keep, "shape", None) != (b,):
       raise ValueError(f"keep: expected shape [{b}], got {getattr(keep, 'shape', keep)}")
     vals, last_k = concrete_or_none(keep), concrete_or_none(cache["last_k"])
-    if vals is not None and last_k is not None and (vals.min() < 0 or vals.max() > int(last_k)):
-      raise ValueError(f"keep: expected values in [0, {int(last_k)}] (the last step's tokens), "
-                       f"got {vals.tolist()}")
+    if vals is not None and last_k is not None and ((vals < 0) | (vals > last_k)).any():
+      raise ValueError(f"keep: expected values in [0, last_k] per row, last_k = {last_k.tolist()} "
+                       f"(the last step's tokens), got {vals.tolist()}")
     keep = jnp.asarray(keep, jnp.int32)
     rows = jnp.arange(b)
     return dict(cache, state={"kv": [h[keep, rows] for h in cache["history"]["kv"]]},
-                length=cache["length"] - cache["last_k"] + keep)
+                length=cache["length"] - cache["last_k"] + keep,
+                last_k=keep)
 
 
 def transnormer_model(cfg: TransNormerConfig, key: jax.Array) -> tuple[TransNormerLM, dict]:

@@ -69,6 +69,9 @@ def test_rollback_then_restep_equals_one_by_one(lm):
   jax.tree.map(np.testing.assert_array_equal, same["state"], full["state"])
   undone = rollback(full, jnp.array([0, 0], jnp.int32))
   jax.tree.map(np.testing.assert_array_equal, undone["state"], base["state"])
+  twice = rollback(rollback(full, jnp.array([3, 2], jnp.int32)), jnp.array([0, 0], jnp.int32))
+  jax.tree.map(np.testing.assert_array_equal, twice["state"], base["state"])
+  np.testing.assert_array_equal(twice["length"], base["length"])
 
 
 def test_ragged_batch_rows_equal_alone(lm):
@@ -142,7 +145,8 @@ def test_bad_input_raises(lm):
     short.prefill(params, jnp.ones((2, 6), jnp.int32), short.init_cache(2, 4),
                   jnp.array([6, 6]))
   _, stepped = step(params, jnp.ones((2, 2), jnp.int32), cache)
-  with pytest.raises(ValueError, match=r"keep: expected values in \[0, 2\]"):
+  with pytest.raises(ValueError, match=r"keep: expected values in \[0, last_k\] per row, "
+                     r"last_k = \[2, 2\]"):
     model.rollback(stepped, jnp.array([3, 0]))
   with pytest.raises(ValueError, match="head_size"):
     RWKV7Config(vocab_size=10, d_model=30, n_layers=1, head_size=16)

@@ -71,6 +71,9 @@ def test_rollback_then_restep_equals_one_by_one(lm):
   jax.tree.map(np.testing.assert_array_equal, same["state"], full["state"])
   undone = rollback(full, jnp.array([0, 0], jnp.int32))
   jax.tree.map(np.testing.assert_array_equal, undone["state"], base["state"])
+  twice = rollback(rollback(full, jnp.array([3, 2], jnp.int32)), jnp.array([0, 0], jnp.int32))
+  jax.tree.map(np.testing.assert_array_equal, twice["state"], base["state"])
+  np.testing.assert_array_equal(twice["length"], base["length"])
 
 
 def test_ragged_batch_rows_equal_alone(lm):
@@ -120,7 +123,8 @@ def test_lrpe_is_relative():
   # q_t . k_s depends on t - s only
   q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 8))
   theta = jax.random.uniform(jax.random.key(1), (1, 8))
-  dot = lambda t, s: float(jnp.sum(lrpe(q, theta, jnp.array([[t]])) * lrpe(k, theta, jnp.array([[s]]))))
+  enc = lambda x, t: lrpe(x, theta, jnp.array([[t]]))
+  dot = lambda t, s: float(jnp.sum(enc(q, t) * enc(k, s)))
   np.testing.assert_allclose(dot(7, 3), dot(104, 100), rtol=1e-4)
   assert abs(dot(7, 3) - dot(7, 5)) > 1e-3
 
@@ -144,7 +148,8 @@ def test_bad_input_raises(lm):
     short.prefill(params, jnp.ones((2, 6), jnp.int32), short.init_cache(2, 4),
                   jnp.array([6, 6]))
   _, stepped = step(params, jnp.ones((2, 2), jnp.int32), cache)
-  with pytest.raises(ValueError, match=r"keep: expected values in \[0, 2\]"):
+  with pytest.raises(ValueError, match=r"keep: expected values in \[0, last_k\] per row, "
+                     r"last_k = \[2, 2\]"):
     model.rollback(stepped, jnp.array([3, 0]))
   with pytest.raises(ValueError, match="n_layers"):
     TransNormerConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=4)

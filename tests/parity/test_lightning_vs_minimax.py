@@ -73,8 +73,8 @@ def test_decay_convention():
     rate = _layer(l).slope_rate.reshape(-1).double().numpy()
     ours = layer_slopes(H, l, L)
     # same ALiBi base; the layer factors differ only by MiniMax's 1e-5 in the denominator
-    np.testing.assert_allclose(rate / ours, (1 - l / (L - 1 + 1e-5) + 1e-5) / (1 - l / (L - 1) + 1e-5),
-                               rtol=1e-6)
+    factors = (1 - l / (L - 1 + 1e-5) + 1e-5) / (1 - l / (L - 1) + 1e-5)
+    np.testing.assert_allclose(rate / ours, factors, rtol=1e-6)
   np.testing.assert_allclose(layer_decay(H, 0, L),
                              torch.exp(-_layer(0).slope_rate).reshape(-1).numpy(), rtol=1e-6)
 
