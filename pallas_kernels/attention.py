@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch, reference
+from pallas_kernels.dispatch import SQUEEZED
 
 # A large finite negative instead of -inf: exp(mask - mask) must not produce NaN for a row whose
 # every key in a block is masked.
@@ -256,12 +257,12 @@ def _attention_pallas(q, k, v, limits, *, scale: float, block_q: int, block_k: i
       kernel,
       grid=(batch, heads, tq_pad // block_q),
       in_specs=[
-          pl.BlockSpec((None, block_q, None, d_pad), lambda b, h, i: (b, i, h, 0)),
-          pl.BlockSpec((None, tk_pad, None, d_pad), lambda b, h, i: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, tk_pad, None, dv_pad), lambda b, h, i: (b, 0, h // groups, 0)),
-          pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+          pl.BlockSpec((SQUEEZED, block_q, SQUEEZED, d_pad), lambda b, h, i: (b, i, h, 0)),
+          pl.BlockSpec((SQUEEZED, tk_pad, SQUEEZED, d_pad), lambda b, h, i: (b, 0, h // groups, 0)),
+          pl.BlockSpec((SQUEEZED, tk_pad, SQUEEZED, dv_pad), lambda b, h, i: (b, 0, h // groups, 0)),
+          pl.BlockSpec((SQUEEZED, block_q), lambda b, h, i: (b, i)),
       ],
-      out_specs=pl.BlockSpec((None, block_q, None, dv_pad), lambda b, h, i: (b, i, h, 0)),
+      out_specs=pl.BlockSpec((SQUEEZED, block_q, SQUEEZED, dv_pad), lambda b, h, i: (b, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct((batch, tq_pad, heads, dv_pad), q.dtype),
       compiler_params=dispatch.gpu_compiler_params(num_warps=4 if d_pad <= 64 else 8, num_stages=2),
       interpret=interpret,

@@ -12,9 +12,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 import numpy as np
 
 IMPLS = ("auto", "reference", "xla", "pallas")
+
+# A block dimension the kernel sees squeezed away. `pl.squeezed` where this JAX has it (`None`
+# is the older spelling, kept as the fallback).
+SQUEEZED = getattr(pl, "squeezed", None)
 _GPUS = ("gpu", "cuda", "rocm")
 
 

@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch, reference
+from pallas_kernels.dispatch import SQUEEZED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,15 +233,15 @@ def _lightning_pallas(q, k, v, log_decay, state, *, chunk: int, block_v: int, in
       kernel,
       grid=(batch, heads, dv_pad // block_v),
       in_specs=[
-          pl.BlockSpec((None, padded, None, dk_pad), lambda b, h, j: (b, 0, h, 0)),
-          pl.BlockSpec((None, padded, None, dk_pad), lambda b, h, j: (b, 0, h, 0)),
-          pl.BlockSpec((None, padded, None, block_v), lambda b, h, j: (b, 0, h, j)),
-          pl.BlockSpec((None, 16), lambda b, h, j: (h, 0)),
-          pl.BlockSpec((None, None, dk_pad, block_v), lambda b, h, j: (b, h, 0, j)),
+          pl.BlockSpec((SQUEEZED, padded, SQUEEZED, dk_pad), lambda b, h, j: (b, 0, h, 0)),
+          pl.BlockSpec((SQUEEZED, padded, SQUEEZED, dk_pad), lambda b, h, j: (b, 0, h, 0)),
+          pl.BlockSpec((SQUEEZED, padded, SQUEEZED, block_v), lambda b, h, j: (b, 0, h, j)),
+          pl.BlockSpec((SQUEEZED, 16), lambda b, h, j: (h, 0)),
+          pl.BlockSpec((SQUEEZED, SQUEEZED, dk_pad, block_v), lambda b, h, j: (b, h, 0, j)),
       ],
       out_specs=[
-          pl.BlockSpec((None, padded, None, block_v), lambda b, h, j: (b, 0, h, j)),
-          pl.BlockSpec((None, None, dk_pad, block_v), lambda b, h, j: (b, h, 0, j)),
+          pl.BlockSpec((SQUEEZED, padded, SQUEEZED, block_v), lambda b, h, j: (b, 0, h, j)),
+          pl.BlockSpec((SQUEEZED, SQUEEZED, dk_pad, block_v), lambda b, h, j: (b, h, 0, j)),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((batch, padded, heads, dv_pad), q.dtype),

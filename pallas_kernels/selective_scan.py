@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch, reference
+from pallas_kernels.dispatch import SQUEEZED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,10 +321,10 @@ def _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state, *, delta_
       rearrange(state, "b (g d) s -> b g s d", g=groups), 3, d_pad), 2, n_pad)
   B, C = dispatch.pad_axis(B, 3, n_pad), dispatch.pad_axis(C, 3, n_pad)
 
-  seq_spec = pl.BlockSpec((None, t_len, None, block_d), lambda b, g, j: (b, 0, g, j))
-  bc_spec = pl.BlockSpec((None, t_len, None, n_pad), lambda b, g, j: (b, 0, g, 0))
-  vec_spec = pl.BlockSpec((None, 1, block_d), lambda b, g, j: (g, 0, j))
-  state_spec = pl.BlockSpec((None, None, n_pad, block_d), lambda b, g, j: (b, g, 0, j))
+  seq_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, block_d), lambda b, g, j: (b, 0, g, j))
+  bc_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, n_pad), lambda b, g, j: (b, 0, g, 0))
+  vec_spec = pl.BlockSpec((SQUEEZED, 1, block_d), lambda b, g, j: (g, 0, j))
+  state_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, n_pad, block_d), lambda b, g, j: (b, g, 0, j))
   has_z = z is not None
   seq_inputs = [by_group(u), by_group(delta)] + ([by_group(z)] if has_z else [])
   kernel = functools.partial(_selective_scan_kernel, length=t_len, delta_softplus=delta_softplus,
@@ -332,7 +333,7 @@ def _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state, *, delta_
       kernel,
       grid=(batch, groups, d_pad // block_d),
       in_specs=[seq_spec] * len(seq_inputs) + [
-          pl.BlockSpec((None, n_pad, block_d), lambda b, g, j: (g, 0, j)),
+          pl.BlockSpec((SQUEEZED, n_pad, block_d), lambda b, g, j: (g, 0, j)),
           bc_spec, bc_spec, vec_spec, vec_spec, state_spec],
       out_specs=[seq_spec, state_spec],
       out_shape=[

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch, reference
+from pallas_kernels.dispatch import SQUEEZED
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -255,9 +256,9 @@ def _wkv7_pallas(r, w, k, v, a, b, state, *, block_v: int, interpret: bool):
   r, w, k, a, b = (dispatch.pad_axis(x, 3, dk_pad) for x in (r, w, k, a, b))
   v = dispatch.pad_axis(v, 3, dv_pad)
   state = dispatch.pad_axis(dispatch.pad_axis(state, 2, dv_pad), 3, dk_pad)
-  key_spec = pl.BlockSpec((None, t_len, None, dk_pad), lambda i, h, j: (i, 0, h, 0))
-  value_spec = pl.BlockSpec((None, t_len, None, block_v), lambda i, h, j: (i, 0, h, j))
-  state_spec = pl.BlockSpec((None, None, block_v, dk_pad), lambda i, h, j: (i, h, j, 0))
+  key_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, dk_pad), lambda i, h, j: (i, 0, h, 0))
+  value_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, block_v), lambda i, h, j: (i, 0, h, j))
+  state_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, block_v, dk_pad), lambda i, h, j: (i, h, j, 0))
   y, final = pl.pallas_call(
       functools.partial(_wkv7_kernel, length=t_len),
       grid=(batch, heads, dv_pad // block_v),
