@@ -88,7 +88,8 @@ def _refuse(config: Mapping[str, Any], name: str, allowed: tuple, default: Any) 
 # Llama
 
 
-def llama_config(config: Mapping[str, Any], **overrides: Any) -> TransformerConfig:
+def llama_config_from_transformers(config: Mapping[str, Any],
+                                   **overrides: Any) -> TransformerConfig:
   """`TransformerConfig` from a `LlamaConfig` dict (config.json), transformers 4.x or 5.x."""
   _refuse(config, "hidden_act", ("silu",), "silu")
   _refuse(config, "attention_bias", (False,), False)
@@ -143,7 +144,7 @@ def llama_params(state_dict: Mapping[str, np.ndarray], cfg: TransformerConfig) -
 
 def load_llama(path: str | os.PathLike, **overrides: Any) -> tuple[TransformerLM, dict]:
   """(model, params) from a transformers Llama folder: config.json + model*.safetensors."""
-  cfg = llama_config(read_config(path), **overrides)
+  cfg = llama_config_from_transformers(read_config(path), **overrides)
   return TransformerLM(cfg), llama_params(read_safetensors(model_files(path)), cfg)
 
 
@@ -151,7 +152,7 @@ def load_llama(path: str | os.PathLike, **overrides: Any) -> tuple[TransformerLM
 # Mamba
 
 
-def mamba_config(config: Mapping[str, Any], **overrides: Any) -> MambaConfig:
+def mamba_config_from_transformers(config: Mapping[str, Any], **overrides: Any) -> MambaConfig:
   """`MambaConfig` (jaxinf's) from a transformers `MambaConfig` dict (config.json)."""
   _refuse(config, "hidden_act", ("silu",), "silu")
   hidden = _get(config, "hidden_size")
@@ -207,7 +208,7 @@ def mamba_params(state_dict: Mapping[str, np.ndarray], cfg: MambaConfig) -> dict
 
 def load_mamba(path: str | os.PathLike, **overrides: Any) -> tuple[MambaLM, dict]:
   """(model, params) from a transformers Mamba folder: config.json + model*.safetensors."""
-  cfg = mamba_config(read_config(path), **overrides)
+  cfg = mamba_config_from_transformers(read_config(path), **overrides)
   return MambaLM(cfg), mamba_params(read_safetensors(model_files(path)), cfg)
 
 

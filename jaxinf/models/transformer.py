@@ -82,6 +82,26 @@ class TransformerConfig:
       raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
 
 
+# Named sizes. "-1m": ~1M parameters over the byte vocabulary (259 ids of
+# `jaxinf.decoding.tokenizer.ByteTokenizer`), matched within 1% to `mamba.MAMBA_CONFIGS["mamba-1m"]`
+# for the family comparison (956,160 vs 966,144 parameters).
+TRANSFORMER_CONFIGS: dict[str, TransformerConfig] = {
+    "transformer-1m": TransformerConfig(vocab_size=259, hidden_size=128, num_layers=5, num_heads=4,
+                                        num_kv_heads=2, mlp_hidden=352, tie_embeddings=True,
+                                        max_len=1024),
+    "transformer-tiny": TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                          num_kv_heads=2, mlp_hidden=64, max_len=64),
+}
+
+
+def transformer_config(name: str, **overrides: Any) -> TransformerConfig:
+  """A named configuration, optionally with fields replaced."""
+  if name not in TRANSFORMER_CONFIGS:
+    raise ValueError(f"name: unknown transformer config {name!r}; known: "
+                     f"{sorted(TRANSFORMER_CONFIGS)}")
+  return dataclasses.replace(TRANSFORMER_CONFIGS[name], **overrides)
+
+
 class Attention(nnx.Module):
   """Projections of grouped-query attention; the attention itself is the kernel's, called by
   `Transformer` with the form (prefill or cached step) it needs."""

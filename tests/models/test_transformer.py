@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def model_params(request):
 
 def test_prefill_then_step_equals_longer_prefill(model_params):
   model, params = model_params
-  seq = random_tokens(model, (2, 13), seed=1)
+  seq = random_tokens(model, (2, 11), seed=1)
   check_prefill_then_step(model, params, seq, prompt_len=5, chunk=3)
 
 
@@ -37,15 +38,17 @@ def test_step_rollback_is_exact(model_params):
   check_rollback(model, params, seq, prompt_len=5, k=4, keep=np.array([0, 2, 4]), n_after=3)
 
 
-def test_ragged_batch_rows_match_running_alone(model_params):
-  model, params = model_params
+def test_ragged_batch_rows_match_running_alone():
+  model = TransformerLM(TINY)
+  params = model.init_params(0)
   prompts = [random_tokens(model, (n,), seed=10 + n).tolist() for n in (7, 2, 5)]
   continuation = random_tokens(model, (3, 3), seed=3)
   check_ragged_batch(model, params, prompts, continuation, pad_id=63)
 
 
-def test_generate_greedy_end_to_end(model_params):
-  model, params = model_params
+def test_generate_greedy_end_to_end():
+  model = TransformerLM(TINY)
+  params = model.init_params(0)
   prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]
   check_generate_greedy(model, params, prompts, max_new_tokens=6)
 
@@ -66,6 +69,41 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   seq = jnp.asarray(random_tokens(gqa, (2, 9), seed=4))
   np.testing.assert_allclose(np.asarray(gqa(params, seq)), np.asarray(mha(wide, seq)), rtol=0,
                              atol=2e-5)
+
+
+def test_pallas_kernels_through_the_model_match_the_reference():
+  """The model's calls into the Pallas kernels (run by the interpreter on CPU): ragged prefill
+  with kv lengths, and a 2-token cached step with query offsets, against the quadratic
+  reference kernel."""
+  fast = TransformerLM(TINY, impl="pallas", interpret=True)
+  slow = TransformerLM(TINY, impl="reference")
+  params = fast.init_params(0)
+  toks = jnp.asarray(random_tokens(fast, (2, 9), seed=5))
+  lengths = jnp.asarray([9, 4])
+  a, cache_a = fast.prefill(params, toks, fast.init_cache(2, 12), lengths)
+  b, cache_b = slow.prefill(params, toks, slow.init_cache(2, 12), lengths)
+  valid = np.arange(9)[None] < np.asarray(lengths)[:, None]
+  np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], rtol=0, atol=2e-5)
+  a, _ = fast.step(params, toks[:, :2], cache_a)
+  b, _ = slow.step(params, toks[:, :2], cache_b)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+def test_named_1m_configs_are_matched_in_size():
+  """The family comparison's sizes: ~1M parameters each over the byte vocabulary, within 2%."""
+  from jaxinf.decoding.tokenizer import ByteTokenizer
+  from jaxinf.models.mamba import MambaLM, mamba_config
+  from jaxinf.models.transformer import transformer_config
+
+  count = lambda m: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(m.abstract_params()))
+  sizes = [count(TransformerLM(transformer_config("transformer-1m"))),
+           count(MambaLM(mamba_config("mamba-1m")))]
+  assert all(0.9e6 < n < 1.1e6 for n in sizes), sizes
+  assert abs(sizes[0] - sizes[1]) < 0.02 * max(sizes), sizes
+  assert transformer_config("transformer-1m").vocab_size == ByteTokenizer().vocab_size
+  assert mamba_config("mamba-1m").vocab_size == ByteTokenizer().vocab_size
+  with pytest.raises(ValueError, match="name: unknown transformer config"):
+    transformer_config("transformer-7b")
 
 
 def jax_tree_copy(tree):
@@ -94,7 +132,7 @@ def test_token_ids_out_of_range_raise():
 def test_prompt_longer_than_cache_or_context_raises():
   model = TransformerLM(TINY)
   params = model.init_params(0)
-  with pytest.raises(ValueError, match="tokens: a prompt of 9 positions does not fit the cache of 8"):
+  with pytest.raises(ValueError, match="tokens: a prompt of 9 positions does not fit the cache"):
     model.prefill(params, jnp.ones((1, 9), jnp.int32), model.init_cache(1, 8), jnp.asarray([9]))
   with pytest.raises(ValueError, match="max_len: 49 exceeds the model's context of 48"):
     model.init_cache(1, 49)

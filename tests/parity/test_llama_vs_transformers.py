@@ -129,11 +129,11 @@ def test_converter_refuses_wrong_shapes_and_untied_head(pair):
 def test_unsupported_config_is_refused():
   base = dict(vocab_size=8, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
               intermediate_size=8)
+  convert = transformers_lm.llama_config_from_transformers
   with pytest.raises(ValueError, match="attention_bias=True is not implemented"):
-    transformers_lm.llama_config(dict(base, attention_bias=True))
+    convert(dict(base, attention_bias=True))
   with pytest.raises(ValueError, match="rope_type='linear' is not implemented"):
-    transformers_lm.llama_config(dict(base, rope_parameters={"rope_type": "linear",
-                                                             "rope_theta": 1e4, "factor": 2.0}))
+    convert(dict(base, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))
 
 
 def test_pickled_weights_are_not_read(tmp_path):

@@ -109,9 +109,8 @@ def test_converter_refuses_missing_and_extra_keys(pair):
 
 
 def test_config_mapping():
-  cfg = transformers_lm.mamba_config(dict(vocab_size=10, hidden_size=40, num_hidden_layers=1,
-                                          time_step_rank="auto"))
+  convert = transformers_lm.mamba_config_from_transformers
+  cfg = convert(dict(vocab_size=10, hidden_size=40, num_hidden_layers=1, time_step_rank="auto"))
   assert (cfg.dt_rank, cfg.inner_size, cfg.conv_kernel, cfg.tie_embeddings) == (3, 80, 4, True)
   with pytest.raises(ValueError, match="hidden_act='gelu' is not implemented"):
-    transformers_lm.mamba_config(dict(vocab_size=10, hidden_size=40, num_hidden_layers=1,
-                                      hidden_act="gelu"))
+    convert(dict(vocab_size=10, hidden_size=40, num_hidden_layers=1, hidden_act="gelu"))
