@@ -28,7 +28,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,14 +109,23 @@ def flow_matching_loss(apply: Callable, params, x0: jax.Array, y, key: jax.Array
 # The shared step.
 
 
+class StepContext(NamedTuple):
+  """What a loss may read besides its params, batch and key (see `make_regression_step`)."""
+
+  frozen: Any
+  ema: Any
+  step: jax.Array
+
+
 def make_regression_step(loss_fn: Callable, cfg: FlowTrainConfig):
   """A jitted `step(state, arrays, frozen) -> (state, loss)`.
 
   arrays: a tuple of arrays with a common leading (example) axis; each step draws `batch_size`
     rows with replacement. frozen: a pytree the loss reads but does not train (a teacher's
     weights) — passed as an argument so that it is not baked into the compiled step.
-  loss_fn(params, batch, key, frozen, ema) -> scalar; `ema` is the EMA of the trained weights,
-    which consistency distillation uses as its target network.
+  loss_fn(params, batch, key, ctx) -> scalar, with `ctx` a `StepContext`: the frozen pytree, the
+    EMA of the trained weights (consistency distillation's target network) and the step number
+    (for annealed losses).
   """
   opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
   base_key = jax.random.key(cfg.seed)
@@ -128,7 +137,8 @@ def make_regression_step(loss_fn: Callable, cfg: FlowTrainConfig):
     idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, arrays[0].shape[0])
     batch = tuple(a[idx] for a in arrays)
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batch, k_loss, frozen, state["ema"]))(state["params"])
+        lambda p: loss_fn(p, batch, k_loss, StepContext(frozen, state["ema"], state["step"])))(
+            state["params"])
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p,
@@ -202,8 +212,8 @@ def train_flow_dit_on_digits(out_dir: str | os.PathLike, *, model_cfg: DiTConfig
   apply, params = to_functional(DiT(model_cfg, rngs=nnx.Rngs(train_cfg.seed)))
   images, labels = digits.load_digits_images()
 
-  def loss_fn(p, batch, key, frozen, ema):
-    del frozen, ema
+  def loss_fn(p, batch, key, ctx):
+    del ctx
     x0, y = batch
     k_drop, k_loss = jax.random.split(key)
     return flow_matching_loss(apply, p, x0, drop_labels(model_cfg, y, k_drop), k_loss,
