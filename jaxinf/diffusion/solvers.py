@@ -43,7 +43,33 @@ def _check_common(solver) -> None:
   _check_x0_options(solver)
 
 
+def _check_bool_options(solver) -> None:
+  """Every option whose default is a bool must be a bool: a string such as "no" would otherwise
+  switch it on silently."""
+  for f in dataclasses.fields(solver):
+    value = getattr(solver, f.name)
+    if isinstance(f.default, bool) and not isinstance(value, bool):
+      raise TypeError(f"{f.name}: expected a bool, got {value!r}")
+
+
+def _check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
+  """A real number (not a bool) in [lo, hi] (or (lo, hi] with lo_open)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{name}: expected a number, got {value!r}")
+  if not (np.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
+    raise ValueError(f"{name}: expected a number in {'(' if lo_open else '['}{lo}, {hi}], got "
+                     f"{value!r}")
+
+
+def _check_original_steps(solver) -> None:
+  steps = solver.original_inference_steps
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"original_inference_steps: expected a positive int (the step count the "
+                     f"consistency model was distilled with), got {steps!r}")
+
+
 def _check_x0_options(solver) -> None:
+  _check_bool_options(solver)
   if not getattr(solver, "clip_sample_range", 1.0) > 0:
     raise ValueError(f"clip_sample_range: expected > 0, got {solver.clip_sample_range}")
   ratio = getattr(solver, "dynamic_thresholding_ratio", 0.995)
@@ -173,8 +199,7 @@ class DDIM(_Solver):
   sample_max_value: float = 1.0
 
   def __post_init__(self):
-    if not (isinstance(self.eta, (int, float)) and np.isfinite(self.eta) and self.eta >= 0):
-      raise ValueError(f"eta: expected a finite number >= 0, got {self.eta!r}")
+    _check_number("eta", self.eta, 0.0, np.inf)
     _check_common(self)
 
   @property
@@ -623,6 +648,9 @@ class _FlowBase(_SigmaSolver):
   prediction_types = schedules.FLOW_PREDICTION_TYPES
   heun = False
 
+  def __post_init__(self):
+    _check_bool_options(self)
+
   def timesteps(self, schedule, steps):
     return _flow_grid(schedule, steps)[0]
 
@@ -707,9 +735,8 @@ class LCM(_Solver):
   stochastic = True
 
   def __post_init__(self):
-    if not (np.isfinite(self.timestep_scaling) and self.timestep_scaling > 0):
-      raise ValueError(f"timestep_scaling: expected a finite number > 0, got "
-                       f"{self.timestep_scaling!r}")
+    _check_number("timestep_scaling", self.timestep_scaling, 0.0, np.inf, lo_open=True)
+    _check_original_steps(self)
     _check_x0_options(self)
 
   def timesteps(self, schedule, steps):
@@ -743,8 +770,9 @@ class TCD(_Solver):
   set_alpha_to_one: bool = True
 
   def __post_init__(self):
-    if not (isinstance(self.gamma, (int, float)) and 0.0 <= self.gamma <= 1.0):
-      raise ValueError(f"gamma: expected a number in [0, 1], got {self.gamma!r}")
+    _check_number("gamma", self.gamma, 0.0, 1.0)
+    _check_original_steps(self)
+    _check_bool_options(self)
 
   @property
   def stochastic(self) -> bool:
