@@ -171,3 +171,72 @@ def consistency_distillation_loss(student_apply: Callable, teacher_apply: Callab
     return jnp.mean(jnp.sqrt(jnp.square(pred - target) + cfg.huber_c**2) - cfg.huber_c)
 
   return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# MLCM: multistep consistency distillation over segments.
+
+
+def check_segments(segments, num_train_timesteps: int) -> None:
+  if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1 \
+      or num_train_timesteps % segments:
+    raise ValueError(f"segments: expected a positive int dividing num_train_timesteps "
+                     f"({num_train_timesteps}), got {segments!r}")
+
+
+def segment_edge(t: jax.Array, num_train_timesteps: int, segments: int) -> jax.Array:
+  """The lower edge of t's segment: the trajectory is cut at j L - 1 (L = T / segments), the
+  timesteps of the trailing DDIM grid with `segments` steps; t in (j L - 1, (j + 1) L - 1] maps to
+  j L - 1, and -1 stands for the clean end (abar = 1)."""
+  seg_len = num_train_timesteps // segments
+  j = (t + 1 + seg_len - 1) // seg_len - 1  # ceil((t + 1) / L) - 1
+  return j * seg_len - 1
+
+
+def ddim_to(x_t: jax.Array, x0: jax.Array, t: jax.Array, edge: jax.Array, *,
+            schedule: schedules.NoiseSchedule) -> jax.Array:
+  """x_t carried to timestep `edge` (-1: clean) by DDIM with the predicted x0: alpha_e x0 +
+  sigma_e (x_t - alpha_t x0) / sigma_t, as the `DDIM` solver's step with set_alpha_to_one."""
+  abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  bshape = (-1,) + (1,) * (x_t.ndim - 1)
+  abar_e = jnp.where(edge >= 0, abar[jnp.maximum(edge, 0)], 1.0).reshape(bshape)
+  abar_t = abar[t].reshape(bshape)
+  eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
+  return jnp.sqrt(abar_e) * x0 + jnp.sqrt(1.0 - abar_e) * eps
+
+
+def multistep_consistency_loss(student_apply: Callable, teacher_apply: Callable, *,
+                               schedule: schedules.NoiseSchedule, cfg: LCMConfig, segments: int,
+                               null_cond: int | None):
+  """MLCM (Xie et al. 2024, "MLCM: Multistep Consistency Distillation of Latent Diffusion Model",
+  Sec. 3.1): the trajectory is cut into `segments` pieces at the trailing DDIM grid and the
+  student is consistent only within a piece: g(x_t, t) = DDIM from t to the piece's lower edge
+  with the student's x0 (`ddim_to`), so g is the identity at the edge (the boundary condition
+  without c_skip/c_out). One teacher DDIM step from t_n to max(t_{n-1}, edge) (clamped so as not
+  to cross the edge) gives the target sg g_ema(x_hat, ., edge); pseudo-Huber distance as LCM.
+  The student is sampled by `DDIM(spacing="trailing")` with `steps=segments`, whose steps are
+  exactly the jumps between edges. Not included: MLCM's progressive segment reduction and its
+  auxiliary losses."""
+  t_max = schedule.num_train_timesteps
+  check_segments(segments, t_max)
+
+  def g(p, x, t, edge, y):
+    x0 = student_apply(p, x, t.astype(jnp.float32), y).astype(jnp.float32)
+    return ddim_to(x, x0, t, edge, schedule=schedule)
+
+  def loss_fn(params, batch, key, ctx: StepContext):
+    x0, y = batch
+    k_t, k_eps = jax.random.split(key)
+    t, t_prev = skip_grid_pair(k_t, x0.shape[0], t_max, cfg.num_ddim_timesteps)
+    edge = segment_edge(t, t_max, segments)
+    t_prev = jnp.maximum(t_prev, edge)  # edge = -1 (clean) leaves the clamp at 0 in place
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t].reshape(
+        (-1,) + (1,) * (x0.ndim - 1))
+    x_t = schedules.add_noise(x0, jax.random.normal(k_eps, x0.shape), abar)
+    x_prev = guided_ddim_step(teacher_apply, ctx.frozen, x_t, t, t_prev, y, schedule=schedule,
+                              guidance_scale=cfg.guidance_scale, null_cond=null_cond)
+    target = jax.lax.stop_gradient(g(ctx.ema, jax.lax.stop_gradient(x_prev), t_prev, edge, y))
+    pred = g(params, x_t, t, edge, y)
+    return jnp.mean(jnp.sqrt(jnp.square(pred - target) + cfg.huber_c**2) - cfg.huber_c)
+
+  return loss_fn

@@ -18,7 +18,7 @@ s = sigmoid(m + std * n), n ~ N(0, 1)). With independent eps this is flow matchi
 `fold_in(key(seed), step)`, so a resumed run reproduces the uninterrupted run's losses exactly.
 
     model_cfg, apply, state, records = train_flow_dit_on_digits("results/flow-digits")
-    den = flow_denoiser(model_cfg, apply, state)  # sample(..., FlowSchedule(), FlowEuler(), ...)
+    den = flow_denoiser(model_cfg, apply, state["ema"])  # sample(..., FlowSchedule(), FlowEuler(), ...)
 """
 
 from __future__ import annotations
@@ -224,8 +224,6 @@ def train_flow_dit_on_digits(out_dir: str | os.PathLike, *, model_cfg: DiTConfig
   return model_cfg, apply, state, records
 
 
-def flow_denoiser(model_cfg: DiTConfig, apply: Callable, state_or_params) -> Denoiser:
-  """The velocity denoiser (prediction type `flow`) of a train state's EMA weights, or of params."""
-  params = state_or_params["ema"] if isinstance(state_or_params, dict) and \
-      "ema" in state_or_params and "opt_state" in state_or_params else state_or_params
+def flow_denoiser(model_cfg: DiTConfig, apply: Callable, params) -> Denoiser:
+  """The velocity denoiser (prediction type `flow`) of a flow DiT's weights (e.g. `state["ema"]`)."""
   return dit_denoiser(apply, params, model_cfg, prediction_type="flow")

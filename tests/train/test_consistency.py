@@ -124,3 +124,64 @@ def test_bad_input():
   with pytest.raises(ValueError, match="num_ddim_timesteps"):
     cd.consistency_distillation_loss(None, None, schedule=VP, cfg=cd.LCMConfig(
         num_ddim_timesteps=2000), null_cond=None)
+
+
+def test_segment_edges_are_the_trailing_ddim_grid():
+  t = jnp.array([999, 750, 749, 500, 499, 250, 249, 19, 0])
+  np.testing.assert_array_equal(cd.segment_edge(t, 1000, 4),
+                                [749, 749, 499, 499, 249, 249, -1, -1, -1])
+  from jaxinf.diffusion.solvers import DDIM
+  ts = DDIM(spacing="trailing").timesteps(VP, 4)
+  np.testing.assert_array_equal(cd.segment_edge(jnp.asarray(ts), 1000, 4), np.append(ts[1:], -1))
+  x = jax.random.normal(jax.random.key(0), (3, 2))
+  edge = jnp.array([749, 249, 499])
+  # DDIM from an edge to itself is the identity, whatever x0 says (the boundary condition)
+  np.testing.assert_allclose(cd.ddim_to(x, 5.0 + x**3, edge, edge, schedule=VP), x, atol=1e-5)
+
+
+def exact_segment_x0_apply(segments):
+  """An x0-predictor whose DDIM jump to t's segment edge is the exact PF-ODE map there for
+  x0 ~ N(MU, COV): per eigen-direction x_e = a_e mu + sqrt((a_e^2 lam + s_e^2) /
+  (a_t^2 lam + s_t^2)) (x_t - a_t mu); x0 solves a_e x0 + s_e (x_t - a_t x0) / s_t = x_e."""
+  lam, u = np.linalg.eigh(COV)
+  abar = jnp.asarray(VP.alphas_cumprod, jnp.float32)
+  mu, u, lam = (jnp.asarray(v, jnp.float32) for v in (MU, u, lam))
+
+  def apply(params, x, t, y):
+    ti = jnp.round(t).astype(jnp.int32)
+    e = cd.segment_edge(ti, VP.num_train_timesteps, segments)
+    ab_e = jnp.where(e >= 0, abar[jnp.maximum(e, 0)], 1.0)[:, None]
+    a, s = jnp.sqrt(abar[ti])[:, None], jnp.sqrt(1 - abar[ti])[:, None]
+    a_e, s_e = jnp.sqrt(ab_e), jnp.sqrt(1 - ab_e)
+    scale = jnp.sqrt((a_e**2 * lam[None] + s_e**2) / (a**2 * lam[None] + s**2))
+    x_e = a_e * mu + ((x - a * mu) @ u * scale) @ u.T
+    return (x_e - s_e / s * x) / (a_e - s_e * a / s)
+
+  return apply
+
+
+def test_multistep_consistency_of_the_exact_segment_map():
+  """MLCM with S = 4 segments: the exact segment map has a loss set by one teacher DDIM step's
+  discretisation, far below the posterior mean's, and trailing DDIM with 4 steps samples it
+  exactly: N(MU, COV)."""
+  from jaxinf.diffusion.solvers import DDIM
+  cfg = cd.LCMConfig(guidance_scale=1.0)
+  teacher = gaussian_denoiser(MU, COV, VP, "sample")
+  exact = exact_segment_x0_apply(4)
+  x0 = jnp.asarray(np.random.default_rng(0).multivariate_normal(MU, COV, 20_000), jnp.float32)
+  losses = {}
+  for name, apply, params in (("exact", exact, None),
+                              ("posterior_mean", teacher.spec.apply, teacher.params)):
+    loss_fn = cd.multistep_consistency_loss(apply, teacher.spec.apply, schedule=VP, cfg=cfg,
+                                            segments=4, null_cond=None)
+    losses[name] = float(loss_fn(params, (x0, None), jax.random.key(1),
+                                 StepContext(teacher.params, params, jnp.int32(0))))
+  assert losses["exact"] < 0.1 * losses["posterior_mean"], losses
+  den = Denoiser(None, DenoiserSpec(apply=exact, prediction_type="sample"))
+  x = np.asarray(sample(jax.random.key(0), den, VP, DDIM(spacing="trailing"), (40_000, 2),
+                        steps=4), np.float64)
+  # standard errors as in the LCM test above (~0.005); abar_999 ~ 4e-5 adds ~0.006 to the mean
+  np.testing.assert_allclose(x.mean(0), MU, atol=0.03)
+  np.testing.assert_allclose(np.cov(x.T), COV, atol=0.03)
+  with pytest.raises(ValueError, match="segments"):
+    cd.multistep_consistency_loss(None, None, schedule=VP, cfg=cfg, segments=3, null_cond=None)
