@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from pallas_kernels import dispatch
 
 
 def to_functional(module: nnx.Module, method: str = "__call__") -> tuple[Callable[..., Any], dict]:
@@ -63,3 +67,58 @@ class SequenceModel:
 
   def rollback(self, cache, keep):  # pragma: no cover - interface
     raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by the SequenceModel implementations: all run before tracing, on concrete
+# values only (inside jit, e.g. in `generate`, the caller has checked already).
+
+
+def check_token_ids(name: str, tokens, vocab_size: int, lengths=None) -> None:
+  """`tokens` `[B, T]` integer ids in [0, vocab_size) (only positions < lengths[b] if given)."""
+  if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+    raise TypeError(f"{name}: expected an integer array [B, T], got {type(tokens).__name__}")
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"{name}: expected shape [B, T] with T >= 1, got {tuple(tokens.shape)}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+  value = dispatch.concrete_value(tokens)
+  if value is None:
+    return
+  if lengths is not None:
+    n = dispatch.concrete_value(lengths)
+    if n is None:
+      return
+    value = value[np.arange(value.shape[1])[None] < n[:, None]]
+  bad = value[(value < 0) | (value >= vocab_size)]
+  if bad.size:
+    raise ValueError(f"{name}: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
+                     f"[0, {vocab_size})")
+
+
+def check_prefill_lengths(lengths, batch: int, t: int) -> None:
+  dispatch.check_lengths("lengths", lengths, batch)
+  value = dispatch.concrete_value(lengths)
+  if value is not None and ((value < 0) | (value > t)).any():
+    raise ValueError(f"lengths: expected values in [0, T={t}], got {value.tolist()}")
+
+
+def check_cache_batch(cache, batch: int) -> None:
+  if not isinstance(cache, dict) or "length" not in cache:
+    raise TypeError(f"cache: expected the dict from init_cache, got {type(cache).__name__}")
+  if cache["length"].shape != (batch,):
+    raise ValueError(f"cache: holds {cache['length'].shape[0]} rows, tokens have {batch}")
+
+
+def check_keep(keep, cache) -> None:
+  """0 <= keep[b] <= the number of tokens the last step appended to row b."""
+  dispatch.check_lengths("keep", keep, cache["length"].shape[0])
+  value, last = dispatch.concrete_value(keep), dispatch.concrete_value(cache["last_k"])
+  if value is not None and last is not None and ((value < 0) | (value > last)).any():
+    raise ValueError(f"keep: expected 0 <= keep <= the last step's {last.tolist()} tokens, got "
+                     f"{value.tolist()}")
+
+
+def check_int(name: str, value, low: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")

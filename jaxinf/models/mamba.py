@@ -37,8 +37,8 @@ from flax import nnx
 import pallas_kernels
 from jaxinf.models import layers
 from jaxinf.models.functional import SequenceModel, to_functional
-from jaxinf.models.transformer import (check_cache_batch, check_int, check_keep,
-                                       check_prefill_lengths, check_token_ids)
+from jaxinf.models.functional import (check_cache_batch, check_int, check_keep,
+                                      check_prefill_lengths, check_token_ids)
 from pallas_kernels import dispatch
 
 _DTYPES = ("float32", "bfloat16", "float16")

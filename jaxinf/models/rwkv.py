@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import SequenceModel
+from jaxinf.models.functional import (SequenceModel, check_keep, check_prefill_lengths,
+                                      check_token_ids)
 from pallas_kernels import wkv7, wkv7_step
 
 _DECAY_SCALE = math.exp(-0.5)  # RWKV-LM: w = exp(-softplus(-z) - 0.5), i.e. e^{-0.5} sigmoid(z)
@@ -303,38 +304,6 @@ def _wkv_token_by_token(r, w, k, v, a, b, state):
 # The SequenceModel.
 
 
-def concrete_or_none(x) -> np.ndarray | None:
-  """x as a numpy array, or None while it is being traced (value checks then run in the caller's
-  own pre-trace validation, e.g. `generate`'s)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
-def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
-  """Shape and dtype always; ids in [0, vocab_size) where the values are known (not traced)."""
-  if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"{name}: expected integer ids of shape [B, T], got "
-                     f"{getattr(tokens, 'dtype', type(tokens).__name__)} "
-                     f"{getattr(tokens, 'shape', '')}")
-  ids = concrete_or_none(tokens)
-  if ids is None:
-    return
-  bad = ids[(ids < 0) | (ids >= vocab_size)]
-  if bad.size:
-    raise ValueError(f"{name}: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                     f"[0, {vocab_size})")
-
-
-def check_lengths(lengths, batch: int, t: int) -> None:
-  if getattr(lengths, "shape", None) != (batch,):
-    raise ValueError(f"lengths: expected shape [{batch}], got {getattr(lengths, 'shape', lengths)}")
-  vals = concrete_or_none(lengths)
-  if vals is not None and (vals.min() < 0 or vals.max() > t):
-    raise ValueError(f"lengths: expected values in [0, {t}], got {vals.tolist()}")
-
-
 def gather_rows(hist: jax.Array, index: jax.Array) -> jax.Array:
   """hist [L, S, B, ...] -> [L, B, ...] taking position index[b] for row b."""
   return hist[:, index, jnp.arange(hist.shape[2])]
@@ -379,7 +348,7 @@ class RWKV7LM(SequenceModel):
 
   def _check(self, tokens, cache):
     # every position is checked, padding too: an id outside the table would be clamped silently
-    check_tokens(tokens, self.vocab_size)
+    check_token_ids("tokens", tokens, self.vocab_size)
     b = cache["length"].shape[0]
     if tokens.shape[0] != b:
       raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's {b}")
@@ -391,7 +360,7 @@ class RWKV7LM(SequenceModel):
     """Parallel form over right-padded tokens [B, T]; positions >= lengths[b] leave row b's state
     untouched (w = 1, k = 0, b = 0 in the WKV; the shift states are read at lengths[b] - 1)."""
     self._check(tokens, cache)
-    check_lengths(lengths, *tokens.shape)
+    check_prefill_lengths(lengths, *tokens.shape)
     lengths = jnp.asarray(lengths, jnp.int32)
     t = tokens.shape[1]
     valid = jnp.arange(t)[None] < lengths[:, None]
@@ -425,13 +394,7 @@ class RWKV7LM(SequenceModel):
   def rollback(self, cache, keep):
     """Undoes the last step but its first keep[b] tokens: the state after them, exactly. last_k
     becomes keep, so a later rollback may undo further, back to the state before the step."""
-    b = cache["length"].shape[0]
-    if getattr(keep, "shape", None) != (b,):
-      raise ValueError(f"keep: expected shape [{b}], got {getattr(keep, 'shape', keep)}")
-    vals, last_k = concrete_or_none(keep), concrete_or_none(cache["last_k"])
-    if vals is not None and last_k is not None and ((vals < 0) | (vals > last_k)).any():
-      raise ValueError(f"keep: expected values in [0, last_k] per row, last_k = {last_k.tolist()} "
-                       f"(the last step's tokens), got {vals.tolist()}")
+    check_keep(keep, cache)
     keep = jnp.asarray(keep, jnp.int32)
     state = {name: gather_rows(hist, keep) for name, hist in cache["history"].items()}
     return dict(cache, state=state, length=cache["length"] - cache["last_k"] + keep,

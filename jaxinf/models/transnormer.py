@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import SequenceModel
+from jaxinf.models.functional import (SequenceModel, check_keep, check_prefill_lengths,
+                                      check_token_ids)
 # The contract's argument checks and row gather are shared with the other recurrent family.
-from jaxinf.models.rwkv import check_lengths, check_tokens, concrete_or_none
 from pallas_kernels import lightning_attention, lightning_attention_step
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -306,7 +306,7 @@ class TransNormerLM(SequenceModel):
             "last_k": jnp.zeros((batch,), jnp.int32)}
 
   def _check(self, tokens, cache):
-    check_tokens(tokens, self.vocab_size)
+    check_token_ids("tokens", tokens, self.vocab_size)
     b = cache["length"].shape[0]
     if tokens.shape[0] != b:
       raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's {b}")
@@ -320,7 +320,7 @@ class TransNormerLM(SequenceModel):
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; row b's state is taken at lengths[b]."""
     self._check(tokens, cache)
-    check_lengths(lengths, *tokens.shape)
+    check_prefill_lengths(lengths, *tokens.shape)
     lengths = jnp.asarray(lengths, jnp.int32)
     logits, kv = self.module(params)(tokens, self._positions(cache, tokens.shape[1]),
                                      cache["state"]["kv"], lengths)
@@ -344,13 +344,8 @@ class TransNormerLM(SequenceModel):
   def rollback(self, cache, keep):
     """Undoes the last step but its first keep[b] tokens: the state after them, exactly. last_k
     becomes keep, so a later rollback may undo further, back to the state before the step."""
+    check_keep(keep, cache)
     b = cache["length"].shape[0]
-    if getattr(keep, "shape", None) != (b,):
-      raise ValueError(f"keep: expected shape [{b}], got {getattr(keep, 'shape', keep)}")
-    vals, last_k = concrete_or_none(keep), concrete_or_none(cache["last_k"])
-    if vals is not None and last_k is not None and ((vals < 0) | (vals > last_k)).any():
-      raise ValueError(f"keep: expected values in [0, last_k] per row, last_k = {last_k.tolist()} "
-                       f"(the last step's tokens), got {vals.tolist()}")
     keep = jnp.asarray(keep, jnp.int32)
     rows = jnp.arange(b)
     return dict(cache, state={"kv": [h[keep, rows] for h in cache["history"]["kv"]]},
