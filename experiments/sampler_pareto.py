@@ -65,6 +65,8 @@ class Config:
   cache_steps: int = 50
   cache_intervals: tuple[int, ...] = (2, 3)
   calibration_batch: int = 10
+  # learned schedules: greedy elimination in this many rounds (None: one row per round, exact)
+  learn_rounds: int | None = 6
   peer_batch: int = 4
   peer_steps: int = 50
   peer_guidance: float = 4.0
@@ -156,7 +158,8 @@ def run(cfg: Config) -> list[dict]:
                              fc.step_rehash(changes, fixed.num_refresh)))
     t_learn = time.perf_counter()
     learned, _ = fc.learn_schedule(cal_key, denoiser, schedule, solver, cal_shape, steps=s,
-                                   num_refresh=fixed.num_refresh, cond=cal_labels)
+                                   num_refresh=fixed.num_refresh, cond=cal_labels,
+                                   rounds=cfg.learn_rounds)
     print(f"learned a {fixed.num_refresh}-refresh schedule in {time.perf_counter() - t_learn:.1f} s")
     schedules_to_run.append((f"learned ({fixed.num_refresh} refreshes)", learned))
   for label, cache in schedules_to_run:

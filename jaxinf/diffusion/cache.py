@@ -272,26 +272,41 @@ def feature_changes(key, denoiser: Denoiser, schedule, solver, shape, *, steps: 
 
 
 def learn_schedule(key, denoiser: Denoiser, schedule, solver, shape, *, steps: int,
-                   num_refresh: int, cond: Any = None, guidance=None) -> tuple[FeatureCache, list]:
+                   num_refresh: int, cond: Any = None, guidance=None,
+                   rounds: int | None = None) -> tuple[FeatureCache, list]:
   """Greedy backward elimination of refresh rows, minimising the mean squared error of the final
   samples against the uncached sampler on the calibration batch `shape` (same key, same noise).
-  Returns (schedule, [(num_refresh, error)] along the path)."""
+
+  Each round evaluates dropping each remaining refresh row (all candidates in one vmapped call)
+  and drops the least harmful ones: one per round when `rounds` is None (exact greedy, one round
+  per row removed), else about `(refreshes - num_refresh) / rounds` per round, to bound the cost.
+  Returns (schedule, [(refreshes, error)] along the path)."""
   rows = _rows(solver, schedule, steps)
   _check_budget(num_refresh, rows)
+  if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
+    raise ValueError(f"rounds: expected None or an int >= 1, got {rounds!r}")
   ref = sample_masked(key, denoiser, schedule, solver, shape, steps=steps,
                       flags=np.ones(rows, bool), cond=cond, guidance=guidance)
   current = np.ones(rows, bool)
   path = [(rows, 0.0)]
+  per_round = 1 if rounds is None else max(1, -(-(rows - num_refresh) // rounds))
   while current.sum() > num_refresh:
-    candidates = [i for i in np.flatnonzero(current) if i > 0]
+    candidates = np.array([i for i in np.flatnonzero(current) if i > 0])
     flags = np.repeat(current[None], len(candidates), axis=0)
     flags[np.arange(len(candidates)), candidates] = False
     outs = sample_masked(key, denoiser, schedule, solver, shape, steps=steps, flags=flags,
                          cond=cond, guidance=guidance)
     errors = np.asarray(jnp.mean(jnp.square(outs - ref[None]), axis=tuple(range(1, outs.ndim))))
-    best = int(np.argmin(errors))
-    current = flags[best]
-    path.append((int(current.sum()), float(errors[best])))
+    drop = candidates[np.argsort(errors)[: min(per_round, int(current.sum()) - num_refresh)]]
+    current = current.copy()
+    current[drop] = False
+    if len(drop) == 1:
+      err = float(errors[np.argsort(errors)[0]])
+    else:  # the joint effect of several removals is not the sum: measure it
+      err = float(jnp.mean(jnp.square(sample_masked(
+          key, denoiser, schedule, solver, shape, steps=steps, flags=current, cond=cond,
+          guidance=guidance) - ref)))
+    path.append((int(current.sum()), err))
   return FeatureCache(tuple(bool(f) for f in current)), path
 
 

@@ -116,3 +116,12 @@ class TestBadInput:
   def test_options(self, make, match):
     with pytest.raises(ValueError, match=match):
       make()
+
+
+def test_learning_in_few_rounds_reaches_the_budget(den):
+  kw = dict(steps=STEPS, cond=COND, guidance=CFG(2.0))
+  learned, path = fc.learn_schedule(jax.random.key(0), den, SCHED, SOLVER, SHAPE, num_refresh=4,
+                                    rounds=2, **kw)
+  assert learned.num_refresh == 4 and [n for n, _ in path] == [10, 7, 4]
+  with pytest.raises(ValueError, match="rounds"):
+    fc.learn_schedule(jax.random.key(0), den, SCHED, SOLVER, SHAPE, num_refresh=4, rounds=0, **kw)
