@@ -18,8 +18,13 @@ weights) in diffusers' `DiTPipeline` (DDIM-50, CFG 4) against jaxinf's `sample` 
 same converted weights and initial latents: the images must agree to 1e-4, and the report gives
 the wall-time ratio (median of repeated runs, each side warmed up first).
 
+Few-step models (`jaxinf.train.few_step_digits`): a flow-matching DiT teacher, 2-rectified flow,
+InstaFlow and SlimFlow one-step students, LCM and MLCM consistency models — trained (or reused from
+`results/sampler_pareto/few_step/`) and sampled with their recommended solvers.
+
 The seed claims checked in `report.md`: DPM-Solver++ at 15-20 steps matches DDIM at 100+ steps;
-caching gives 1.5-1.8x with a small FD change.
+caching gives 1.5-1.8x with a small FD change; a one-step reflow+distilled model stays within 2x of
+the 50-step FD.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from jaxinf.diffusion.denoiser import dit_denoiser, dit_feature_apply
 from jaxinf.diffusion.sample import compile_sample
 from jaxinf.metrics.digits_classifier import DigitsEvaluator
 from jaxinf.models.dit import DiT, dit_config
+from jaxinf.train.distill import CouplingConfig
 from jaxinf.train.dit_digits import train_dit_on_digits
+from jaxinf.train.few_step_digits import FewStepBudget, few_step_models_on_digits
 from flax import nnx
 
 # (label, solver name, options, step counts)
@@ -71,6 +78,8 @@ class Config:
   peer_steps: int = 50
   peer_guidance: float = 4.0
   peer_repeats: int = 3
+  few_step: FewStepBudget = FewStepBudget()
+  include_few_step: bool = True
   seed: int = 0
   out_dir: str = "results/sampler_pareto"
   smoke: bool = False
@@ -81,6 +90,9 @@ def smoke_config(cfg: Config) -> Config:
   return dataclasses.replace(
       cfg, quickstart=quickstart.smoke_config(cfg.quickstart), samples_per_class=2, cache_steps=6,
       cache_intervals=(2,), calibration_batch=2, peer_steps=3, peer_repeats=1, peer_batch=2,
+      few_step=FewStepBudget(teacher_steps=2, reflow_steps=2, instaflow_steps=2,
+                             slimflow_reflow_steps=2, slimflow_distill_steps=2, lcm_steps=2,
+                             mlcm_steps=2, coupling=CouplingConfig(pairs=20, solver_steps=2)),
       out_dir=str(Path(cfg.out_dir).parent / "sampler_pareto_smoke"))
 
 
@@ -179,6 +191,20 @@ def run(cfg: Config) -> list[dict]:
            fd_change=evaluator.fd(x) - full_row["fd"],
            refresh_rows="".join("R" if r else "." for r in cache.refresh))
 
+  # --- few-step models ---------------------------------------------------------------------
+  if cfg.include_few_step:
+    models = few_step_models_on_digits(out / "few_step", cfg.few_step, progress=cfg.progress)
+    for name, m in models.items():
+      t0 = time.perf_counter()
+      run_fn = compile_sample(m.denoiser, m.schedule, m.solver, shape, steps=m.steps, cond=labels,
+                              guidance=m.guidance)
+      t1 = time.perf_counter()
+      x, sec = timed(run_fn, key)
+      nfe = len(m.solver.table(m.schedule, m.steps)["t"]) * (1 if m.guidance is None else 2)
+      record("few-step", name, type(m.solver).__name__, m.steps, nfe, x, sec, t1 - t0,
+             guidance=0.0 if m.guidance is None else float(m.guidance.scale),
+             params=m.params, train_steps=m.train_steps)
+
   # --- peer comparison with diffusers' DiTPipeline ----------------------------------------
   rows.extend(peer_comparison(cfg))
 
@@ -216,6 +242,16 @@ def claims(rows) -> str:
       lines.append(f"- caching, {r['sampler']}: {r['speedup']:.2f}x faster, FD change "
                    f"{r['fd_change']:+.3f} (uncached FD "
                    f"{r['fd'] - r['fd_change']:.3f}).")
+  few = {r["sampler"]: r for r in rows if r["study"] == "few-step"}
+  if "flow_teacher" in few:
+    ref = few["flow_teacher"]
+    for name in ("instaflow", "slimflow"):
+      if name in few:
+        r = few[name]
+        lines.append(f"- one-step {name}: FD {r['fd']:.3f} vs the {ref['steps']}-step flow teacher's "
+                     f"{ref['fd']:.3f} (both CFG {r['guidance']:g} / {ref['guidance']:g}): "
+                     f"{r['fd'] / ref['fd']:.2f}x -> "
+                     f"{'within' if r['fd'] <= 2 * ref['fd'] else 'not within'} 2x.")
   peer = [r for r in rows if r["study"] == "peer"]
   if len(peer) == 2:
     ratio = peer[0]["seconds"] / peer[1]["seconds"]  # diffusers' seconds over jaxinf's
@@ -309,7 +345,7 @@ def plot(path: Path, rows: list[dict]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  solver_rows = [r for r in rows if r["study"] == "solver"]
+  solver_rows = [r for r in rows if r["study"] in ("solver", "few-step")]
   for label in dict.fromkeys(r["sampler"] for r in solver_rows):
     pts = sorted((r for r in solver_rows if r["sampler"] == label), key=lambda r: r["nfe"])
     for ax, key in zip(axes, ("nfe", "seconds")):

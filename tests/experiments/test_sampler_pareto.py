@@ -18,7 +18,9 @@ def test_smoke_run(tmp_path):
   out = tmp_path / "sampler_pareto_smoke"
   assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rows))
   studies = {r["study"] for r in rows}
-  assert studies == {"solver", "cache", "peer"}
+  assert studies == {"solver", "cache", "few-step", "peer"}
+  few = {r["sampler"] for r in rows if r["study"] == "few-step"}
+  assert few == {"flow_teacher", "reflow", "instaflow", "slimflow", "lcm", "mlcm"}
   cache = [r for r in rows if r["study"] == "cache"]
   assert [r["nfe"] for r in cache] == [6, 3, 3, 3]  # uncached, then 3 refreshes each
   peer = [r for r in rows if r["study"] == "peer"]
