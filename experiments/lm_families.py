@@ -75,7 +75,7 @@ class Config:
   decode_tokens: int = 256
   decode_batches: tuple[int, ...] = (1, 8)
   memory_contexts: tuple[int, ...] = (256, 1024, 4096, 16384, 65536)
-  repeats: int = 5                 # timed repeats after a warm-up; medians are reported
+  repeats: int = 3                 # timed repeats after a warm-up; medians are reported
   peers: tuple[str, ...] = PEERS
   peer_prompt: int = 32
   peer_tokens: int = 128
@@ -611,6 +611,15 @@ def plot_all(out: Path, cfg: Config, rows: list[dict], losses: dict, curves: dic
   fig.savefig(out / "decode.png", dpi=120)
   plt.close(fig)
 
+  plot_mirostat(out / "mirostat.png", cfg, curves)
+
+
+def plot_mirostat(path: Path, cfg: Config, curves: dict) -> None:
+  """Moving average of the observed surprise per sampler, tau dotted in the same colour."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(8, 4.5))
   for (label, (tau, curve)), color in zip(curves.items(), plt.cm.tab10.colors):
     w = min(cfg.window, len(curve))
@@ -622,7 +631,7 @@ def plot_all(out: Path, cfg: Config, rows: list[dict], losses: dict, curves: dic
          title=f"Mirostat vs top-k/top-p ({cfg.mirostat_family}, dotted: tau)")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out / "mirostat.png", dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
