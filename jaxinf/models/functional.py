@@ -69,6 +69,44 @@ class SequenceModel:
     raise NotImplementedError
 
 
+class ConfiguredLM(SequenceModel):
+  """Shared scaffolding of the recurrent families (RWKV-7, TransNormerLLM): a SequenceModel made of
+  a frozen config `cfg` (with `vocab_size`, `max_len`, `max_step`) and an NNX graph `graphdef`.
+  Subclasses are frozen dataclasses with those two fields."""
+
+  @property
+  def vocab_size(self) -> int:
+    return self.cfg.vocab_size
+
+  @property
+  def max_len(self) -> int | None:
+    return self.cfg.max_len
+
+  def module(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  def _check_cache_request(self, batch, max_len) -> None:
+    if not isinstance(batch, int) or batch < 1:
+      raise ValueError(f"batch: expected a positive int, got {batch!r}")
+    if max_len is not None and self.cfg.max_len is not None and max_len > self.cfg.max_len:
+      raise ValueError(f"max_len: {max_len} exceeds the model's context of {self.cfg.max_len}")
+
+  def _check(self, tokens, cache, *, step: bool = False) -> None:
+    """Token ids (every position, padding too: an id outside the table would be clamped
+    silently), the batch against the cache, the context, and for `step` the history size."""
+    check_token_ids("tokens", tokens, self.vocab_size)
+    b = cache["length"].shape[0]
+    if tokens.shape[0] != b:
+      raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's {b}")
+    if self.max_len is not None and tokens.shape[1] > self.max_len:
+      raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
+                       f"{self.max_len}")
+    if step and tokens.shape[1] > self.cfg.max_step:
+      raise ValueError(f"tokens: {tokens.shape[1]} tokens in one step exceed "
+                       f"max_step={self.cfg.max_step} (the per-position state history kept for "
+                       "rollback)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks shared by the SequenceModel implementations: all run before tracing, on concrete
 # values only (inside jit, e.g. in `generate`, the caller has checked already).

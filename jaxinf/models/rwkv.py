@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import (SequenceModel, check_keep, check_prefill_lengths,
+from jaxinf.models.functional import (ConfiguredLM, check_keep, check_prefill_lengths,
                                       check_token_ids)
 from pallas_kernels import wkv7, wkv7_step
 
@@ -310,7 +310,7 @@ def gather_rows(hist: jax.Array, index: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class RWKV7LM(SequenceModel):
+class RWKV7LM(ConfiguredLM):
   """RWKV-7 behind the SequenceModel contract (`jaxinf.models.functional`).
 
   Cache: {"length" [B], "state": {"att_shift", "ffn_shift" [L, B, C], "wkv" [L, B, H, N, N]},
@@ -320,23 +320,9 @@ class RWKV7LM(SequenceModel):
   cfg: RWKV7Config
   graphdef: Any
 
-  @property
-  def vocab_size(self) -> int:
-    return self.cfg.vocab_size
-
-  @property
-  def max_len(self) -> int | None:
-    return self.cfg.max_len
-
-  def module(self, params) -> RWKV7:
-    return nnx.merge(self.graphdef, params)
-
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
     cfg = self.cfg
-    if not isinstance(batch, int) or batch < 1:
-      raise ValueError(f"batch: expected a positive int, got {batch!r}")
-    if max_len is not None and cfg.max_len is not None and max_len > cfg.max_len:
-      raise ValueError(f"max_len: {max_len} exceeds the model's context of {cfg.max_len}")
+    self._check_cache_request(batch, max_len)
     l, c, h, n = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_size
     state = {"att_shift": jnp.zeros((l, batch, c), jnp.float32),
              "ffn_shift": jnp.zeros((l, batch, c), jnp.float32),
@@ -345,16 +331,6 @@ class RWKV7LM(SequenceModel):
                for k, v in state.items()}
     return {"length": jnp.zeros((batch,), jnp.int32), "state": state, "history": history,
             "last_k": jnp.zeros((batch,), jnp.int32)}
-
-  def _check(self, tokens, cache):
-    # every position is checked, padding too: an id outside the table would be clamped silently
-    check_token_ids("tokens", tokens, self.vocab_size)
-    b = cache["length"].shape[0]
-    if tokens.shape[0] != b:
-      raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's {b}")
-    if self.max_len is not None and tokens.shape[1] > self.max_len:
-      raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
-                       f"{self.max_len}")
 
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; positions >= lengths[b] leave row b's state
@@ -375,11 +351,8 @@ class RWKV7LM(SequenceModel):
 
   def step(self, params, tokens, cache):
     """Recurrent form over k tokens [B, k] (k <= cfg.max_step); keeps the per-token states."""
-    self._check(tokens, cache)
+    self._check(tokens, cache, step=True)
     k = tokens.shape[1]
-    if k > self.cfg.max_step:
-      raise ValueError(f"tokens: {k} tokens in one step exceed max_step={self.cfg.max_step} "
-                       "(the per-position state history kept for rollback)")
     state = cache["state"]
     logits, new = self.module(params)(tokens, state, keep_history=True)
     seq = {"att_shift": jnp.swapaxes(new["att_shift"], 1, 2).astype(jnp.float32),  # [L, k, B, C]

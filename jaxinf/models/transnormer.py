@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import (SequenceModel, check_keep, check_prefill_lengths,
+from jaxinf.models.functional import (ConfiguredLM, check_keep, check_prefill_lengths,
                                       check_token_ids)
 # The contract's argument checks and row gather are shared with the other recurrent family.
 from pallas_kernels import lightning_attention, lightning_attention_step
@@ -270,7 +270,7 @@ class TransNormerLLM(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TransNormerLM(SequenceModel):
+class TransNormerLM(ConfiguredLM):
   """TransNormerLLM behind the SequenceModel contract (`jaxinf.models.functional`).
 
   Cache: {"length" [B], "state": {"kv": per layer [B, H, Dk, Dv]}, "history": {"kv": per layer
@@ -281,38 +281,15 @@ class TransNormerLM(SequenceModel):
   cfg: TransNormerConfig
   graphdef: Any
 
-  @property
-  def vocab_size(self) -> int:
-    return self.cfg.vocab_size
-
-  @property
-  def max_len(self) -> int | None:
-    return self.cfg.max_len
-
-  def module(self, params) -> TransNormerLLM:
-    return nnx.merge(self.graphdef, params)
-
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
     cfg = self.cfg
-    if not isinstance(batch, int) or batch < 1:
-      raise ValueError(f"batch: expected a positive int, got {batch!r}")
-    if max_len is not None and cfg.max_len is not None and max_len > cfg.max_len:
-      raise ValueError(f"max_len: {max_len} exceeds the model's context of {cfg.max_len}")
+    self._check_cache_request(batch, max_len)
     d = cfg.head_dim
     kv = [jnp.zeros((batch, cfg.n_heads, 2 * d if cfg.use_lrpe(i) else d, d), jnp.float32)
           for i in range(cfg.n_layers)]
     return {"length": jnp.zeros((batch,), jnp.int32), "state": {"kv": kv},
             "history": {"kv": [jnp.zeros((cfg.max_step + 1,) + s.shape, jnp.float32) for s in kv]},
             "last_k": jnp.zeros((batch,), jnp.int32)}
-
-  def _check(self, tokens, cache):
-    check_token_ids("tokens", tokens, self.vocab_size)
-    b = cache["length"].shape[0]
-    if tokens.shape[0] != b:
-      raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's {b}")
-    if self.max_len is not None and tokens.shape[1] > self.max_len:
-      raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
-                       f"{self.max_len}")
 
   def _positions(self, cache, t):
     return cache["length"][:, None] + jnp.arange(t)[None]
@@ -328,11 +305,8 @@ class TransNormerLM(SequenceModel):
 
   def step(self, params, tokens, cache):
     """Recurrent form over k tokens [B, k] (k <= cfg.max_step); keeps the per-token states."""
-    self._check(tokens, cache)
+    self._check(tokens, cache, step=True)
     k = tokens.shape[1]
-    if k > self.cfg.max_step:
-      raise ValueError(f"tokens: {k} tokens in one step exceed max_step={self.cfg.max_step} "
-                       "(the per-position state history kept for rollback)")
     prev = cache["state"]["kv"]
     logits, hist = self.module(params)(tokens, self._positions(cache, k), prev,
                                        keep_history=True)
