@@ -34,11 +34,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import (ConfiguredLM, check_keep, check_prefill_lengths,
-                                      check_token_ids)
+from jaxinf.models.functional import ConfiguredLM, check_keep, check_prefill_lengths
 from pallas_kernels import wkv7, wkv7_step
 
 _DECAY_SCALE = math.exp(-0.5)  # RWKV-LM: w = exp(-softplus(-z) - 0.5), i.e. e^{-0.5} sigmoid(z)

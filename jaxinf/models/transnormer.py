@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import (ConfiguredLM, check_keep, check_prefill_lengths,
-                                      check_token_ids)
+from jaxinf.models.functional import ConfiguredLM, check_keep, check_prefill_lengths
 # The contract's argument checks and row gather are shared with the other recurrent family.
 from pallas_kernels import lightning_attention, lightning_attention_step
 
