@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -51,10 +52,17 @@ class SequenceModel:
   - `rollback(cache, keep [B]) -> cache`: undoes the last `step` but for its first keep[b] tokens
     (0 <= keep <= k), exactly — a length pointer for a KV cache, a kept state history for
     recurrent models. This is what speculative verification uses.
+  - `select(cache, rows [B']) -> cache`: the cache of rows `rows` (any int32 indices into the
+    batch, repeats allowed, so B' may differ from B): what branch expansion, beam-like search and
+    particle resampling use. Provided here from `cache_batch_axes(cache)`, the batch axis of every
+    leaf, which each family declares; history kept for `rollback` travels with its row.
+  - `max_step: int | None`: the most tokens one `step` may take (None: no limit; recurrent
+    families bound it by the state history they keep).
   """
 
   vocab_size: int
   max_len: int | None = None
+  max_step: int | None = None
 
   def init_cache(self, batch: int, max_len: int):  # pragma: no cover - interface
     raise NotImplementedError
@@ -67,6 +75,17 @@ class SequenceModel:
 
   def rollback(self, cache, keep):  # pragma: no cover - interface
     raise NotImplementedError
+
+  def cache_batch_axes(self, cache):  # pragma: no cover - interface
+    """A pytree like `cache` whose leaves are the batch axis of each cache leaf."""
+    raise NotImplementedError
+
+  def select(self, cache, rows):
+    """The cache of rows `rows` [B'] (gather on every leaf's batch axis; repeats allowed)."""
+    check_rows(rows, cache)
+    rows = jnp.asarray(rows, jnp.int32)
+    return jax.tree.map(lambda x, axis: jnp.take(x, rows, axis=axis), cache,
+                        self.cache_batch_axes(cache))
 
 
 class ConfiguredLM(SequenceModel):
@@ -81,6 +100,10 @@ class ConfiguredLM(SequenceModel):
   @property
   def max_len(self) -> int | None:
     return self.cfg.max_len
+
+  @property
+  def max_step(self) -> int:
+    return self.cfg.max_step
 
   def module(self, params):
     return nnx.merge(self.graphdef, params)
@@ -155,6 +178,22 @@ def check_keep(keep, cache) -> None:
   if value is not None and last is not None and ((value < 0) | (value > last)).any():
     raise ValueError(f"keep: expected 0 <= keep <= the last step's {last.tolist()} tokens, got "
                      f"{value.tolist()}")
+
+
+def check_rows(rows, cache) -> None:
+  """`rows` a 1-D integer array of indices into the cache's batch."""
+  if not isinstance(cache, dict) or "length" not in cache:
+    raise TypeError(f"cache: expected the dict from init_cache, got {type(cache).__name__}")
+  if not hasattr(rows, "shape") or not hasattr(rows, "dtype"):
+    raise TypeError(f"rows: expected a 1-D integer array, got {type(rows).__name__}")
+  if rows.ndim != 1 or rows.shape[0] < 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
+    raise ValueError(f"rows: expected a non-empty 1-D integer array, got {rows.dtype} "
+                     f"{tuple(rows.shape)}")
+  b = cache["length"].shape[0]
+  value = dispatch.concrete_value(rows)
+  if value is not None and ((value < 0) | (value >= b)).any():
+    raise ValueError(f"rows: indices {sorted(set(value[(value < 0) | (value >= b)].tolist()))[:5]}"
+                     f" outside the cache's {b} rows")
 
 
 def check_int(name: str, value, low: int = 1) -> None:

@@ -371,6 +371,9 @@ class MambaLM(SequenceModel):
                        "states kept for rollback); build MambaLM with a larger max_step")
     return _step_jit(self, params, tokens, cache)
 
+  def cache_batch_axes(self, cache: dict) -> dict:
+    return {name: 0 if name in ("length", "last_k") else 1 for name in cache}
+
   def rollback(self, cache: dict, keep) -> dict:
     check_keep(keep, cache)
     return _rollback_jit(cache, jnp.asarray(keep), self.config.conv_kernel)

@@ -362,6 +362,11 @@ class RWKV7LM(ConfiguredLM):
     return logits, dict(cache, state=out, history=history, length=cache["length"] + k,
                         last_k=jnp.full_like(cache["last_k"], k))
 
+  def cache_batch_axes(self, cache):
+    """States are [L, B, ...]; their per-position history [L, max_step + 1, B, ...]."""
+    return {"length": 0, "last_k": 0, "state": {k: 1 for k in cache["state"]},
+            "history": {k: 2 for k in cache["history"]}}
+
   def rollback(self, cache, keep):
     """Undoes the last step but its first keep[b] tokens: the state after them, exactly. last_k
     becomes keep, so a later rollback may undo further, back to the state before the step."""

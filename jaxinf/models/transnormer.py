@@ -314,6 +314,11 @@ class TransNormerLM(ConfiguredLM):
     return logits, dict(cache, state={"kv": [h[-1] for h in hist]}, history={"kv": history},
                         length=cache["length"] + k, last_k=jnp.full_like(cache["last_k"], k))
 
+  def cache_batch_axes(self, cache):
+    """Per-layer states are [B, H, Dk, Dv]; their history [max_step + 1, B, H, Dk, Dv]."""
+    return {"length": 0, "last_k": 0, "state": {"kv": [0] * len(cache["state"]["kv"])},
+            "history": {"kv": [1] * len(cache["history"]["kv"])}}
+
   def rollback(self, cache, keep):
     """Undoes the last step but its first keep[b] tokens: the state after them, exactly. last_k
     becomes keep, so a later rollback may undo further, back to the state before the step."""

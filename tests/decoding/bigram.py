@@ -22,7 +22,7 @@ class BigramModel(SequenceModel):
   def init_cache(self, batch, max_len):
     # the token history is kept so that rollback is exact and tests can inspect it
     return {"tokens": jnp.zeros((batch, max_len), jnp.int32),
-            "length": jnp.zeros((batch,), jnp.int32), "last_k": jnp.zeros((), jnp.int32)}
+            "length": jnp.zeros((batch,), jnp.int32), "last_k": jnp.zeros((batch,), jnp.int32)}
 
   def prefill(self, params, tokens, cache, lengths):
     t = tokens.shape[1]
@@ -35,7 +35,10 @@ class BigramModel(SequenceModel):
     pos = cache["length"][:, None] + jnp.arange(k)[None]
     hist = cache["tokens"].at[jnp.arange(b)[:, None], pos].set(tokens)
     return params["table"][tokens], dict(cache, tokens=hist, length=cache["length"] + k,
-                                         last_k=jnp.int32(k))
+                                         last_k=jnp.full((b,), k, jnp.int32))
+
+  def cache_batch_axes(self, cache):
+    return {"tokens": 0, "length": 0, "last_k": 0}
 
   def rollback(self, cache, keep):
     return dict(cache, length=cache["length"] - cache["last_k"] + keep)

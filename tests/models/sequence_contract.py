@@ -129,3 +129,23 @@ def check_generate_greedy(model, params, prompts: list[list[int]], max_new_token
     buf[rows, lengths + j] = np.argmax(logits[rows, lengths + j - 1], axis=-1)
   expected = buf[rows[:, None], lengths[:, None] + np.arange(max_new_tokens)[None]]
   np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+
+
+def check_select(model, params, seq: np.ndarray, prompt_len: int, k: int, rows, keep):
+  """prefill + a step of k tokens, then `select(rows)` (reordered, repeated rows), `rollback(keep)`
+  and a step of each selected row's own next tokens == one prefill (parallel form) of that row."""
+  b, t = seq.shape
+  n = t - prompt_len - k
+  rows, keep = np.asarray(rows, np.int32), np.asarray(keep, np.int32)
+  cache = model.init_cache(b, t)
+  _, cache = model.prefill(params, jnp.asarray(seq[:, :prompt_len]), cache,
+                           jnp.full((b,), prompt_len, jnp.int32))
+  _, cache = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]), cache)
+  cache = model.rollback(model.select(cache, jnp.asarray(rows)), jnp.asarray(keep))
+  np.testing.assert_array_equal(np.asarray(cache["length"]), prompt_len + keep)
+  nxt = np.stack([seq[r, prompt_len + kp:prompt_len + kp + n] for r, kp in zip(rows, keep)])
+  logits, _ = model.step(params, jnp.asarray(nxt), cache)
+  full = np.asarray(model.prefill(params, jnp.asarray(seq[rows]), model.init_cache(len(rows), t),
+                                  jnp.full((len(rows),), t, jnp.int32))[0])
+  want = np.stack([full[i, prompt_len + kp:prompt_len + kp + n] for i, kp in enumerate(keep)])
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=0, atol=ATOL)

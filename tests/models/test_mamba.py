@@ -12,7 +12,8 @@ import pytest
 
 from jaxinf.models.mamba import MambaConfig, MambaLM
 from sequence_contract import (check_generate_greedy, check_prefill_then_step,
-                               check_ragged_batch, check_rollback, random_tokens)
+                               check_ragged_batch, check_rollback, check_select,
+                               random_tokens)
 
 # init_std 0.5 for the embedding: logits of order 1-10 with the tied head.
 TINY = MambaConfig(vocab_size=64, hidden_size=32, num_layers=2, state_size=8, init_std=0.5)
@@ -39,6 +40,12 @@ def test_step_rollback_is_exact(model_params):
   seq = random_tokens(model, (3, 16), seed=2)
   check_rollback(model, params, seq, prompt_len=5, k=4, keep=np.array([0, 2, 4]), n_after=3,
                  state_keys=("conv", "ssm"))
+
+
+def test_select_reorders_and_repeats_rows_exactly(model_params):
+  model, params = model_params
+  seq = random_tokens(model, (3, 11), seed=4)
+  check_select(model, params, seq, prompt_len=5, k=3, rows=[2, 0, 0, 1], keep=[0, 3, 1, 2])
 
 
 def test_ragged_batch_rows_match_running_alone(model_params):

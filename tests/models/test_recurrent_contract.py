@@ -13,6 +13,7 @@ import pytest
 from jaxinf.decoding.generate import generate
 from jaxinf.models.rwkv import rwkv7_model
 from jaxinf.models.transnormer import transnormer_model
+from sequence_contract import check_select
 from test_rwkv import CFG as RWKV_CFG
 from test_transnormer import CFG as TRANSNORMER_CFG
 
@@ -74,6 +75,12 @@ def test_rollback_then_restep_equals_one_by_one(lm):
   twice = rollback(rollback(full, jnp.array([3, 2], jnp.int32)), jnp.array([0, 0], jnp.int32))
   jax.tree.map(np.testing.assert_array_equal, twice["state"], base["state"])
   np.testing.assert_array_equal(twice["length"], base["length"])
+
+
+def test_select_reorders_and_repeats_rows_exactly(lm):
+  model, params = lm[:2]
+  seq = np.asarray(_tokens(model, 3, 11, seed=4))
+  check_select(model, params, seq, prompt_len=5, k=3, rows=[2, 0, 0, 1], keep=[0, 3, 1, 2])
 
 
 def test_ragged_batch_rows_equal_alone(lm):

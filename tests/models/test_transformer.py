@@ -13,7 +13,8 @@ import pytest
 from jaxinf.decoding.generate import generate
 from jaxinf.models.transformer import TransformerConfig, TransformerLM
 from sequence_contract import (check_generate_greedy, check_prefill_then_step,
-                               check_ragged_batch, check_rollback, random_tokens)
+                               check_ragged_batch, check_rollback, check_select,
+                               random_tokens)
 
 # init_std 0.2 rather than Llama's 0.02: logits of order 1-10, so a wrong mask or position shows.
 TINY = TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -36,6 +37,12 @@ def test_step_rollback_is_exact(model_params):
   model, params = model_params
   seq = random_tokens(model, (3, 16), seed=2)
   check_rollback(model, params, seq, prompt_len=5, k=4, keep=np.array([0, 2, 4]), n_after=3)
+
+
+def test_select_reorders_and_repeats_rows_exactly(model_params):
+  model, params = model_params
+  seq = random_tokens(model, (3, 11), seed=4)
+  check_select(model, params, seq, prompt_len=5, k=3, rows=[2, 0, 0, 1], keep=[0, 3, 1, 2])
 
 
 def test_ragged_batch_rows_match_running_alone():
