@@ -1,0 +1,128 @@
+"""Verification of drafted tokens against a target distribution: the acceptance rule every lossless
+accelerator shares (draft-model speculative sampling, prompt lookup, Jacobi / lookahead, Medusa).
+
+Speculative sampling (Leviathan et al. 2023, Algorithm 1 and Appendix A.1; Chen et al. 2023,
+Algorithm 2): drafts x_1..x_γ were drawn from q_1..q_γ; the target's distributions p_1..p_{γ+1}
+come from one `step` over the γ+1 positions. Draft i is accepted with probability
+min(1, p_i(x_i) / q_i(x_i)); at the first rejection n the next token is drawn from the residual
+norm(max(0, p_n − q_n)); if all γ are accepted a bonus token is drawn from p_{γ+1}. Every emitted
+token is then distributed exactly as p, whatever q is.
+
+Deterministic drafts (prompt lookup, Jacobi guesses, Medusa's top-k candidates) are point masses
+q = δ_x: acceptance is u < p(x) and the residual is p with x removed — the same rule, which is
+also "draw y ~ p and keep the draft while y = x". Greedy targets (temperature 0) make p one-hot
+at the argmax: a draft is accepted iff it is the argmax, and the next token is the argmax.
+
+Sampler rules apply to both sides: p = softmax(process_logits(sampler, target logits)) — the very
+distribution `generate` draws from — and q likewise with the draft's sampler. Stateful rules
+(Mirostat's feedback, the repetition penalty's growing seen-set) change p within a block of drafts
+and are refused here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxinf.decoding import sampling
+from jaxinf.decoding.sampling import SamplerConfig
+
+
+def check_sampler(sampler, name: str = "sampler") -> None:
+  """A SamplerConfig whose distribution depends on the logits alone."""
+  if not isinstance(sampler, SamplerConfig):
+    raise TypeError(f"{name}: expected a SamplerConfig, got {type(sampler).__name__}")
+  if sampler.mirostat is not None:
+    raise ValueError(f"{name}: Mirostat's feedback state changes the distribution within a "
+                     "verified block; speculative decoding supports the stateless rules only")
+  if sampler.repetition_penalty is not None:
+    raise ValueError(f"{name}: repetition_penalty depends on the tokens accepted within the "
+                     "verified block; speculative decoding supports the stateless rules only")
+
+
+def probs(sampler: SamplerConfig, logits: jax.Array) -> jax.Array:
+  """The distribution `sample_token` draws from, `[..., V]` fp32 (one-hot argmax when greedy)."""
+  shape = logits.shape
+  flat = sampling.process_logits(sampler, logits.reshape(-1, shape[-1]))
+  if sampler.greedy:
+    out = jax.nn.one_hot(jnp.argmax(flat, -1), shape[-1], dtype=jnp.float32)
+  else:
+    out = jax.nn.softmax(flat, axis=-1)
+  return out.reshape(shape)
+
+
+def verify(key, p: jax.Array, drafts: jax.Array, q: jax.Array | None = None,
+           n_draft: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Accepts a prefix of `drafts` and draws the token after it.
+
+  p: `[B, γ+1, V]` target probabilities (p[:, i] is the distribution of the token after
+    position i of the verified block, i.e. of draft i+1; p[:, γ] is the bonus distribution).
+  drafts: `[B, γ]` drafted ids. q: `[B, γ, V]` the draft distributions they were drawn from, or
+    None for point-mass (deterministic) drafts. n_draft: `[B]` how many drafts of each row are
+    real (the rest are padding and never accepted); None means all γ.
+
+  Returns (n_accept `[B]` in [0, n_draft], next_token `[B]`): the row continues with
+  drafts[:, :n_accept] and then next_token — a residual draw at a rejection, a bonus draw otherwise.
+  """
+  b, g = drafts.shape
+  v = p.shape[-1]
+  k_accept, k_next = jax.random.split(key)
+  q_x = (jnp.take_along_axis(q, drafts[..., None], -1)[..., 0] if q is not None
+         else jnp.ones((b, g), p.dtype))
+  p_x = jnp.take_along_axis(p[:, :g], drafts[..., None], -1)[..., 0]
+  u = jax.random.uniform(k_accept, (b, g), p.dtype)
+  # u < p/q, written without the division (q(x) > 0 for a drawn draft; u * 0 < p(x) otherwise)
+  accept = u * q_x < p_x
+  if n_draft is not None:
+    accept = accept & (jnp.arange(g)[None] < n_draft[:, None])
+  n_accept = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
+  rows = jnp.arange(b)
+  p_n = p[rows, n_accept]
+  limit = g if n_draft is None else n_draft
+  rejected = n_accept < limit
+  at = jnp.minimum(n_accept, g - 1)
+  q_n = q[rows, at] if q is not None else jax.nn.one_hot(drafts[rows, at], v, dtype=p.dtype)
+  residual = jnp.maximum(p_n - q_n, 0.0)
+  # the residual is empty only when p_n == q_n, where a rejection has probability zero
+  residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
+  dist = jnp.where(rejected[:, None], residual, p_n)
+  logits = jnp.where(dist > 0, jnp.log(jnp.where(dist > 0, dist, 1.0)), -jnp.inf)
+  next_token = jax.random.categorical(k_next, logits, axis=-1).astype(jnp.int32)
+  return n_accept.astype(jnp.int32), next_token
+
+
+class SpeculativeOutput(NamedTuple):
+  """What every lossless accelerator returns. `tokens`/`lengths` mean what they mean for
+  `generate` (pad_id after a row's EOS); the counters make acceptance measurable:
+  target_calls[b] target steps that verified row b (prefill excluded), drafted[b] / accepted[b]
+  the real drafts proposed to and accepted by them. Tokens per target call = lengths / calls."""
+
+  tokens: jax.Array        # [B, max_new_tokens]
+  lengths: jax.Array       # [B]
+  target_calls: jax.Array  # [B]
+  drafted: jax.Array       # [B]
+  accepted: jax.Array      # [B]
+
+
+def append_tokens(out, pos, new, n_new, done, eos_id: int | None):
+  """Writes the first n_new[b] of `new` `[B, m]` at out[b, pos[b]:] for rows not done.
+
+  `out` has room for m tokens past the requested length, so a row still running never writes out
+  of bounds. A row stops after its first EOS (later tokens of the block are dropped: they would
+  follow the end of the sequence). Returns (out, pos, done, n_written [B])."""
+  b, m = new.shape
+  idx = jnp.arange(m)[None]
+  valid = (idx < n_new[:, None]) & ~done[:, None]
+  if eos_id is not None:
+    is_eos = (new == eos_id) & valid
+    first = jnp.argmax(is_eos, axis=1)
+    has = jnp.any(is_eos, axis=1)
+    valid = valid & (~has[:, None] | (idx <= first[:, None]))
+    done = done | has
+  rows = jnp.arange(b)[:, None]
+  cols = pos[:, None] + idx
+  out = out.at[rows, cols].set(jnp.where(valid, new, out[rows, cols]))
+  n = jnp.sum(valid, axis=1).astype(jnp.int32)
+  return out, pos + n, done, n
