@@ -39,6 +39,34 @@ def generate(model, params, prompts, key, *, max_new_tokens: int,
              callback: Callable[[int, np.ndarray], Any] | None = None) -> GenerateOutput:
   """Generates up to `max_new_tokens` per prompt. `prompts`: `[B, T]` right-padded ids with
   `prompt_lengths` `[B]` (default: all T), or a list of token lists. All checks run before tracing."""
+  prompts, lengths, cap = check_prompts(model, prompts, prompt_lengths,
+                                        max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                        pad_id=pad_id, max_len=max_len)
+  if not isinstance(sampler, SamplerConfig):
+    raise TypeError(f"sampler: expected a SamplerConfig, got {type(sampler).__name__}")
+  sampling.check_vocab(sampler, model.vocab_size)
+
+  emit = None
+  if callback is not None:
+    emit, finish = _background(callback)
+  try:
+    out = _generate(model, params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                    key, sampler=sampler, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                    pad_id=pad_id, cap=cap, emit=emit)
+    jax.block_until_ready(out)
+  finally:
+    if callback is not None:
+      finish()
+  return out
+
+
+def check_prompts(model, prompts, prompt_lengths, *, max_new_tokens: int, eos_id: int | None,
+                  pad_id: int, max_len: int | None, extra: int = 0):
+  """The input checks every decoder shares, before tracing. `prompts`: `[B, T]` right-padded ids
+  with `prompt_lengths` `[B]` (default: all T), or a list of token lists. Returns (prompts int32
+  [B, T], lengths int32 [B], cache positions): the cache holds the longest prompt plus
+  max_new_tokens plus `extra` (the slack a decoder writes past the last kept token, e.g. a
+  speculative block), or `max_len` if given."""
   if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
     prompts, prompt_lengths = pad_batch(prompts, pad_id)
   prompts = np.asarray(prompts)
@@ -55,34 +83,20 @@ def generate(model, params, prompts, key, *, max_new_tokens: int,
     bad = prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= v)]
     raise ValueError(f"prompts: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
                      f"[0, {v})")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  need = int(lengths.max()) + max_new_tokens
+  need = int(lengths.max()) + max_new_tokens + extra
   cap = max_len if max_len is not None else need
   if need > cap:
     raise ValueError(f"max_len: the longest prompt ({lengths.max()}) plus max_new_tokens "
-                     f"({max_new_tokens}) needs {need} positions, the cache holds {cap}")
+                     f"({max_new_tokens})" + (f" plus {extra} positions of slack" if extra else "")
+                     + f" needs {need} positions, the cache holds {cap}")
   if model.max_len is not None and cap > model.max_len:
     raise ValueError(f"prompts: {cap} positions exceed the model's context of {model.max_len}")
   for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
     if tok is not None and not 0 <= tok < v:
       raise ValueError(f"{name}: {tok} outside the vocabulary [0, {v})")
-  if not isinstance(sampler, SamplerConfig):
-    raise TypeError(f"sampler: expected a SamplerConfig, got {type(sampler).__name__}")
-  sampling.check_vocab(sampler, v)
-
-  emit = None
-  if callback is not None:
-    emit, finish = _background(callback)
-  try:
-    out = _generate(model, params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                    key, sampler=sampler, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                    pad_id=pad_id, cap=cap, emit=emit)
-    jax.block_until_ready(out)
-  finally:
-    if callback is not None:
-      finish()
-  return out
+  return prompts.astype(np.int32), lengths.astype(np.int32), cap
 
 
 def _background(callback):
