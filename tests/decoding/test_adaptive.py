@@ -88,14 +88,14 @@ def test_threshold_inf_is_the_small_model_and_minus_inf_the_large(pair):
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     assert large_token_share(out) == share
     assert np.asarray(out.large).all() == bool(share) and np.asarray(out.large).any() == bool(share)
-    # the idle model only catches up, once per catch_up tokens: (N - 1) loop steps // 4
+    # the model never needed never steps (its catch-up is deferred to when it is needed)
     steps = np.asarray(out.model_steps)
-    assert steps[int(share)] == N - 1 and steps[1 - int(share)] == (N - 1) // 4
+    assert steps[int(share)] == N - 1 and steps[1 - int(share)] == 0
 
 
 @pytest.mark.parametrize("cfg,sampler", [
-    (EADConfig(window=3, threshold=4.0, catch_up=4), sampling.GREEDY),
-    (EADConfig(window=2, threshold=4.2, catch_up=1, min_run=3), SamplerConfig(temperature=0.8)),
+    (EADConfig(window=3, threshold=4.0, catch_up=3), sampling.GREEDY),
+    (EADConfig(window=2, threshold=4.2, eager=True, min_run=3), SamplerConfig(temperature=0.8)),
 ])
 def test_mixed_switching_equals_host_loop(pair, cfg, sampler):
   small, sp, large, lp = pair
@@ -110,6 +110,12 @@ def test_mixed_switching_equals_host_loop(pair, cfg, sampler):
   np.testing.assert_array_equal(out.large, flags)
   np.testing.assert_allclose(out.entropy, hs, rtol=1e-4, atol=1e-4)
   assert large_token_share(out) == flags.sum() / flags.size
+  steps = np.asarray(out.model_steps)
+  if cfg.eager:
+    assert steps.tolist() == [N - 1, N - 1]
+  else:  # catching up on more than C missed tokens took several C-token steps
+    made = [(~flags[:, 1:]).any(0).sum(), flags[:, 1:].any(0).sum()]
+    assert (steps >= made).all() and (steps > made).any()
 
 
 def test_rows_stop_at_their_own_eos(pair):
@@ -141,10 +147,11 @@ class TestBadInput:
 
   @pytest.mark.parametrize("kw,match", [
       (dict(window=0), "window"), (dict(catch_up=0), "catch_up"), (dict(min_run=1.5), "min_run"),
+      (dict(eager=1), "eager"),
       (dict(threshold=float("nan")), "threshold"), (dict(windw=3), "unknown EAD option"),
   ])
   def test_config(self, kw, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
       ead_config(**kw)
 
   @pytest.mark.parametrize("kw,match", [
