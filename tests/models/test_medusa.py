@@ -28,6 +28,12 @@ def model_params(request):
   return model, model.init_params(0)
 
 
+@pytest.fixture(scope="module")
+def untied():
+  model = TransformerLM(TINY)
+  return model, model.init_params(0)
+
+
 def prefilled(model, params, seq, size=32):
   cache = model.init_cache(seq.shape[0], size)
   _, cache = model.prefill(params, jnp.asarray(seq), cache, jnp.asarray(PROMPTS, jnp.int32))
@@ -76,11 +82,11 @@ def test_tree_step_equals_stepping_each_path(model_params):
   np.testing.assert_allclose(np.asarray(hidden) @ head, np.asarray(logits), rtol=0, atol=1e-4)
 
 
-def test_commit_path_then_step_equals_sequential_decoding(model_params):
+def test_commit_path_then_step_equals_sequential_decoding(untied):
   """tree_step, commit a different path per row (root included; 0 to all of its nodes), then
   step on: the logits equal stepping the committed tokens and the continuation one by one, and
   the committed K/V sit in the cache's contiguous slots."""
-  model, params = model_params
+  model, params = untied
   seq = random_tokens(model, (2, 8), seed=3)
   nodes = random_tokens(model, (2, len(PARENTS)), seed=4)
   cont = random_tokens(model, (2, 3), seed=5)

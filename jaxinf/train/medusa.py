@@ -1,0 +1,192 @@
+"""Medusa-1 training: the heads learn on a frozen target's hidden states (Cai et al. 2024, §2.2.1).
+
+The target runs its cache-free forward over a window; its final hidden state h_t (after the final
+norm) feeds the K heads, and head k is trained to predict the token k + 1 positions after the
+next one:
+
+    L_Medusa-1 = Σ_{k=1..K} −λ_k log p_t^(k)(y_{t+k+1}),   λ_k = decay^k   (the paper's eq. 2;
+                                                              "λ_k = 0.8^k")
+
+averaged over positions t of random windows of the token stream. Labels are either the corpus
+tokens (`labels="corpus"`, the paper's Medusa-1 on the training data) or the target's own
+predictive distribution at the same position, teacher-forced on the corpus
+(`labels="target"`: the cross-entropy against softmax(target logits at t + k), the
+self-distillation labels of §2.3.2 computed without generating text) — what a head must match to
+be accepted. Only the heads' parameters are trained (the target's are data, not state); batches
+come from `fold_in(seed, step)`, so `run_training` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxinf.models.medusa import MedusaHeads, medusa_heads
+from jaxinf.train.loop import adamw_with_warmup, run_training
+
+LABELS = ("corpus", "target")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaTrainConfig:
+  num_heads: int = 4
+  num_layers: int = 1
+  steps: int = 600
+  batch_size: int = 16
+  seq_len: int = 128
+  learning_rate: float = 1e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  decay: float = 0.8  # λ_k = decay^k
+  labels: str = "corpus"
+  seed: int = 0
+  checkpoint_every: int = 200
+
+  def __post_init__(self):
+    for name in ("num_heads", "num_layers", "steps", "batch_size", "seq_len",
+                 "checkpoint_every"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate!r}")
+    if not 0 < self.decay <= 1:
+      raise ValueError(f"decay: expected in (0, 1], got {self.decay!r}")
+    if self.labels not in LABELS:
+      raise ValueError(f"labels: expected one of {LABELS}, got {self.labels!r}")
+
+
+def head_weights(num_heads: int, decay: float) -> jax.Array:
+  """λ_k = decay^k for k = 1..K (Medusa-1's loss weights)."""
+  return jnp.asarray(decay, jnp.float32) ** jnp.arange(1, num_heads + 1, dtype=jnp.float32)
+
+
+def target_features(model, params, windows: jax.Array, num_heads: int):
+  """The frozen target over windows `[B, T + K + 1]`: (hidden `[B, T, C]` at positions 0..T-1,
+  target logits `[B, T + K, V]` at positions 0..T+K-1), no gradient."""
+  logits, hidden = model(params, windows[:, :-1], return_hidden=True)
+  t = windows.shape[1] - num_heads - 1
+  return jax.lax.stop_gradient(hidden[:, :t]), jax.lax.stop_gradient(logits)
+
+
+def medusa_loss(heads: MedusaHeads, head_params, hidden, windows, target_logits, *,
+                decay: float, labels: str):
+  """(L_Medusa-1, per-head mean cross-entropy `[K]`) for hidden `[B, T, C]` of windows
+  `[B, T + K + 1]`: head k (1-based) at position t against y_{t+k+1} (corpus) or against the
+  target's distribution at position t + k (target)."""
+  k_heads = heads.num_heads
+  t = hidden.shape[1]
+  logp = jax.nn.log_softmax(heads(head_params, hidden), axis=-1)  # [B, T, K, V]
+  per_head = []
+  for k in range(1, k_heads + 1):
+    if labels == "corpus":
+      y = windows[:, k + 1:k + 1 + t]
+      ce = -jnp.take_along_axis(logp[:, :, k - 1], y[..., None], -1)[..., 0]
+    else:
+      soft = jax.nn.softmax(target_logits[:, k:k + t].astype(jnp.float32), axis=-1)
+      ce = -jnp.sum(soft * logp[:, :, k - 1], axis=-1)
+    per_head.append(ce.mean())
+  per_head = jnp.stack(per_head)
+  return jnp.sum(head_weights(k_heads, decay) * per_head), per_head
+
+
+def _windows(corpus, key, batch: int, width: int):
+  starts = jax.random.randint(key, (batch,), 0, corpus.shape[0] - width + 1)
+  return jax.vmap(lambda s: jax.lax.dynamic_slice(corpus, (s,), (width,)))(starts)
+
+
+def make_medusa_train_step(model, heads: MedusaHeads, cfg: MedusaTrainConfig):
+  opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
+  base_key = jax.random.key(cfg.seed)
+  width = cfg.seq_len + cfg.num_heads + 1
+
+  @jax.jit
+  def step(state, corpus, target_params):
+    windows = _windows(corpus, jax.random.fold_in(base_key, state["step"]), cfg.batch_size, width)
+    hidden, logits = target_features(model, target_params, windows, cfg.num_heads)
+
+    def loss_fn(hp):
+      return medusa_loss(heads, hp, hidden, windows, logits, decay=cfg.decay,
+                         labels=cfg.labels)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+            "step": state["step"] + 1}, loss
+
+  return step, opt
+
+
+def train_medusa(model, params, corpus, cfg: MedusaTrainConfig, out_dir: str | os.PathLike, *,
+                 progress: bool = True) -> tuple[MedusaHeads, dict, list[dict]]:
+  """Trains (or, when `out_dir` holds the finished run, loads) Medusa-1 heads on the frozen
+  transformer `model`/`params` over the int token stream `corpus`. Checkpoints and resumes exactly
+  in `out_dir` (`run_training`). Returns (heads, head_params, loss records)."""
+  corpus = np.asarray(corpus)
+  if not isinstance(cfg, MedusaTrainConfig):
+    raise TypeError(f"cfg: expected a MedusaTrainConfig, got {type(cfg).__name__}")
+  if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
+    raise TypeError(f"model: expected a TransformerLM, got {type(model).__name__}")
+  width = cfg.seq_len + cfg.num_heads + 1
+  if corpus.ndim != 1 or not np.issubdtype(corpus.dtype, np.integer) or corpus.shape[0] < width:
+    raise ValueError(f"corpus: expected a 1-D integer stream of at least seq_len + num_heads + 1 "
+                     f"= {width} tokens, got {corpus.dtype} {corpus.shape}")
+  if corpus.min() < 0 or corpus.max() >= model.vocab_size:
+    raise ValueError(f"corpus: token ids must lie in [0, {model.vocab_size})")
+  if width - 1 > model.max_len:
+    raise ValueError(f"cfg: seq_len + num_heads = {width - 1} exceeds the target's context of "
+                     f"{model.max_len}")
+  heads, head_params = medusa_heads(model, params, num_heads=cfg.num_heads,
+                                    num_layers=cfg.num_layers, seed=cfg.seed)
+  step_fn, opt = make_medusa_train_step(model, heads, cfg)
+  state = {"params": head_params, "opt_state": opt.init(head_params),
+           "step": jnp.zeros((), jnp.int32)}
+  state, records = run_training(step_fn, state, (jnp.asarray(corpus, jnp.int32), params),
+                                steps=cfg.steps, out_dir=out_dir,
+                                checkpoint_every=cfg.checkpoint_every, progress=progress,
+                                desc="train-medusa")
+  return heads, state["params"], records
+
+
+def head_accuracy(model, params, heads: MedusaHeads, head_params, stream, *, seq_len: int = 128,
+                  max_windows: int = 16, top: int = 4, batch_size: int = 8) -> dict[str, Any]:
+  """Per-rank accuracy `[K, top]` of each head over non-overlapping windows of `stream`: the
+  fraction of positions where head k's rank-r candidate is the corpus token y_{t+k+1}
+  ("corpus") or the target's greedy prediction at position t + k, teacher-forced ("target").
+  Row sums are top-`top` accuracies; column 0 is top-1. Feed "target" to
+  `decoding.medusa.tree_from_accuracies`."""
+  stream = np.asarray(stream)
+  k_heads = heads.num_heads
+  width = seq_len + k_heads + 1
+  n = min(max_windows, len(stream) // width)
+  if n < 1:
+    raise ValueError(f"stream: needs at least seq_len + num_heads + 1 = {width} tokens")
+  windows = np.stack([stream[i * width:(i + 1) * width] for i in range(n)]).astype(np.int32)
+
+  @jax.jit
+  def counts(w):
+    hidden, logits = target_features(model, params, w, k_heads)
+    ranked = jax.lax.top_k(heads(head_params, hidden), top)[1]  # [B, T, K, top]
+    out = {}
+    for name in ("corpus", "target"):
+      per = []
+      for k in range(1, k_heads + 1):
+        y = (w[:, k + 1:k + 1 + seq_len] if name == "corpus"
+             else jnp.argmax(logits[:, k:k + seq_len], -1))
+        per.append(jnp.sum(ranked[:, :, k - 1] == y[..., None], axis=(0, 1)))
+      out[name] = jnp.stack(per)
+    return out
+
+  total = {"corpus": np.zeros((k_heads, top)), "target": np.zeros((k_heads, top))}
+  for i in range(0, n, batch_size):
+    c = counts(jnp.asarray(windows[i:i + batch_size]))
+    for name in total:
+      total[name] += np.asarray(c[name])
+  return {name: v / (n * seq_len) for name, v in total.items()}
