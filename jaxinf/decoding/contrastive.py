@@ -3,8 +3,8 @@ Optimization"), as a decoding rule. LOSSY: it decodes neither model's distributi
 
     out = contrastive_generate(expert, expert_params, prompts, key, max_new_tokens=128,
                                amateur=small, amateur_params=small_params,
-                               config=CDConfig(alpha=0.1))                  # greedy, the paper's rule
-    weak, weak_len = last_tokens(prompts, lengths, 8)                      # or a weaker prompt
+                               config=CDConfig(alpha=0.1))   # greedy: the paper's rule
+    weak, weak_len = last_tokens(prompts, lengths, 8)   # or a weaker prompt
     out = contrastive_generate(expert, expert_params, prompts, key, max_new_tokens=128,
                                amateur_prompts=weak, amateur_prompt_lengths=weak_len)
 
@@ -12,8 +12,8 @@ The rule (the paper's eqs. 2-4): the plausibility set
     V_head = {x : p_EXP(x | x_<i) >= alpha * max_w p_EXP(w | x_<i)},
 and the score
     CD(x) = log p_EXP(x | x_<i) - log p_AMA(x | x_<i)   for x in V_head,  -inf otherwise.
-Greedy takes argmax CD (the paper's search, beam 1); with `temperature` T > 0 the token is drawn from
-softmax(CD / T) over V_head. `amateur_temperature` tau divides the amateur's logits before its
+Greedy takes argmax CD (the paper's search, beam 1); with `temperature` T > 0 the token is drawn
+from softmax(CD / T) over V_head. `amateur_temperature` tau divides the amateur's logits before its
 log-softmax (the paper's amateur temperature; 1 is the plain rule).
 
 The amateur is either a weaker model over the same vocabulary (`amateur`, `amateur_params`) or the
@@ -23,7 +23,7 @@ entirely different one), or both. Both caches are stepped with every emitted tok
 
 Edge cases, by the rule itself: alpha = 1 keeps only the expert's most likely token(s), so greedy CD
 is the expert's greedy decoding; alpha = 0 drops the plausibility constraint (any token, however
-unlikely under the expert, may win on the log ratio; the failure mode the constraint exists to stop).
+unlikely under the expert, may win on the log ratio: the failure the constraint exists to stop).
 An amateur identical to the expert scores every token of V_head 0: greedy then breaks the tie by the
 expert's own log-probability (so it is the expert's greedy decoding) and sampling is uniform over
 V_head. Greedy ties in general go to the token the expert finds most likely.
