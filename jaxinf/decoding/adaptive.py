@@ -19,19 +19,19 @@ empty: the choice for token 0 uses the small model's entropy at the prompt's las
 both models prefill the prompt anyway). So `threshold=+inf` is the small model's decoding and
 `threshold=-inf` the large model's, token for token.
 
-Both models see every emitted token. The model not generating falls behind and catches up when it
-is next needed: its missed tokens are read from the output buffer in steps of a fixed `catch_up` = C
+Both models see every emitted token. The model not generating falls behind and catches up when it is
+next needed: its missed tokens are read from the output buffer in steps of a fixed `catch_up` = C
 tokens (an inner `lax.while_loop`), each followed by `rollback(cache, keep)` to the true count
-(exact by the SequenceModel contract); a model exactly one token behind (it made the previous
-token) steps that token alone. A model that is never needed again never pays for the tokens it
-missed. `eager=True` feeds both models every token instead. Measured on a 2-core CPU (transformer-1m small,
-transformer-12m large, random weights, batch 1, 64-byte prompt, 128 tokens, ms per token, medians
-of 7 side by side under the bench lock): small alone 0.18, large alone 2.00; EAD never switching
-0.31 deferred against 2.41 eager; EAD always large 2.09 deferred against 2.38 eager. Deferred is
-the default; `eager` is kept for that comparison. Each model's `step` runs inside `lax.cond` on
-whether any row needs it now. Rows of a batch choose their model independently; a model steps for
-the whole batch when any row needs it. One compiled `lax.while_loop` (with the catch-up loop inside
-it); step i draws with `fold_in(key, i)`.
+(exact by the SequenceModel contract); a model exactly one token behind (it made the previous token)
+steps that token alone. A model that is never needed again never pays for the tokens it missed.
+`eager=True` feeds both models every token instead. Measured on a 2-core CPU (transformer-1m small,
+transformer-12m large, random weights, batch 1, 64-byte prompt, 128 tokens, ms per token, medians of
+7 side by side under the bench lock): small alone 0.18, large alone 2.00; EAD never switching 0.31
+deferred against 2.41 eager; EAD always large 2.09 deferred against 2.38 eager. Deferred is the
+default; `eager` is kept for that comparison. Each model's `step` runs inside `lax.cond` on whether
+any row needs it now. Rows of a batch choose their model independently; a model steps for the whole
+batch when any row needs it. One compiled `lax.while_loop` (with the catch-up loop inside it); step
+i draws with `fold_in(key, i)`.
 """
 
 from __future__ import annotations
