@@ -219,7 +219,7 @@ def jacobi_generate(model, params, prompts, key, *, max_new_tokens: int, window:
   check_int("window", window)
   checked = check_inputs(model, prompts, prompt_lengths, max_new_tokens=max_new_tokens,
                          sampler=sampler, eos_id=eos_id, pad_id=pad_id, max_len=max_len,
-                         step_tokens=window + 1)
+                         step_tokens=window + 1, step_arg="window")
   return run_checked(model, params, checked, key, JacobiDrafter(window), sampler=sampler,
                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
@@ -244,7 +244,7 @@ def lookahead_generate(model, params, prompts, key, *, max_new_tokens: int, wind
                              pool_size=pool_size, vocab_size=model.vocab_size, pad_id=pad_id)
   checked = check_inputs(model, prompts, prompt_lengths, max_new_tokens=max_new_tokens,
                          sampler=sampler, eos_id=eos_id, pad_id=pad_id, max_len=max_len,
-                         step_tokens=drafter.draft_len + 1)
+                         step_tokens=drafter.draft_len + 1, step_arg="window / ngram")
   return run_checked(model, params, checked, key, drafter, sampler=sampler,
                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
@@ -260,7 +260,7 @@ def sjd_generate(model, params, prompts, key, *, max_new_tokens: int, window: in
   check_int("window", window)
   checked = check_inputs(model, prompts, prompt_lengths, max_new_tokens=max_new_tokens,
                          sampler=sampler, eos_id=eos_id, pad_id=pad_id, max_len=max_len,
-                         step_tokens=window + 1)
+                         step_tokens=window + 1, step_arg="window")
   drafter = SJDDrafter(window=window, vocab_size=model.vocab_size)
   return run_checked(model, params, checked, key, drafter, sampler=sampler,
                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
