@@ -34,7 +34,7 @@ SMOKE_BYTES = 200_000
 # the longest context any study asks for (lm_families prefills 2048-byte prompts)
 MAX_LEN = 2048
 
-TARGET_TRAIN = LMTrainConfig(steps=1200, batch_size=8, seq_len=128, learning_rate=2e-3,
+TARGET_TRAIN = LMTrainConfig(steps=900, batch_size=8, seq_len=128, learning_rate=2e-3,
                              warmup_steps=60, checkpoint_every=50)
 DRAFT_TINY = transformer_lib.TransformerConfig(vocab_size=259, hidden_size=64, num_layers=2,
                                                num_heads=4, num_kv_heads=2, mlp_hidden=172,

@@ -1,0 +1,360 @@
+"""Lossless decoding accelerators on trained code models: wall-clock speedup over `generate` at the
+same output distribution, and acceptance beside its theory.
+
+    python -m experiments.speculative            # trains/reuses the code models; see README
+    python -m experiments.speculative --smoke    # tiny models, about a minute
+
+Target: `transformer-12m` (`experiments.code_models`, trained on the stdlib's source). Methods,
+each timed side by side with plain `generate` in one process (medians of `repeats`, batch 1,
+held-out prompts, compilation excluded):
+
+- draft-model speculative sampling (`jaxinf.decoding.speculative`) against γ and draft size, with
+  drafts of every family (~1M parameters: transformer, Mamba, RWKV-7, TransNormerLLM), a ~100K
+  transformer, and a FastDraft draft (the 1M transformer fine-tuned on the target's own text,
+  `jaxinf.train.draft`); the adaptive-γ schedule;
+- prompt lookup and Alipay's trie Lookahead (`jaxinf.decoding.lookup`), Jacobi and lookahead
+  decoding (`jaxinf.decoding.jacobi`), Speculative Jacobi Decoding (sampling);
+- Medusa heads trained on the frozen target (`jaxinf.decoding.medusa`), exact acceptance.
+
+Measured acceptance α̂ = accepted / drafted and tokens per target call sit beside the theoretical
+E = (1 − α^{γ+1}) / (1 − α) (Leviathan et al. 2023, eq. 1) at the measured α̂. For greedy runs the
+output is compared with `generate`'s token for token; exactness under sampling is what the tests
+check (chi-square against the target's own law). Writes `results/speculative/{results.json,
+report.md, meta.json, speedup_gamma.png, acceptance.png}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+import tyro
+from tqdm.auto import tqdm
+
+from experiments import code_models
+from experiments.lm_families import heldout_prompts
+from experiments.reporting import markdown_table, results_dir, write_report
+from jaxinf.decoding import jacobi, lookup
+from jaxinf.decoding.generate import generate
+from jaxinf.decoding.sampling import SamplerConfig
+from jaxinf.decoding.speculative import expected_tokens_per_call, speculative_generate
+from jaxinf.train.draft import target_text
+from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
+
+SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temperature=0.7)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  prompt_len: int = 256
+  new_tokens: int = 128
+  n_prompts: int = 4             # timed one after another at batch 1
+  repeats: int = 3
+  samplers: tuple[str, ...] = ("greedy", "t0.7")
+  sweep_drafts: tuple[str, ...] = ("draft-tiny", "transformer-1m", "fastdraft-1m")
+  gammas: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+  family_drafts: tuple[str, ...] = ("mamba-1m", "rwkv7-1m", "transnormer-1m")
+  family_gamma: int = 4
+  adaptive_gamma: int = 8
+  recurrent_target: str = "rwkv7-1m"   # "any family can be the target": one row with it
+  lookup_ngram: int = 3
+  lookup_draft_len: int = 7
+  trie_branches: int = 4
+  jacobi_window: int = 7
+  lookahead_window: int = 4
+  lookahead_ngram: int = 4
+  lookahead_candidates: int = 4
+  medusa: bool = True
+  # FastDraft: target text from training-corpus prompts, then fine-tuning of transformer-1m
+  fastdraft_sequences: int = 512
+  fastdraft_prompt: int = 32
+  fastdraft_new_tokens: int = 224
+  fastdraft_train: LMTrainConfig = LMTrainConfig(steps=300, batch_size=8, seq_len=128,
+                                                 learning_rate=1e-3, warmup_steps=30,
+                                                 checkpoint_every=100)
+  eval_windows: int = 32
+  seed: int = 0
+  out_dir: str = "results/speculative"
+  smoke: bool = False
+  progress: bool = True
+
+
+def smoke_config(cfg: Config) -> Config:
+  # every code path once (greedy: each method family; the sampled path through one method)
+  return dataclasses.replace(
+      cfg, prompt_len=24, new_tokens=8, n_prompts=1, repeats=1, samplers=("greedy",),
+      gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(),
+      adaptive_gamma=3, lookup_draft_len=3, jacobi_window=3, lookahead_window=2,
+      lookahead_ngram=2, lookahead_candidates=2, trie_branches=2, fastdraft_sequences=4,
+      fastdraft_prompt=8, fastdraft_new_tokens=24,
+      fastdraft_train=LMTrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1,
+                                    checkpoint_every=1),
+      eval_windows=2, out_dir=str(Path(cfg.out_dir).parent / "speculative_smoke"))
+
+
+def timed_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+  """Median seconds of each function (warmed up first), timed round-robin so that load from other
+  processes hits all alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fastdraft(cfg: Config, target, t_params, train_stream, root: Path):
+  """(model, params) of transformer-1m fine-tuned on the target's text (FastDraft)."""
+  base, base_params = code_models.code_model("transformer-1m", smoke=cfg.smoke,
+                                             progress=cfg.progress)
+  folder = root / "train" / "fastdraft-1m"
+  stream_file = folder / "target_text.npy"
+  if stream_file.exists():
+    stream = np.load(stream_file)
+  else:
+    stream = target_text(target, t_params, train_stream, jax.random.key(cfg.seed + 17),
+                         n_sequences=cfg.fastdraft_sequences, prompt_len=cfg.fastdraft_prompt,
+                         new_tokens=cfg.fastdraft_new_tokens,
+                         sampler=SamplerConfig(temperature=1.0), seed=cfg.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(stream_file, stream)
+  state, _ = train_lm(base, base_params, stream, cfg=cfg.fastdraft_train, out_dir=folder,
+                      progress=cfg.progress)
+  return base, state["params"]
+
+
+def run(cfg: Config) -> list[dict]:
+  if cfg.smoke:
+    cfg = smoke_config(cfg)
+  for name in cfg.samplers:
+    if name not in SAMPLERS:
+      raise ValueError(f"samplers: unknown {name!r}; known: {sorted(SAMPLERS)}")
+  t_start = time.perf_counter()
+  out = results_dir(Path(cfg.out_dir).name, Path(cfg.out_dir).parent)
+  root = Path("results") / ("code_models_smoke" if cfg.smoke else "speculative")
+  train_stream, heldout = code_models.corpus(cfg.smoke)
+
+  target, t_params = code_models.code_model("target", smoke=cfg.smoke, progress=cfg.progress)
+  names = sorted(set(cfg.sweep_drafts + cfg.family_drafts + ("draft-tiny",)
+                     + (cfg.recurrent_target,)) - {"fastdraft-1m"})
+  models = {n: code_models.code_model(n, smoke=cfg.smoke, progress=cfg.progress) for n in names}
+  if "fastdraft-1m" in cfg.sweep_drafts + cfg.family_drafts:
+    models["fastdraft-1m"] = fastdraft(cfg, target, t_params, train_stream, root)
+  quality = [dict(study="models", model=n, params=int(sum(x.size for x in jax.tree.leaves(p))),
+                  heldout_bpb=bits_per_byte(m, p, heldout, seq_len=128,
+                                            max_windows=cfg.eval_windows))
+             for n, (m, p) in [("target", (target, t_params))] + sorted(models.items())]
+  for row in quality:
+    print(f"{row['model']}: {row['params']:,} params, held-out {row['heldout_bpb']:.3f} bits/byte",
+          flush=True)
+
+  prompts = heldout_prompts(heldout, cfg.n_prompts, cfg.prompt_len, cfg.seed)
+  kw = dict(max_new_tokens=cfg.new_tokens)
+
+  def methods(sampler: SamplerConfig, sampler_name: str):
+    """(label, fields, fn(prompt [1, T], key) -> output) of every method for this sampler."""
+    out = []
+    for d in cfg.sweep_drafts:
+      for g in cfg.gammas:
+        out.append((f"speculative {d} γ={g}", dict(method="speculative", draft=d, gamma=g),
+                    _spec(target, t_params, *models[d], g, sampler, kw)))
+    for d in cfg.family_drafts:
+      out.append((f"speculative {d} γ={cfg.family_gamma}",
+                  dict(method="speculative", draft=d, gamma=cfg.family_gamma),
+                  _spec(target, t_params, *models[d], cfg.family_gamma, sampler, kw)))
+    best = cfg.sweep_drafts[-1]
+    out.append((f"speculative {best} adaptive γ≤{cfg.adaptive_gamma}",
+                dict(method="speculative-adaptive", draft=best, gamma=cfg.adaptive_gamma),
+                _spec(target, t_params, *models[best], cfg.adaptive_gamma, sampler, kw,
+                      gamma_schedule="heuristic")))
+    out.append(("prompt lookup", dict(method="prompt-lookup", gamma=cfg.lookup_draft_len),
+                lambda p, k: lookup.prompt_lookup_generate(
+                    target, t_params, p, k, ngram=cfg.lookup_ngram,
+                    draft_len=cfg.lookup_draft_len, sampler=sampler, **kw)))
+    out.append(("trie lookahead", dict(method="trie-lookahead", gamma=cfg.lookup_draft_len),
+                lambda p, k: lookup.trie_lookahead_generate(
+                    target, t_params, p, k, ngram=cfg.lookup_ngram,
+                    draft_len=cfg.lookup_draft_len, branches=cfg.trie_branches, sampler=sampler,
+                    **kw)))
+    if sampler.greedy:
+      out.append(("jacobi", dict(method="jacobi", gamma=cfg.jacobi_window),
+                  lambda p, k: jacobi.jacobi_generate(target, t_params, p, k,
+                                                      window=cfg.jacobi_window, sampler=sampler,
+                                                      **kw)))
+      out.append(("lookahead", dict(method="lookahead", gamma=cfg.lookahead_ngram - 1),
+                  lambda p, k: jacobi.lookahead_generate(
+                      target, t_params, p, k, window=cfg.lookahead_window,
+                      ngram=cfg.lookahead_ngram, candidates=cfg.lookahead_candidates,
+                      sampler=sampler, **kw)))
+    else:
+      out.append(("SJD", dict(method="sjd", gamma=cfg.jacobi_window),
+                  lambda p, k: jacobi.sjd_generate(target, t_params, p, k,
+                                                   window=cfg.jacobi_window, sampler=sampler,
+                                                   **kw)))
+    if cfg.medusa and medusa_method is not None:
+      out += medusa_method(cfg, target, t_params, train_stream, root, sampler, kw)
+    return out
+
+  rows: list[dict] = list(quality)
+  for sampler_name in cfg.samplers:
+    sampler = SAMPLERS[sampler_name]
+    key = jax.random.key(cfg.seed)
+    base = lambda p, k: generate(target, t_params, p, k, sampler=sampler, **kw)
+    todo = methods(sampler, sampler_name)
+    if sampler_name == cfg.samplers[0]:
+      todo.append(_recurrent_row(cfg, models, sampler, kw))
+    for label, fields, fn in tqdm(todo, desc=f"methods ({sampler_name})",
+                                  disable=not cfg.progress):
+      reference = base
+      if fields.get("target") is not None:
+        m, p = models[fields["target"]]
+        reference = lambda pr, k, m=m, p=p: generate(m, p, pr, k, sampler=sampler, **kw)
+      all_prompts = lambda f: [f(prompts[i:i + 1], key) for i in range(cfg.n_prompts)]
+      secs = timed_side_by_side({"generate": lambda: all_prompts(reference),
+                                 "method": lambda: all_prompts(fn)}, cfg.repeats)
+      outs = all_prompts(fn)
+      calls = sum(int(o.target_calls.sum()) for o in outs)
+      drafted = sum(int(o.drafted.sum()) for o in outs)
+      accepted = sum(int(o.accepted.sum()) for o in outs)
+      emitted = sum(int(o.lengths.sum()) for o in outs)
+      alpha = accepted / drafted if drafted else float("nan")
+      gamma = fields.get("gamma")
+      row = {"study": "speed", "sampler": sampler_name, "label": label, "target": "target",
+             "draft": None, **fields}
+      row.update(generate_s=secs["generate"], method_s=secs["method"],
+                 speedup=secs["generate"] / secs["method"], alpha=alpha,
+                 # the prefill draws the first token; every later token comes from a target call
+                 tokens_per_call=(emitted - cfg.n_prompts) / max(calls, 1),
+                 expected_tokens_per_call=(float(expected_tokens_per_call(alpha, gamma))
+                                           if gamma and drafted and fields["method"] in
+                                           ("speculative", "medusa") else float("nan")),
+                 target_calls=calls, new_tokens=emitted)
+      if sampler.greedy:
+        want = all_prompts(reference)
+        row["identical_to_generate"] = all(np.array_equal(np.asarray(o.tokens),
+                                                          np.asarray(w.tokens))
+                                           for o, w in zip(outs, want))
+      rows.append(row)
+      print(f"{sampler_name:6s} {label:42s} speedup {row['speedup']:.2f}x  "
+            f"tokens/call {row['tokens_per_call']:.2f}  alpha {alpha:.2f}", flush=True)
+
+  total = time.perf_counter() - t_start
+  meta = dict(config=dataclasses.asdict(cfg), total_seconds=total, backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
+              jax_version=jax.__version__)
+  write_report(out, rows, title="Lossless decoding accelerators", extra=meta,
+               notes=_notes(cfg, total))
+  (out / "report.md").write_text(_report(cfg, rows, total))
+  _plots(out, cfg, rows)
+  print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {total:.0f} s")
+  return rows
+
+
+def _spec(target, t_params, draft, d_params, gamma, sampler, kw, **opts):
+  return lambda p, k: speculative_generate(target, t_params, draft, d_params, p, k, gamma=gamma,
+                                           sampler=sampler, **kw, **opts)
+
+
+def _recurrent_row(cfg: Config, models, sampler, kw):
+  """A recurrent target (RWKV-7 by default) verifying the tiny transformer draft."""
+  tm, tp = models[cfg.recurrent_target]
+  dm, dp = models["draft-tiny"]
+  return (f"speculative {cfg.recurrent_target} target ← draft-tiny γ={cfg.family_gamma}",
+          dict(method="speculative", target=cfg.recurrent_target, draft="draft-tiny",
+               gamma=cfg.family_gamma),
+          _spec(tm, tp, dm, dp, cfg.family_gamma, sampler, kw))
+
+
+try:  # Medusa is optional in this study until its module lands
+  from experiments.speculative_medusa import medusa_method
+except ImportError:  # pragma: no cover - depends on the checkout
+  medusa_method = None
+
+
+def _notes(cfg: Config, total: float) -> str:
+  return (f"Batch 1, {cfg.n_prompts} held-out prompts of {cfg.prompt_len} bytes, "
+          f"{cfg.new_tokens} new tokens each; seconds are medians of {cfg.repeats} timed repeats "
+          "(after a warm-up), method and `generate` interleaved in one process. "
+          f"Whole run {total:.0f} s on {jax.default_backend()} ({os.cpu_count()} CPU cores).")
+
+
+def _report(cfg: Config, rows: list[dict], total: float) -> str:
+  parts = ["# Lossless decoding accelerators", "", _notes(cfg, total), "",
+           "## Models (held-out bits per byte)", "",
+           markdown_table([r for r in rows if r["study"] == "models"],
+                          ["model", "params", "heldout_bpb"])]
+  cols = ["label", "speedup", "generate_s", "method_s", "alpha", "tokens_per_call",
+          "expected_tokens_per_call", "target_calls", "identical_to_generate"]
+  for s in cfg.samplers:
+    speed = [r for r in rows if r["study"] == "speed" and r["sampler"] == s]
+    parts += ["", f"## {s}: speedup over `generate` (same output distribution)", "",
+              markdown_table(sorted(speed, key=lambda r: -r["speedup"]), cols)]
+    best = max(speed, key=lambda r: r["speedup"], default=None)
+    if best is not None:
+      parts += ["", f"Best: {best['label']} at {best['speedup']:.2f}x."]
+  parts += ["", "alpha = accepted / drafted drafts; tokens_per_call = tokens after the first "
+            "(which the prefill draws) per target call; expected_tokens_per_call = "
+            "(1 - alpha^(γ+1)) / (1 - alpha) at the measured alpha (draft-model rows)."]
+  return "\n".join(parts) + "\n"
+
+
+def _plots(out: Path, cfg: Config, rows: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  speed = [r for r in rows if r["study"] == "speed" and r["method"] == "speculative"
+           and r.get("target") in (None, "target")]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for s in cfg.samplers:
+    for d in cfg.sweep_drafts:
+      pts = sorted((r["gamma"], r["speedup"], r["tokens_per_call"], r["expected_tokens_per_call"])
+                   for r in speed if r["sampler"] == s and r["draft"] == d)
+      if not pts:
+        continue
+      g, sp, tpc, exp = map(np.array, zip(*pts))
+      axes[0].plot(g, sp, "o-", label=f"{d} ({s})")
+      line, = axes[1].plot(g, tpc, "o-", label=f"{d} ({s}) measured")
+      axes[1].plot(g, exp, "--", color=line.get_color(), label=f"{d} ({s}) theory")
+  axes[0].axhline(1.0, color="gray", lw=0.8)
+  axes[0].set(xlabel="γ (drafts per round)", ylabel="speedup over generate",
+              title="speculative sampling, transformer-12m target")
+  axes[1].set(xlabel="γ", ylabel="tokens per target call",
+              title="measured vs (1 − α^{γ+1}) / (1 − α)")
+  for ax in axes:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / "speedup_gamma.png", dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for s in cfg.samplers:
+    pts = [r for r in rows if r["study"] == "speed" and r["sampler"] == s]
+    ax.scatter([r["tokens_per_call"] for r in pts], [r["speedup"] for r in pts], label=s)
+    for r in pts:
+      ax.annotate(r["label"].replace("speculative ", ""), (r["tokens_per_call"], r["speedup"]),
+                  fontsize=5)
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set(xlabel="tokens per target call", ylabel="speedup over generate",
+         title="every method: acceptance vs wall clock")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / "acceptance.png", dpi=120)
+  plt.close(fig)
+
+
+def main() -> None:
+  run(tyro.cli(Config))
+
+
+if __name__ == "__main__":
+  main()

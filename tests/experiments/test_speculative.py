@@ -1,0 +1,30 @@
+"""speculative --smoke trains (or reuses) the tiny code models and runs every method once."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from experiments import speculative
+
+
+@pytest.mark.slow
+def test_smoke_run(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # checkpoints and results go under tmp_path/results
+  rows = speculative.run(speculative.Config(smoke=True, progress=False))
+  out = tmp_path / "results" / "speculative_smoke"
+  assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rows))
+  speed = [r for r in rows if r["study"] == "speed"]
+  methods = {r["method"] for r in speed}
+  assert {"speculative", "speculative-adaptive", "prompt-lookup", "trie-lookahead", "jacobi",
+          "lookahead"} <= methods
+  # greedy: every lossless method reproduces generate token for token
+  assert all(r["identical_to_generate"] for r in speed)
+  for r in speed:
+    assert r["speedup"] > 0 and r["tokens_per_call"] >= 1
+    assert math.isnan(r["alpha"]) or 0 <= r["alpha"] <= 1
+  assert (tmp_path / "results" / "code_models_smoke" / "train" / "fastdraft-1m" /
+          "target_text.npy").exists()
+  assert (out / "speedup_gamma.png").stat().st_size > 0
