@@ -178,12 +178,12 @@ def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, f
   """Median seconds of each function, warmed up first, then timed interleaved (round robin), so
   load from other processes hits all of them alike."""
   for fn in fns.values():
-    fn()
+    jax.block_until_ready(fn())
   times: dict[str, list[float]] = {k: [] for k in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       t0 = time.perf_counter()
-      fn()
+      jax.block_until_ready(fn())  # async dispatch: wait for the result, not the launch
       times[name].append(time.perf_counter() - t0)
   return {k: statistics.median(v) for k, v in times.items()}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from experiments import code_models
-from experiments.lm_families import heldout_prompts
+from experiments.lm_families import heldout_prompts, side_by_side
 from experiments.reporting import markdown_table, results_dir, write_report
 from jaxinf.decoding import jacobi, lookup
 from jaxinf.decoding.generate import generate
@@ -96,20 +95,6 @@ def smoke_config(cfg: Config) -> Config:
       fastdraft_train=LMTrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1,
                                     checkpoint_every=1),
       eval_windows=2, out_dir=str(Path(cfg.out_dir).parent / "speculative_smoke"))
-
-
-def timed_side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-  """Median seconds of each function (warmed up first), timed round-robin so that load from other
-  processes hits all alike."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def fastdraft(cfg: Config, target, t_params, train_stream, root: Path):
@@ -219,7 +204,7 @@ def run(cfg: Config) -> list[dict]:
         m, p = models[fields["target"]]
         reference = lambda pr, k, m=m, p=p: generate(m, p, pr, k, sampler=sampler, **kw)
       all_prompts = lambda f: [f(prompts[i:i + 1], key) for i in range(cfg.n_prompts)]
-      secs = timed_side_by_side({"generate": lambda: all_prompts(reference),
+      secs = side_by_side({"generate": lambda: all_prompts(reference),
                                  "method": lambda: all_prompts(fn)}, cfg.repeats)
       outs = all_prompts(fn)
       calls = sum(int(o.target_calls.sum()) for o in outs)
