@@ -12,8 +12,9 @@ import pytest
 
 from jaxinf.models.medusa import MedusaConfig, MedusaHeads, medusa_heads
 from jaxinf.models.transformer import TransformerLM, transformer_config
-from jaxinf.train.medusa import (MedusaTrainConfig, head_accuracy, medusa_loss, target_features,
-                                 train_medusa)
+from jaxinf.decoding.sampling import GREEDY
+from jaxinf.train.medusa import (MedusaTrainConfig, head_accuracy, medusa_loss,
+                                 self_distillation_stream, target_features, train_medusa)
 
 CFG = MedusaTrainConfig(num_heads=3, steps=40, batch_size=8, seq_len=16, learning_rate=1e-2,
                         warmup_steps=5, checkpoint_every=20)
@@ -113,3 +114,27 @@ def test_bad_input_raises(target, tmp_path):
     train_medusa(model, params, np.full(100, 64, np.int32), CFG, tmp_path)
   with pytest.raises(TypeError, match="cfg"):
     train_medusa(model, params, periodic_corpus(100), {"steps": 1}, tmp_path)
+
+
+def test_self_distillation_stream_is_prompts_then_the_targets_text(target):
+  """Each row of the stream is a corpus window followed by the target's own greedy continuation
+  (checked by argmax over the cache-free forward), cut after EOS."""
+  model, params = target
+  corpus = periodic_corpus(500, seed=2)
+  stream = self_distillation_stream(model, params, corpus, jax.random.key(0), num_prompts=3,
+                                    prompt_len=5, new_tokens=6, samplers=(GREEDY,),
+                                    batch_size=2, eos_id=None)
+  assert stream.shape == (3 * 11,)
+  for row in stream.reshape(3, 11):
+    assert any((corpus[s:s + 5] == row[:5]).all() for s in range(len(corpus) - 5))
+    seq = row[:5].copy()
+    for _ in range(6):
+      seq = np.append(seq, np.argmax(np.asarray(model(params, jnp.asarray(seq[None])))[0, -1]))
+    np.testing.assert_array_equal(row, seq)
+  eos = int(stream[7])  # the third generated token of row 0 as EOS: row 0 ends there
+  cut = self_distillation_stream(model, params, corpus, jax.random.key(0), num_prompts=3,
+                                 prompt_len=5, new_tokens=6, samplers=(GREEDY,), batch_size=2,
+                                 eos_id=eos)
+  first_eos = 5 + int(np.argmax(stream[5:11] == eos))
+  np.testing.assert_array_equal(cut[:first_eos + 1], stream[:first_eos + 1])
+  assert len(cut) < len(stream)
