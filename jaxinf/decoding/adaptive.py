@@ -46,8 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import sampling
+from jaxinf.decoding.checks import (check_block, check_context, check_prompts, check_same_vocab,
+                                    check_sampler)
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import pad_batch
 
 LOG2 = math.log(2.0)
 
@@ -106,66 +107,6 @@ def entropy_bits(logits: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.where(logp > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1) / LOG2
 
 
-# --- input checks shared by the two-model decoders (here and in contrastive.py) -----------------
-
-def check_prompts(name: str, prompts, prompt_lengths, vocab_size: int, pad_id: int):
-  """Right-padded `[B, T]` ids (or a list of token lists) -> (int32 array, lengths [B])."""
-  if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
-    if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
-      raise ValueError(f"{name}: expected a non-empty list of non-empty token lists")
-    prompts, prompt_lengths = pad_batch(prompts, pad_id)
-  if not hasattr(prompts, "shape") and not isinstance(prompts, (list, tuple)):
-    raise TypeError(f"{name}: expected integer ids [B, T], got {type(prompts).__name__}")
-  prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer) or prompts.shape[1] < 1:
-    raise ValueError(f"{name}: expected integer ids of shape [B, T], got {prompts.dtype} "
-                     f"{prompts.shape}")
-  b, t = prompts.shape
-  lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths)
-  if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 \
-      or lengths.max() > t:
-    raise ValueError(f"{name}: lengths: expected [{b}] ints in [1, {t}], got {lengths.tolist()}")
-  valid = np.arange(t)[None] < lengths[:, None]
-  bad = prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= vocab_size)]
-  if bad.size:
-    raise ValueError(f"{name}: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                     f"[0, {vocab_size})")
-  return prompts.astype(np.int32), lengths.astype(np.int32)
-
-
-def check_same_vocab(name_a: str, a, name_b: str, b) -> None:
-  for name, m in ((name_a, a), (name_b, b)):
-    if not isinstance(getattr(m, "vocab_size", None), int):
-      raise TypeError(f"{name}: expected a SequenceModel, got {type(m).__name__}")
-  if a.vocab_size != b.vocab_size:
-    raise ValueError(f"{name_b}: vocabulary of {b.vocab_size} ids does not match {name_a}'s "
-                     f"{a.vocab_size}: the two models must share one tokenizer")
-
-
-def check_decode_options(v: int, max_new_tokens, sampler, eos_id, pad_id) -> None:
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
-    if tok is not None and (not isinstance(tok, (int, np.integer)) or not 0 <= tok < v):
-      raise ValueError(f"{name}: {tok!r} outside the vocabulary [0, {v})")
-  if not isinstance(sampler, SamplerConfig):
-    raise TypeError(f"sampler: expected a SamplerConfig, got {type(sampler).__name__}")
-  sampling.check_vocab(sampler, v)
-
-
-def check_context(name: str, model, cap: int) -> None:
-  if model.max_len is not None and cap > model.max_len:
-    raise ValueError(f"{name}: {cap} positions (prompt + max_new_tokens + catch-up) exceed the "
-                     f"model's context of {model.max_len}")
-
-
-def max_step(model) -> int | None:
-  """Most tokens one `step` may append (recurrent models keep that much history), else None."""
-  if hasattr(model, "max_step"):
-    return model.max_step
-  return getattr(getattr(model, "cfg", None), "max_step", None)
-
-
 # --- the decoder --------------------------------------------------------------------------------
 
 def ead_generate(small, small_params, large, large_params, prompts, key, *, max_new_tokens: int,
@@ -180,16 +121,13 @@ def ead_generate(small, small_params, large, large_params, prompts, key, *, max_
   check_same_vocab("small", small, "large", large)
   if not isinstance(config, EADConfig):
     raise TypeError(f"config: expected an EADConfig, got {type(config).__name__}")
-  v = small.vocab_size
-  prompts, lengths = check_prompts("prompts", prompts, prompt_lengths, v, pad_id)
-  check_decode_options(v, max_new_tokens, sampler, eos_id, pad_id)
-  cap = int(lengths.max()) + max_new_tokens + config.catch_up
+  prompts, lengths, cap = check_prompts(small, prompts, prompt_lengths,
+                                        max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                        pad_id=pad_id, extra=config.catch_up)
+  check_sampler(sampler, small.vocab_size)
   for name, m in (("small", small), ("large", large)):
     check_context(name, m, cap)
-    ms = max_step(m)
-    if ms is not None and config.catch_up > ms:
-      raise ValueError(f"catch_up: {config.catch_up} tokens in one step exceed the {name} model's "
-                       f"max_step={ms} (the history it keeps for rollback)")
+    check_block(m, f"{name} model", config.catch_up, "catch_up")
   # the threshold is traced (one compile serves every threshold); the rest of config is static
   out = _ead(small, large, (small_params, large_params), jnp.asarray(prompts),
              jnp.asarray(lengths), key, jnp.float32(config.threshold),

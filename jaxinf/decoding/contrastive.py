@@ -40,13 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.decoding.adaptive import (
-    check_context,
-    check_decode_options,
-    check_prompts,
-    check_same_vocab,
-)
-from jaxinf.decoding.sampling import GREEDY, NEG_INF
+from jaxinf.decoding.checks import check_context, check_prompts, check_same_vocab
+from jaxinf.decoding.sampling import NEG_INF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,21 +141,20 @@ def contrastive_generate(expert, expert_params, prompts, key, *, max_new_tokens:
   elif amateur_params is None:
     raise ValueError("amateur_params: required with an amateur model")
   check_same_vocab("expert", expert, "amateur", amateur)
-  v = expert.vocab_size
-  prompts, lengths = check_prompts("prompts", prompts, prompt_lengths, v, pad_id)
+  opts = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  prompts, lengths, cap = check_prompts(expert, prompts, prompt_lengths, **opts)
   if amateur_prompts is None:
     if amateur_prompt_lengths is not None:
       raise ValueError("amateur_prompt_lengths: given without amateur_prompts")
-    amateur_prompts, amateur_lengths = prompts, lengths
+    amateur_prompts, amateur_lengths, amateur_cap = prompts, lengths, cap
   else:
-    amateur_prompts, amateur_lengths = check_prompts(
-        "amateur_prompts", amateur_prompts, amateur_prompt_lengths, v, pad_id)
+    amateur_prompts, amateur_lengths, amateur_cap = check_prompts(
+        amateur, amateur_prompts, amateur_prompt_lengths, name="amateur_prompts",
+        lengths_name="amateur_prompt_lengths", **opts)
   if amateur_prompts.shape[0] != prompts.shape[0]:
     raise ValueError(f"amateur_prompts: batch {amateur_prompts.shape[0]} does not match the "
                      f"prompts' {prompts.shape[0]}")
-  check_decode_options(v, max_new_tokens, GREEDY, eos_id, pad_id)
-  caps = (int(lengths.max()) + max_new_tokens, int(amateur_lengths.max()) + max_new_tokens)
-  check_context("expert", expert, caps[0])
+  caps = (cap, amateur_cap)
   check_context("amateur", amateur, caps[1])
   knobs = jnp.asarray([config.alpha, config.temperature or 1.0, config.amateur_temperature],
                       jnp.float32)  # traced: one compile serves every alpha and temperature

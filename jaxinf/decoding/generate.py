@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import sampling
+from jaxinf.decoding.checks import check_prompts, check_sampler
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import pad_batch
 
 
 class GenerateOutput(NamedTuple):
@@ -42,9 +42,7 @@ def generate(model, params, prompts, key, *, max_new_tokens: int,
   prompts, lengths, cap = check_prompts(model, prompts, prompt_lengths,
                                         max_new_tokens=max_new_tokens, eos_id=eos_id,
                                         pad_id=pad_id, max_len=max_len)
-  if not isinstance(sampler, SamplerConfig):
-    raise TypeError(f"sampler: expected a SamplerConfig, got {type(sampler).__name__}")
-  sampling.check_vocab(sampler, model.vocab_size)
+  check_sampler(sampler, model.vocab_size)
 
   emit = None
   if callback is not None:
@@ -58,45 +56,6 @@ def generate(model, params, prompts, key, *, max_new_tokens: int,
     if callback is not None:
       finish()
   return out
-
-
-def check_prompts(model, prompts, prompt_lengths, *, max_new_tokens: int, eos_id: int | None,
-                  pad_id: int, max_len: int | None, extra: int = 0):
-  """The input checks every decoder shares, before tracing. `prompts`: `[B, T]` right-padded ids
-  with `prompt_lengths` `[B]` (default: all T), or a list of token lists. Returns (prompts int32
-  [B, T], lengths int32 [B], cache positions): the cache holds the longest prompt plus
-  max_new_tokens plus `extra` (the slack a decoder writes past the last kept token, e.g. a
-  speculative block), or `max_len` if given."""
-  if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
-    prompts, prompt_lengths = pad_batch(prompts, pad_id)
-  prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-    raise ValueError(f"prompts: expected integer ids of shape [B, T], got {prompts.dtype} "
-                     f"{prompts.shape}")
-  b, t = prompts.shape
-  lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths)
-  if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
-    raise ValueError(f"prompt_lengths: expected [{b}] values in [1, {t}], got {lengths}")
-  v = model.vocab_size
-  valid = np.arange(t)[None] < lengths[:, None]
-  if (prompts[valid] < 0).any() or (prompts[valid] >= v).any():
-    bad = prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= v)]
-    raise ValueError(f"prompts: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                     f"[0, {v})")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  need = int(lengths.max()) + max_new_tokens + extra
-  cap = max_len if max_len is not None else need
-  if need > cap:
-    raise ValueError(f"max_len: the longest prompt ({lengths.max()}) plus max_new_tokens "
-                     f"({max_new_tokens})" + (f" plus {extra} positions of slack" if extra else "")
-                     + f" needs {need} positions, the cache holds {cap}")
-  if model.max_len is not None and cap > model.max_len:
-    raise ValueError(f"prompts: {cap} positions exceed the model's context of {model.max_len}")
-  for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
-    if tok is not None and not 0 <= tok < v:
-      raise ValueError(f"{name}: {tok} outside the vocabulary [0, {v})")
-  return prompts.astype(np.int32), lengths.astype(np.int32), cap
 
 
 def _background(callback):

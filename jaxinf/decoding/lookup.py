@@ -54,10 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import sampling
+from jaxinf.decoding.checks import check_block, check_prompts, check_sampler
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import pad_batch
-from jaxinf.decoding.verify import (SpeculativeOutput, append_tokens, check_sampler, probs,
-                                    verify)
+from jaxinf.decoding.verify import SpeculativeOutput, append_tokens, probs, verify
 from jaxinf.models.functional import check_int
 
 # ---------------------------------------------------------------------------------------------
@@ -115,59 +114,16 @@ class Checked:
 
 def check_inputs(model, prompts, prompt_lengths, *, max_new_tokens, sampler, eos_id, pad_id,
                  max_len, step_tokens: int, step_arg: str = "draft_len") -> Checked:
-  """`generate`'s checks, plus: the sampler is stateless (`verify.check_sampler`), one step of
+  """`generate`'s checks (`checks.check_prompts`), plus: the sampler is stateless, one step of
   `step_tokens` tokens fits the model's `max_step`, and the cache holds the longest prompt, the
   new tokens and one block of drafts past them (T + max_new_tokens + γ, γ = step_tokens - 1).
   `step_arg` names the option that sets γ in the messages."""
-  if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
-    if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
-      raise ValueError("prompts: expected a non-empty list of non-empty token lists or an [B, T] "
-                       "array")
-    prompts, prompt_lengths = pad_batch(prompts, pad_id)
-  if not hasattr(prompts, "shape") and not isinstance(prompts, (list, tuple)):
-    raise TypeError(f"prompts: expected integer ids [B, T], got {type(prompts).__name__}")
-  prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer) or 0 in prompts.shape:
-    raise ValueError(f"prompts: expected integer ids of shape [B, T], got {prompts.dtype} "
-                     f"{prompts.shape}")
-  b, t = prompts.shape
-  lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths)
-  if (lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer)
-      or lengths.min() < 1 or lengths.max() > t):
-    raise ValueError(f"prompt_lengths: expected [{b}] ints in [1, {t}], got {lengths}")
-  v = model.vocab_size
-  valid = np.arange(t)[None] < lengths[:, None]
-  bad = prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= v)]
-  if bad.size:
-    raise ValueError(f"prompts: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                     f"[0, {v})")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
-    if tok is not None and (isinstance(tok, bool) or not isinstance(tok, (int, np.integer))
-                            or not 0 <= tok < v):
-      raise ValueError(f"{name}: expected an id in the vocabulary [0, {v}), got {tok!r}")
-  if pad_id is None:
-    raise ValueError("pad_id: expected an id in the vocabulary, got None")
-  check_sampler(sampler)
-  sampling.check_vocab(sampler, v)
-  if model.max_step is not None and step_tokens > model.max_step:
-    raise ValueError(f"{step_arg}: a verified block of {step_tokens} tokens (the pending token "
-                     f"and {step_tokens - 1} drafts) exceeds the model's max_step="
-                     f"{model.max_step}; use fewer drafts or build the model with a larger "
-                     "max_step")
-  need = int(lengths.max()) + max_new_tokens + step_tokens - 1
-  cap = max_len if max_len is not None else need
-  if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)):
-    raise TypeError(f"max_len: expected an int, got {type(max_len).__name__}")
-  if need > cap:
-    raise ValueError(f"max_len: the longest prompt ({lengths.max()}) plus max_new_tokens "
-                     f"({max_new_tokens}) plus one block of {step_tokens - 1} drafts needs {need} "
-                     f"cache positions, max_len is {cap}")
-  if model.max_len is not None and cap > model.max_len:
-    raise ValueError(f"prompts: the cache needs {cap} positions (longest prompt + max_new_tokens "
-                     f"+ {step_tokens - 1} drafts), the model's context is {model.max_len}")
-  return Checked(prompts.astype(np.int32), lengths.astype(np.int32), int(cap))
+  prompts, lengths, cap = check_prompts(model, prompts, prompt_lengths,
+                                        max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                        pad_id=pad_id, max_len=max_len, extra=step_tokens - 1)
+  check_sampler(sampler, model.vocab_size, stateless=True)
+  check_block(model, "model", step_tokens, step_arg)
+  return Checked(prompts, lengths, cap)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import sampling
-from jaxinf.decoding.generate import check_prompts
+from jaxinf.decoding.checks import (check_block, check_context, check_prompts, check_same_vocab,
+                                    check_sampler)
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.verify import (SpeculativeOutput, append_tokens, check_sampler, probs,
-                                    verify)
+from jaxinf.decoding.verify import SpeculativeOutput, append_tokens, probs, verify
 
 GAMMA_SCHEDULES = ("fixed", "heuristic")
 
@@ -75,26 +75,6 @@ class SpeculativeConfig:
       raise ValueError(f"draft_confidence: expected in [0, 1], got {self.draft_confidence!r}")
 
 
-def check_pair(target, draft) -> None:
-  """Two SequenceModels over one vocabulary."""
-  for name, m in (("target", target), ("draft", draft)):
-    if not all(hasattr(m, a) for a in ("vocab_size", "init_cache", "prefill", "step",
-                                       "rollback")):
-      raise TypeError(f"{name}: expected a SequenceModel, got {type(m).__name__}")
-  if draft.vocab_size != target.vocab_size:
-    raise ValueError(f"draft: its vocabulary of {draft.vocab_size} ids differs from the "
-                     f"target's {target.vocab_size}; speculative decoding compares the two "
-                     "distributions id by id")
-
-
-def check_block(model, name: str, tokens: int) -> None:
-  """A `step` over `tokens` positions must fit the model's kept state history."""
-  limit = getattr(model, "max_step", None)
-  if limit is not None and tokens > limit:
-    raise ValueError(f"gamma: a block of {tokens} tokens per step exceeds the {name}'s "
-                     f"max_step={limit} (the state history it keeps for rollback)")
-
-
 def speculative_generate(target, target_params, draft, draft_params, prompts, key, *,
                          max_new_tokens: int, gamma: int = 4,
                          sampler: SamplerConfig = sampling.GREEDY,
@@ -111,20 +91,17 @@ def speculative_generate(target, target_params, draft, draft_params, prompts, ke
   `target_cache`, `draft_cache`, the raw token `buffer` [B, max_new_tokens + gamma + 1] and
   `written` [B] (tokens emitted, including any past max_new_tokens in the last round).
   """
-  check_pair(target, draft)
+  check_same_vocab("target", target, "draft", draft)
   spec = SpeculativeConfig(gamma, gamma_schedule, gamma_init, draft_confidence)
-  check_block(target, "target", gamma + 1)
-  check_block(draft, "draft", gamma + 1)
-  check_sampler(sampler, "sampler")
+  check_block(target, "target", gamma + 1, "gamma")
+  check_block(draft, "draft", gamma + 1, "gamma")
+  check_sampler(sampler, target.vocab_size, stateless=True)
   draft_sampler = sampler if draft_sampler is None else draft_sampler
-  check_sampler(draft_sampler, "draft_sampler")
-  sampling.check_vocab(sampler, target.vocab_size)
-  sampling.check_vocab(draft_sampler, draft.vocab_size)
+  check_sampler(draft_sampler, draft.vocab_size, "draft_sampler", stateless=True)
   prompts, lengths, cap = check_prompts(target, prompts, prompt_lengths,
                                         max_new_tokens=max_new_tokens, eos_id=eos_id,
                                         pad_id=pad_id, max_len=max_len, extra=gamma + 1)
-  if draft.max_len is not None and cap > draft.max_len:
-    raise ValueError(f"draft: {cap} positions exceed the draft's context of {draft.max_len}")
+  check_context("draft", draft, cap)
   out, state = _speculative(target, draft, target_params, draft_params, jnp.asarray(prompts),
                             jnp.asarray(lengths), key, spec=spec, sampler=sampler,
                             draft_sampler=draft_sampler, max_new_tokens=max_new_tokens,

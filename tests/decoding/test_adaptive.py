@@ -141,7 +141,7 @@ class TestBadInput:
   def test_vocab_mismatch(self, pair):
     small, sp, *_ = pair
     other = BigramModel(vocab_size=32)
-    with pytest.raises(ValueError, match="large: vocabulary"):
+    with pytest.raises(ValueError, match="large: its vocabulary"):
       ead_generate(small, sp, other, other.init_params(jax.random.key(0)), PROMPTS,
                    jax.random.key(0), max_new_tokens=4)
 

@@ -180,7 +180,7 @@ class TestBadInput:
   def test_vocab_mismatch(self, bigrams, tiny):
     expert, ep, *_ = tiny
     _, _, amateur, ap = bigrams
-    with pytest.raises(ValueError, match="amateur: vocabulary"):
+    with pytest.raises(ValueError, match="amateur: its vocabulary"):
       contrastive_generate(expert, ep, [[1, 2]], jax.random.key(0), max_new_tokens=4,
                            amateur=amateur, amateur_params=ap)
 
