@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -182,6 +183,29 @@ def self_distillation_stream(model, params, corpus, key, *, num_prompts: int = 6
       rows += [np.concatenate([p, t[:n]]) for p, t, n in zip(prompts[j:j + batch_size], toks,
                                                               lengths)]
   return np.concatenate(rows).astype(np.int32)
+
+
+def train_medusa_self_distilled(model, params, corpus, cfg: MedusaTrainConfig,
+                                out_dir: str | os.PathLike, *, eos_id: int | None = None,
+                                num_prompts: int = 256, prompt_len: int = 64,
+                                new_tokens: int = 192, seed: int = 0, progress: bool = True
+                                ) -> tuple[MedusaHeads, dict, list[dict]]:
+  """Train-or-load for benchmarks: the self-distillation stream of `model`/`params` (written once
+  to `out_dir/self_distill.npy` and reused), then `train_medusa` on it in `out_dir` (resumed or
+  loaded when finished). `out_dir` belongs to one target: new target weights need a new folder.
+  Returns (heads, head_params, loss records)."""
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / "self_distill.npy"
+  if path.exists():
+    stream = np.load(path)
+  else:
+    stream = self_distillation_stream(model, params, corpus, jax.random.key(seed),
+                                      num_prompts=num_prompts, prompt_len=prompt_len,
+                                      new_tokens=new_tokens, eos_id=eos_id)
+    np.save(path.with_suffix(".tmp.npy"), stream)
+    path.with_suffix(".tmp.npy").rename(path)  # a kill mid-write leaves no partial stream
+  return train_medusa(model, params, stream, cfg, out_dir, progress=progress)
 
 
 def head_accuracy(model, params, heads: MedusaHeads, head_params, stream, *, seq_len: int = 128,

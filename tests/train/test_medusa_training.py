@@ -14,7 +14,8 @@ from jaxinf.models.medusa import MedusaConfig, MedusaHeads, medusa_heads
 from jaxinf.models.transformer import TransformerLM, transformer_config
 from jaxinf.decoding.sampling import GREEDY
 from jaxinf.train.medusa import (MedusaTrainConfig, head_accuracy, medusa_loss,
-                                 self_distillation_stream, target_features, train_medusa)
+                                 self_distillation_stream, target_features, train_medusa,
+                                 train_medusa_self_distilled)
 
 CFG = MedusaTrainConfig(num_heads=3, steps=40, batch_size=8, seq_len=16, learning_rate=1e-2,
                         warmup_steps=5, checkpoint_every=20)
@@ -138,3 +139,19 @@ def test_self_distillation_stream_is_prompts_then_the_targets_text(target):
   first_eos = 5 + int(np.argmax(stream[5:11] == eos))
   np.testing.assert_array_equal(cut[:first_eos + 1], stream[:first_eos + 1])
   assert len(cut) < len(stream)
+
+
+def test_self_distilled_train_or_load_reuses_its_folder(target, tmp_path):
+  model, params = target
+  cfg = dataclasses.replace(CFG, steps=2, checkpoint_every=2, seq_len=8)
+  corpus = periodic_corpus(300, seed=3)
+  kw = dict(num_prompts=2, prompt_len=8, new_tokens=16, progress=False)
+  _, hp, rec = train_medusa_self_distilled(model, params, corpus, cfg, tmp_path, **kw)
+  stream = np.load(tmp_path / "self_distill.npy")
+  assert stream.shape == (2 * 2 * (8 + 16),)  # two samplers, no EOS given
+  # a second call loads the finished heads (no step runs: another corpus changes nothing)
+  _, hp2, rec2 = train_medusa_self_distilled(model, params, corpus[::-1].copy(), cfg, tmp_path,
+                                             **kw)
+  assert rec2 == rec
+  for a, b in zip(jax.tree.leaves(hp), jax.tree.leaves(hp2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
