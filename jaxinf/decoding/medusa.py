@@ -231,7 +231,7 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
       raise ValueError(f"{name}: expected an id in the vocabulary [0, {v}), got {tok!r}")
   need = int(lengths.max()) + max_new_tokens + tree.num_nodes
   cap = max_len if max_len is not None else need
-  if isinstance(cap, bool) or not isinstance(cap, int) or need > cap:
+  if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or need > cap:
     raise ValueError(f"max_len: the longest prompt ({lengths.max()}) + max_new_tokens "
                      f"({max_new_tokens}) + the tree's {tree.num_nodes} nodes need {need} "
                      f"positions, got {max_len!r}")
@@ -244,8 +244,9 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
   out = _medusa(model, params, heads, head_params, jnp.asarray(prompts, jnp.int32),
                 jnp.asarray(lengths, jnp.int32), key, tree=tree, sampler=sampler,
                 acceptance=acceptance, epsilon=float(typical_epsilon),
-                delta=float(typical_delta), max_new_tokens=max_new_tokens, eos_id=eos_id,
-                pad_id=int(pad_id), cap=cap)
+                delta=float(typical_delta), max_new_tokens=max_new_tokens,
+                eos_id=None if eos_id is None else int(eos_id),
+                pad_id=int(pad_id), cap=int(cap))
   return jax.block_until_ready(out)
 
 
