@@ -29,9 +29,9 @@ Acceptance:
   Each node draws with its own randomness (one categorical per node per round, from
   `fold_in(key, round)`), and a node's draw is used only when it lies on the walked path.
 * "typical" (LOSSY): Medusa's typical acceptance (§2.3.1): a candidate x after node u is
-  accepted if p_u(x) > min(ε, δ·exp(−H(p_u))); the path with the longest accepted prefix wins (ties: the
-  first in tree order, i.e. the higher-ranked candidates); the next token is drawn from p at its
-  last node. Tokens accepted this way are NOT distributed as the target's samples — the output
+  accepted if p_u(x) > min(ε, δ·exp(−H(p_u))); the path with the longest accepted prefix wins
+  (ties: the first in tree order, i.e. the higher-ranked candidates); the next token is drawn from
+  p at its last node. Tokens accepted this way are NOT distributed as the target's samples — the output
   distribution differs from `generate`'s; only greedy (where p is one-hot) coincides.
 
 Only transformer targets (`tree_step` / `commit_path`); recurrent targets are refused.
@@ -48,10 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.decoding import sampling
+from jaxinf.decoding import checks, sampling
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import pad_batch
-from jaxinf.decoding.verify import SpeculativeOutput, append_tokens, check_sampler, probs
+from jaxinf.decoding.verify import SpeculativeOutput, append_tokens, probs
 from jaxinf.models.medusa import MedusaHeads
 from jaxinf.models.transformer import tree_structure
 
@@ -181,28 +180,17 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
   Returns `SpeculativeOutput`: drafted counts the tree's candidate nodes per target call, accepted
   the candidates emitted on the accepted path.
   """
-  if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
-    prompts, prompt_lengths = pad_batch(prompts, pad_id)
-  prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-    raise ValueError(f"prompts: expected integer ids of shape [B, T], got {prompts.dtype} "
-                     f"{prompts.shape}")
-  b, t = prompts.shape
-  lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths)
-  if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 \
-      or lengths.max() > t:
-    raise ValueError(f"prompt_lengths: expected [{b}] ints in [1, {t}], got {lengths}")
   if not (hasattr(model, "tree_step") and hasattr(model, "commit_path")):
     raise ValueError(f"model: Medusa's tree attention needs a transformer target with tree_step "
                      f"and commit_path; {type(model).__name__} has none")
+  if not isinstance(tree, MedusaTree):
+    raise TypeError(f"tree: expected a MedusaTree, got {type(tree).__name__}")
+  # the tree's n nodes are written past the last kept token: n positions of slack
+  prompts, lengths, cap = checks.check_prompts(model, prompts, prompt_lengths,
+                                               max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                               pad_id=pad_id, max_len=max_len,
+                                               extra=tree.num_nodes)
   v = model.vocab_size
-  valid = np.arange(t)[None] < lengths[:, None]
-  if (prompts[valid] < 0).any() or (prompts[valid] >= v).any():
-    bad = prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= v)]
-    raise ValueError(f"prompts: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                     f"[0, {v})")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
   if not isinstance(heads, MedusaHeads):
     raise TypeError(f"heads: expected MedusaHeads, got {type(heads).__name__}")
   if heads.vocab_size != v or heads.config.hidden_size != model.config.hidden_size:
@@ -210,14 +198,11 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
                      f"{heads.config.hidden_size}, the target has {v} and "
                      f"{model.config.hidden_size}")
   heads.check_params(head_params)
-  if not isinstance(tree, MedusaTree):
-    raise TypeError(f"tree: expected a MedusaTree, got {type(tree).__name__}")
   if tree.depth > heads.num_heads:
     raise ValueError(f"tree: {tree.depth} levels deep, but there are only {heads.num_heads} heads")
   if max(tree.top_k) > v:
     raise ValueError(f"tree: asks for rank {max(tree.top_k) - 1} of a {v}-token vocabulary")
-  check_sampler(sampler)
-  sampling.check_vocab(sampler, v)
+  checks.check_sampler(sampler, v, stateless=True)
   if acceptance not in ACCEPTANCE:
     raise ValueError(f"acceptance: expected one of {ACCEPTANCE}, got {acceptance!r}")
   for name, value, high in (("typical_epsilon", typical_epsilon, 1.0),
@@ -225,19 +210,6 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (
         high is not None and value > high):
       raise ValueError(f"{name}: expected a number in (0, {high or 'inf'}], got {value!r}")
-  for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
-    if tok is not None and (isinstance(tok, bool) or not isinstance(tok, (int, np.integer))
-                            or not 0 <= tok < v):
-      raise ValueError(f"{name}: expected an id in the vocabulary [0, {v}), got {tok!r}")
-  need = int(lengths.max()) + max_new_tokens + tree.num_nodes
-  cap = max_len if max_len is not None else need
-  if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or need > cap:
-    raise ValueError(f"max_len: the longest prompt ({lengths.max()}) + max_new_tokens "
-                     f"({max_new_tokens}) + the tree's {tree.num_nodes} nodes need {need} "
-                     f"positions, got {max_len!r}")
-  if model.max_len is not None and cap > model.max_len:
-    raise ValueError(f"prompts: {cap} positions (prompt + max_new_tokens + tree nodes) exceed the "
-                     f"model's context of {model.max_len}")
   if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                                           or (key.dtype == jnp.uint32 and key.shape == (2,)))):
     raise TypeError(f"key: expected a jax.random key, got {type(key).__name__}")
