@@ -31,8 +31,8 @@ Acceptance:
 * "typical" (LOSSY): Medusa's typical acceptance (§2.3.1): a candidate x after node u is
   accepted if p_u(x) > min(ε, δ·exp(−H(p_u))); the path with the longest accepted prefix wins
   (ties: the first in tree order, i.e. the higher-ranked candidates); the next token is drawn from
-  p at its last node. Tokens accepted this way are NOT distributed as the target's samples — the output
-  distribution differs from `generate`'s; only greedy (where p is one-hot) coincides.
+  p at its last node. Tokens accepted this way are NOT distributed as the target's samples — the
+  output distribution differs from `generate`'s; only greedy (where p is one-hot) coincides.
 
 Only transformer targets (`tree_step` / `commit_path`); recurrent targets are refused.
 """
