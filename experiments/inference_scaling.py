@@ -51,7 +51,9 @@ class Config:
   hidden_size: int = 64
   num_layers: int = 3
   mlp_hidden: int = 192
-  train: LMTrainConfig = LMTrainConfig(steps=600, batch_size=32, seq_len=96, learning_rate=3e-3,
+  # 600 steps at seq 96 left the solver at 22% sampled accuracy; 800 at seq 128 reached ~65% in a
+  # calibration run: a solver that is right sometimes, not always, is what makes scaling visible
+  train: LMTrainConfig = LMTrainConfig(steps=800, batch_size=32, seq_len=128, learning_rate=3e-3,
                                        warmup_steps=50, checkpoint_every=100)
   train_problems: int = 100_000
   scorer_train: train_arith.ScorerTrainConfig = train_arith.ScorerTrainConfig(steps=300)

@@ -40,11 +40,15 @@ from experiments.lm_families import heldout_prompts, side_by_side
 from experiments.reporting import markdown_table, results_dir, write_report
 from jaxinf.decoding import jacobi, lookup
 from jaxinf.decoding.generate import generate
+from jaxinf.decoding.medusa import medusa_generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.speculative import expected_tokens_per_call, speculative_generate
+from jaxinf.decoding.tokenizer import ByteTokenizer
 from jaxinf.train.draft import target_text
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
+from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled
 
+EOS = ByteTokenizer.eos_id
 SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temperature=0.7)}
 
 
@@ -68,7 +72,12 @@ class Config:
   lookahead_window: int = 4
   lookahead_ngram: int = 4
   lookahead_candidates: int = 4
+  # Medusa-1 heads on the frozen target, trained on its own text (self-distillation)
   medusa: bool = True
+  medusa_train: MedusaTrainConfig = MedusaTrainConfig(steps=800, batch_size=8, seq_len=128)
+  medusa_prompts: int = 256
+  medusa_prompt_len: int = 64
+  medusa_new_tokens: int = 192
   # FastDraft: target text from training-corpus prompts, then fine-tuning of transformer-1m
   fastdraft_sequences: int = 512
   fastdraft_prompt: int = 32
@@ -93,6 +102,9 @@ def smoke_config(cfg: Config) -> Config:
       fastdraft_prompt=8, fastdraft_new_tokens=24,
       fastdraft_train=LMTrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1,
                                     checkpoint_every=1),
+      medusa_train=MedusaTrainConfig(steps=2, batch_size=2, seq_len=16,
+                                     checkpoint_every=1),
+      medusa_prompts=2, medusa_prompt_len=8, medusa_new_tokens=16,
       eval_windows=2, out_dir=str(Path(cfg.out_dir).parent / "speculative_smoke"))
 
 
@@ -106,9 +118,9 @@ def fastdraft(cfg: Config, target, t_params, train_stream, root: Path):
     stream = np.load(stream_file)
   else:
     stream = target_text(target, t_params, train_stream, jax.random.key(cfg.seed + 17),
-                         n_sequences=cfg.fastdraft_sequences, prompt_len=cfg.fastdraft_prompt,
+                         num_prompts=cfg.fastdraft_sequences, prompt_len=cfg.fastdraft_prompt,
                          new_tokens=cfg.fastdraft_new_tokens,
-                         sampler=SamplerConfig(temperature=1.0), seed=cfg.seed)
+                         samplers=(SamplerConfig(temperature=1.0),), eos_id=EOS)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(stream_file, stream)
   state, _ = train_lm(base, base_params, stream, cfg=cfg.fastdraft_train, out_dir=folder,
@@ -140,6 +152,14 @@ def run(cfg: Config) -> list[dict]:
   for row in quality:
     print(f"{row['model']}: {row['params']:,} params, held-out {row['heldout_bpb']:.3f} bits/byte",
           flush=True)
+
+  medusa = None
+  if cfg.medusa:
+    heads, head_params, _ = train_medusa_self_distilled(
+        target, t_params, train_stream, cfg.medusa_train, root / "train" / "medusa", eos_id=EOS,
+        num_prompts=cfg.medusa_prompts, prompt_len=cfg.medusa_prompt_len,
+        new_tokens=cfg.medusa_new_tokens, seed=cfg.seed, progress=cfg.progress)
+    medusa = (heads, head_params)
 
   prompts = heldout_prompts(heldout, cfg.n_prompts, cfg.prompt_len, cfg.seed)
   kw = dict(max_new_tokens=cfg.new_tokens)
@@ -184,8 +204,14 @@ def run(cfg: Config) -> list[dict]:
                   lambda p, k: jacobi.sjd_generate(target, t_params, p, k,
                                                    window=cfg.jacobi_window, sampler=sampler,
                                                    **kw)))
-    if cfg.medusa and medusa_method is not None:
-      out += medusa_method(cfg, target, t_params, train_stream, root, sampler, kw)
+    if medusa is not None:
+      heads, head_params = medusa
+      for acceptance, method in (("exact", "medusa"), ("typical", "medusa-typical (LOSSY)")):
+        out.append((f"medusa {acceptance}" + (" (LOSSY)" if acceptance == "typical" else ""),
+                    dict(method=method, gamma=None, lossless=acceptance == "exact"),
+                    lambda p, k, a=acceptance: medusa_generate(
+                        target, t_params, heads, head_params, p, k, sampler=sampler,
+                        acceptance=a, **kw)))
     return out
 
   rows: list[dict] = list(quality)
@@ -213,7 +239,7 @@ def run(cfg: Config) -> list[dict]:
       alpha = accepted / drafted if drafted else float("nan")
       gamma = fields.get("gamma")
       row = {"study": "speed", "sampler": sampler_name, "label": label, "target": "target",
-             "draft": None, **fields}
+             "draft": None, "lossless": True, **fields}
       row.update(generate_s=secs["generate"], method_s=secs["method"],
                  speedup=secs["generate"] / secs["method"], alpha=alpha,
                  # the prefill draws the first token; every later token comes from a target call
@@ -258,12 +284,6 @@ def _recurrent_row(cfg: Config, models, sampler, kw):
           _spec(tm, tp, dm, dp, cfg.family_gamma, sampler, kw))
 
 
-try:  # Medusa is optional in this study until its module lands
-  from experiments.speculative_medusa import medusa_method
-except ImportError:  # pragma: no cover - depends on the checkout
-  medusa_method = None
-
-
 def _notes(cfg: Config, total: float) -> str:
   return (f"Batch 1, {cfg.n_prompts} held-out prompts of {cfg.prompt_len} bytes, "
           f"{cfg.new_tokens} new tokens each; seconds are medians of {cfg.repeats} timed repeats "
@@ -276,15 +296,16 @@ def _report(cfg: Config, rows: list[dict], total: float) -> str:
            "## Models (held-out bits per byte)", "",
            markdown_table([r for r in rows if r["study"] == "models"],
                           ["model", "params", "heldout_bpb"])]
-  cols = ["label", "speedup", "generate_s", "method_s", "alpha", "tokens_per_call",
+  cols = ["label", "lossless", "speedup", "generate_s", "method_s", "alpha", "tokens_per_call",
           "expected_tokens_per_call", "target_calls", "identical_to_generate"]
   for s in cfg.samplers:
     speed = [r for r in rows if r["study"] == "speed" and r["sampler"] == s]
     parts += ["", f"## {s}: speedup over `generate` (same output distribution)", "",
               markdown_table(sorted(speed, key=lambda r: -r["speedup"]), cols)]
-    best = max(speed, key=lambda r: r["speedup"], default=None)
+    best = max((r for r in speed if r["lossless"]), key=lambda r: r["speedup"], default=None)
     if best is not None:
-      parts += ["", f"Best: {best['label']} at {best['speedup']:.2f}x."]
+      parts += ["", f"Best lossless method: {best['label']} at {best['speedup']:.2f}x "
+                f"({best['tokens_per_call']:.2f} tokens per target call)."]
   parts += ["", "alpha = accepted / drafted drafts; tokens_per_call = tokens after the first "
             "(which the prefill draws) per target call; expected_tokens_per_call = "
             "(1 - alpha^(γ+1)) / (1 - alpha) at the measured alpha (draft-model rows)."]

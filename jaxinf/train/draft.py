@@ -1,15 +1,10 @@
-"""A draft model trained for its target: FastDraft's recipe (Zafrir et al. 2024, "FastDraft:
-How to Train Your Draft"): pre-train a small model on the data, then align it to the target by
-fine-tuning on text the target generated (sequence-level distillation, as in Kim & Rush 2016), so
-the draft's proposals agree with the target's and speculative decoding accepts more of them.
+"""Text a target model wrote itself, for training models that serve it: a draft aligned to its
+target (FastDraft, Zafrir et al. 2024, "FastDraft: How to Train Your Draft": pre-train small,
+then fine-tune on target-generated text) and Medusa heads (self-distillation, Cai et al. 2024,
+§2.3.2). Decoding verifies the target's own continuations, so models trained on them accept more.
 
-    stream = target_text(target, t_params, corpus, key, n_sequences=512, prompt_len=32,
-                         new_tokens=224, sampler=SamplerConfig(temperature=1.0))
-    state, losses = train_lm(draft, pretrained_params, stream, cfg=..., out_dir=...)
-
-The generated text is the target's own samples from prompts drawn out of the training corpus (no
-held-out text is used); each sequence is its prompt and continuation followed by EOS, so the draft
-learns the target's continuations in context.
+    stream = target_text(target, params, corpus, key, num_prompts=256, prompt_len=64,
+                         new_tokens=192, samplers=(SamplerConfig(temperature=1.0),), eos_id=257)
 """
 
 from __future__ import annotations
@@ -18,36 +13,36 @@ import jax
 import numpy as np
 
 from jaxinf.decoding.generate import generate
-from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import ByteTokenizer
+from jaxinf.decoding.sampling import GREEDY, SamplerConfig
 
 
-def target_text(target, params, corpus, key, *, n_sequences: int, prompt_len: int,
-                new_tokens: int, sampler: SamplerConfig = SamplerConfig(temperature=1.0),
-                batch: int = 64, seed: int = 0) -> np.ndarray:
-  """A token stream of `n_sequences` target continuations (prompt + `new_tokens` + EOS each),
-  generated `batch` sequences per compiled call, prompts being random windows of `corpus`."""
-  corpus = np.asarray(corpus)
-  for name, value in (("n_sequences", n_sequences), ("prompt_len", prompt_len),
-                      ("new_tokens", new_tokens), ("batch", batch)):
+def target_text(model, params, corpus, key, *, num_prompts: int = 64,
+              prompt_len: int = 64, new_tokens: int = 192,
+              samplers: tuple = (GREEDY, SamplerConfig(temperature=0.7)),
+              batch_size: int = 32, eos_id: int | None = None) -> np.ndarray:
+  """Text the target wrote itself: prompts are random corpus windows, each continued by
+  `generate` with every sampler in `samplers` (`batch_size` rows per compiled call); rows (prompt
+  + continuation, cut after `eos_id`) are concatenated into one stream. Windows drawn from the
+  stream may straddle two rows (a small fraction of them)."""
+  for name, value in (("num_prompts", num_prompts), ("prompt_len", prompt_len),
+                      ("new_tokens", new_tokens), ("batch_size", batch_size)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-  if corpus.ndim != 1 or corpus.size <= prompt_len:
-    raise ValueError(f"corpus: expected a 1-D stream longer than prompt_len={prompt_len}")
-  eos = ByteTokenizer.eos_id
-  rng = np.random.default_rng(seed)
-  pieces = []
-  for i, start in enumerate(range(0, n_sequences, batch)):
-    b = min(batch, n_sequences - start)
-    starts = rng.integers(0, corpus.size - prompt_len, size=batch)
+  if not samplers or not all(isinstance(s, SamplerConfig) for s in samplers):
+    raise TypeError(f"samplers: expected a non-empty tuple of SamplerConfig, got {samplers!r}")
+  corpus = np.asarray(corpus)
+  if corpus.ndim != 1 or corpus.shape[0] < prompt_len:
+    raise ValueError(f"corpus: expected a 1-D stream of at least prompt_len = {prompt_len} tokens")
+  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+  rows = []
+  for i, sampler in enumerate(samplers):
+    starts = rng.integers(0, corpus.shape[0] - prompt_len + 1, num_prompts)
     prompts = np.stack([corpus[s:s + prompt_len] for s in starts]).astype(np.int32)
-    out = generate(target, params, prompts, jax.random.fold_in(key, i), max_new_tokens=new_tokens,
-                   sampler=sampler, eos_id=eos)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    for row in range(b):
-      cont = tokens[row, :lengths[row]]
-      if cont.size and cont[-1] == eos:
-        cont = cont[:-1]
-      pieces.append(np.concatenate([prompts[row], cont, [eos]]))
-  return np.concatenate(pieces).astype(np.int32)
-
+    for j in range(0, num_prompts, batch_size):
+      row_key = jax.random.fold_in(jax.random.fold_in(key, i), j)
+      out = generate(model, params, prompts[j:j + batch_size], row_key,
+                     max_new_tokens=new_tokens, sampler=sampler, eos_id=eos_id)
+      toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+      rows += [np.concatenate([p, t[:n]])
+               for p, t, n in zip(prompts[j:j + batch_size], toks, lengths)]
+  return np.concatenate(rows).astype(np.int32)

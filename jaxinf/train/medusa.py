@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinf.decoding.generate import generate
-from jaxinf.decoding.sampling import GREEDY, SamplerConfig
 from jaxinf.models.medusa import MedusaHeads, medusa_heads
+from jaxinf.train.draft import target_text
 from jaxinf.train.loop import adamw_with_warmup, run_training
 
 LABELS = ("corpus", "target")
@@ -158,33 +157,6 @@ def train_medusa(model, params, corpus, cfg: MedusaTrainConfig, out_dir: str | o
   return heads, state["params"], records
 
 
-def self_distillation_stream(model, params, corpus, key, *, num_prompts: int = 64,
-                             prompt_len: int = 64, new_tokens: int = 192,
-                             samplers: tuple = (GREEDY, SamplerConfig(temperature=0.7)),
-                             batch_size: int = 32, eos_id: int | None = None) -> np.ndarray:
-  """Text the target wrote itself (Medusa's self-distillation, Cai et al. 2024, §2.3.2): prompts
-  are random corpus windows, each continued by `generate` with every sampler in `samplers`; rows
-  (prompt + continuation, cut after `eos_id`) are concatenated into one stream. Heads trained on
-  it with `labels="target"` learn the target's own continuations, which is what decoding verifies.
-  Windows drawn from the stream may straddle two rows (a small fraction of them)."""
-  corpus = np.asarray(corpus)
-  if corpus.ndim != 1 or corpus.shape[0] < prompt_len:
-    raise ValueError(f"corpus: expected a 1-D stream of at least prompt_len = {prompt_len} tokens")
-  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
-  rows = []
-  for i, sampler in enumerate(samplers):
-    starts = rng.integers(0, corpus.shape[0] - prompt_len + 1, num_prompts)
-    prompts = np.stack([corpus[s:s + prompt_len] for s in starts]).astype(np.int32)
-    for j in range(0, num_prompts, batch_size):
-      row_key = jax.random.fold_in(jax.random.fold_in(key, i), j)
-      out = generate(model, params, prompts[j:j + batch_size], row_key,
-                     max_new_tokens=new_tokens, sampler=sampler, eos_id=eos_id)
-      toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-      rows += [np.concatenate([p, t[:n]]) for p, t, n in zip(prompts[j:j + batch_size], toks,
-                                                              lengths)]
-  return np.concatenate(rows).astype(np.int32)
-
-
 def train_medusa_self_distilled(model, params, corpus, cfg: MedusaTrainConfig,
                                 out_dir: str | os.PathLike, *, eos_id: int | None = None,
                                 num_prompts: int = 256, prompt_len: int = 64,
@@ -200,7 +172,7 @@ def train_medusa_self_distilled(model, params, corpus, cfg: MedusaTrainConfig,
   if path.exists():
     stream = np.load(path)
   else:
-    stream = self_distillation_stream(model, params, corpus, jax.random.key(seed),
+    stream = target_text(model, params, corpus, jax.random.key(seed),
                                       num_prompts=num_prompts, prompt_len=prompt_len,
                                       new_tokens=new_tokens, eos_id=eos_id)
     np.save(path.with_suffix(".tmp.npy"), stream)

@@ -19,9 +19,9 @@ def test_smoke_run(tmp_path, monkeypatch):
   speed = [r for r in rows if r["study"] == "speed"]
   methods = {r["method"] for r in speed}
   assert {"speculative", "speculative-adaptive", "prompt-lookup", "trie-lookahead", "jacobi",
-          "lookahead"} <= methods
+          "lookahead", "medusa", "medusa-typical (LOSSY)"} <= methods
   # greedy: every lossless method reproduces generate token for token
-  assert all(r["identical_to_generate"] for r in speed)
+  assert all(r["identical_to_generate"] for r in speed if r["lossless"])
   for r in speed:
     assert r["speedup"] > 0 and r["tokens_per_call"] >= 1
     assert math.isnan(r["alpha"]) or 0 <= r["alpha"] <= 1

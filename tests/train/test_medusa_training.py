@@ -14,8 +14,9 @@ from jaxinf.models.medusa import MedusaConfig, MedusaHeads, medusa_heads
 from jaxinf.models.transformer import TransformerLM, transformer_config
 from jaxinf.decoding.sampling import GREEDY
 from jaxinf.train.medusa import (MedusaTrainConfig, head_accuracy, medusa_loss,
-                                 self_distillation_stream, target_features, train_medusa,
+                                 target_features, train_medusa,
                                  train_medusa_self_distilled)
+from jaxinf.train.draft import target_text
 
 CFG = MedusaTrainConfig(num_heads=3, steps=40, batch_size=8, seq_len=16, learning_rate=1e-2,
                         warmup_steps=5, checkpoint_every=20)
@@ -117,12 +118,12 @@ def test_bad_input_raises(target, tmp_path):
     train_medusa(model, params, periodic_corpus(100), {"steps": 1}, tmp_path)
 
 
-def test_self_distillation_stream_is_prompts_then_the_targets_text(target):
+def test_target_text_is_prompts_then_the_targets_text(target):
   """Each row of the stream is a corpus window followed by the target's own greedy continuation
   (checked by argmax over the cache-free forward), cut after EOS."""
   model, params = target
   corpus = periodic_corpus(500, seed=2)
-  stream = self_distillation_stream(model, params, corpus, jax.random.key(0), num_prompts=3,
+  stream = target_text(model, params, corpus, jax.random.key(0), num_prompts=3,
                                     prompt_len=5, new_tokens=6, samplers=(GREEDY,),
                                     batch_size=2, eos_id=None)
   assert stream.shape == (3 * 11,)
@@ -133,7 +134,7 @@ def test_self_distillation_stream_is_prompts_then_the_targets_text(target):
       seq = np.append(seq, np.argmax(np.asarray(model(params, jnp.asarray(seq[None])))[0, -1]))
     np.testing.assert_array_equal(row, seq)
   eos = int(stream[7])  # the third generated token of row 0 as EOS: row 0 ends there
-  cut = self_distillation_stream(model, params, corpus, jax.random.key(0), num_prompts=3,
+  cut = target_text(model, params, corpus, jax.random.key(0), num_prompts=3,
                                  prompt_len=5, new_tokens=6, samplers=(GREEDY,), batch_size=2,
                                  eos_id=eos)
   first_eos = 5 + int(np.argmax(stream[5:11] == eos))
@@ -155,3 +156,11 @@ def test_self_distilled_train_or_load_reuses_its_folder(target, tmp_path):
   assert rec2 == rec
   for a, b in zip(jax.tree.leaves(hp), jax.tree.leaves(hp2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("bad", [dict(num_prompts=0), dict(prompt_len=0), dict(new_tokens=-1)])
+def test_target_text_bad_sizes_refused(target, bad):
+  model, params = target
+  with pytest.raises(ValueError, match=next(iter(bad))):
+    target_text(model, params, periodic_corpus(50), jax.random.key(0),
+                **{**dict(num_prompts=1, prompt_len=4, new_tokens=2), **bad})
