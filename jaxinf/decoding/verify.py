@@ -30,18 +30,6 @@ from jaxinf.decoding import sampling
 from jaxinf.decoding.sampling import SamplerConfig
 
 
-def check_sampler(sampler, name: str = "sampler") -> None:
-  """A SamplerConfig whose distribution depends on the logits alone."""
-  if not isinstance(sampler, SamplerConfig):
-    raise TypeError(f"{name}: expected a SamplerConfig, got {type(sampler).__name__}")
-  if sampler.mirostat is not None:
-    raise ValueError(f"{name}: Mirostat's feedback state changes the distribution within a "
-                     "verified block; speculative decoding supports the stateless rules only")
-  if sampler.repetition_penalty is not None:
-    raise ValueError(f"{name}: repetition_penalty depends on the tokens accepted within the "
-                     "verified block; speculative decoding supports the stateless rules only")
-
-
 def probs(sampler: SamplerConfig, logits: jax.Array) -> jax.Array:
   """The distribution `sample_token` draws from, `[..., V]` fp32 (one-hot argmax when greedy)."""
   shape = logits.shape

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxinf.decoding import verify
+from jaxinf.decoding.checks import check_sampler
 from jaxinf.decoding.sampling import SamplerConfig
 
 from .stats import chi_square_pvalue
@@ -72,4 +73,4 @@ def test_greedy_probs_are_one_hot_at_argmax():
 @pytest.mark.parametrize("bad", [dict(mirostat=2), dict(repetition_penalty=1.2)])
 def test_stateful_samplers_refused(bad):
   with pytest.raises(ValueError, match="sampler"):
-    verify.check_sampler(SamplerConfig(**bad))
+    check_sampler(SamplerConfig(**bad), 4, stateless=True)
