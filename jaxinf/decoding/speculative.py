@@ -143,7 +143,8 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
     return jnp.any(~done & (pos < max_new_tokens))
 
   def body(carry):
-    r, tcache, dcache, out, pos, done, unseen, n_unseen, gam, calls, drafted, accepted = carry
+    (r, tcache, dcache, out, pos, done, unseen, n_unseen, gam, calls, drafted, accepted,
+     rejected) = carry
     rk = jax.random.fold_in(key, r)
     active = ~done & (pos < max_new_tokens)
     pending = unseen[rows, jnp.maximum(n_unseen - 1, 0)]
@@ -198,14 +199,15 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
     live = active.astype(jnp.int32)
     n_unseen = jnp.where(active, n_acc + 1, 0)
     return (r + 1, tcache, dcache, out, pos, done, new, n_unseen, gam, calls + live,
-            drafted + n_draft * live, accepted + n_acc * live)
+            drafted + n_draft * live, accepted + n_acc * live,
+            rejected + (n_acc < n_draft).astype(jnp.int32) * live)
 
   carry = (jnp.int32(1), tcache, dcache, out, pos, done, unseen, jnp.ones((b,), jnp.int32), gam,
-           zeros, zeros, zeros)
-  _, tcache, dcache, out, pos, _, _, _, _, calls, drafted, accepted = jax.lax.while_loop(
-      cond, body, carry)
+           zeros, zeros, zeros, zeros)
+  _, tcache, dcache, out, pos, _, _, _, _, calls, drafted, accepted, rejected = (
+      jax.lax.while_loop(cond, body, carry))
   result = SpeculativeOutput(out[:, :max_new_tokens], jnp.minimum(pos, max_new_tokens), calls,
-                             drafted, accepted)
+                             drafted, accepted, rejected)
   return result, {"target_cache": tcache, "draft_cache": dcache, "buffer": out, "written": pos}
 
 

@@ -85,13 +85,18 @@ class SpeculativeOutput(NamedTuple):
   """What every lossless accelerator returns. `tokens`/`lengths` mean what they mean for
   `generate` (pad_id after a row's EOS); the counters make acceptance measurable:
   target_calls[b] target steps that verified row b (prefill excluded), drafted[b] / accepted[b]
-  the real drafts proposed to and accepted by them. Tokens per target call = lengths / calls."""
+  the real drafts proposed to and accepted by them. Tokens per target call = lengths / calls.
+  `rejected[b]` (draft-model speculative sampling; None elsewhere) counts the rounds that ended
+  in a rejected draft: every draft the target judged was either accepted or that one rejection,
+  so accepted / (accepted + rejected) estimates the per-draft acceptance rate α of Leviathan et
+  al. (2023), where accepted / drafted also counts the drafts after a rejection, never judged."""
 
   tokens: jax.Array        # [B, max_new_tokens]
   lengths: jax.Array       # [B]
   target_calls: jax.Array  # [B]
   drafted: jax.Array       # [B]
   accepted: jax.Array      # [B]
+  rejected: jax.Array | None = None  # [B]
 
 
 def append_tokens(out, pos, new, n_new, done, eos_id: int | None):

@@ -90,6 +90,11 @@ def test_bigram_distribution_is_the_targets(bigrams, sampler):
   assert chi_square_pvalue(_codes(out.tokens, 3), exact) > 1e-3
   acc = np.asarray(out.accepted).sum() / np.asarray(out.drafted).sum()
   assert 0.0 < acc < 0.9  # rejections happen: the residual path is exercised
+  # every judged draft is accepted or the round's one rejection; later drafts go unjudged
+  rej = np.asarray(out.rejected)
+  assert (rej <= np.asarray(out.target_calls)).all()
+  assert (np.asarray(out.accepted) + rej <= np.asarray(out.drafted)).all()
+  assert rej.sum() > 0
 
 
 def test_negative_control_draft_law_is_rejected(bigrams):
@@ -152,6 +157,7 @@ def test_identical_draft_accepts_everything_and_matches_the_closed_form(bigrams)
                              max_new_tokens=1 + 5 * 6, gamma=5,
                              sampler=SamplerConfig(temperature=1.0))
   np.testing.assert_array_equal(out.accepted, out.drafted)
+  np.testing.assert_array_equal(out.rejected, 0)
   per_call = (np.asarray(out.lengths) - 1) / np.asarray(out.target_calls)
   np.testing.assert_allclose(per_call, expected_tokens_per_call(1.0, 5))
   assert expected_tokens_per_call(0.0, 5) == 1.0

@@ -25,6 +25,7 @@ def test_smoke_run(tmp_path, monkeypatch):
   for r in speed:
     assert r["speedup"] > 0 and r["tokens_per_call"] >= 1
     assert math.isnan(r["alpha"]) or 0 <= r["alpha"] <= 1
+    assert math.isnan(r["accept_rate"]) or 0 <= r["accept_rate"] <= 1
   assert (tmp_path / "results" / "code_models_smoke" / "train" / "fastdraft-1m" /
           "target_text.npy").exists()
   assert (out / "speedup_gamma.png").stat().st_size > 0
