@@ -154,13 +154,9 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
     dcache = draft.rollback(dcache, n_unseen)
     logits0 = dlogits[rows, jnp.maximum(n_unseen - 1, 0)]
 
-    # 2. up to gamma drafts per row, on a scratch copy of the draft cache
-    def draft_cond(c):
-      i, *_, stopped = c
-      return (i < g) & ~jnp.all(stopped)
-
-    def draft_body(c):
-      i, scratch, logits, drafts, qs, n_draft, stopped = c
+    # 2. up to gamma drafts per row; the steps between them run on a scratch copy of the draft
+    # cache (the kept cache stays at step 1's state). The last draft needs no step after it.
+    def propose(i, logits, drafts, qs, n_draft, stopped):
       q = probs(draft_sampler, logits)
       x = draw(jax.random.fold_in(rk, 1 + i), draft_sampler, q)
       if spec.draft_confidence is not None:
@@ -169,16 +165,25 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
       drafts = drafts.at[:, i].set(jnp.where(take, x, 0))
       qs = qs.at[:, i].set(q)
       n_draft = n_draft + take.astype(jnp.int32)
-      stopped = stopped | (n_draft >= gam)
-      more = (i + 1 < g) & ~jnp.all(stopped)
-      logits, scratch = jax.lax.cond(
-          more, lambda: _step_last(draft, dparams, x, scratch), lambda: (logits, scratch))
+      return x, drafts, qs, n_draft, stopped | (n_draft >= gam)
+
+    def draft_cond(c):
+      i, *_, stopped = c
+      return (i < g - 1) & ~jnp.all(stopped)
+
+    def draft_body(c):
+      i, scratch, logits, drafts, qs, n_draft, stopped = c
+      x, drafts, qs, n_draft, stopped = propose(i, logits, drafts, qs, n_draft, stopped)
+      logits, scratch = _step_last(draft, dparams, x, scratch)
       return i + 1, scratch, logits, drafts, qs, n_draft, stopped
 
     v = target.vocab_size
-    init = (jnp.int32(0), dcache, logits0, jnp.zeros((b, g), jnp.int32),
-            jnp.zeros((b, g, v), jnp.float32), zeros, jnp.zeros((b,), bool))
-    *_, drafts, qs, n_draft, _ = jax.lax.while_loop(draft_cond, draft_body, init)
+    state = (jnp.int32(0), dcache, logits0, jnp.zeros((b, g), jnp.int32),
+             jnp.zeros((b, g, v), jnp.float32), zeros, jnp.zeros((b,), bool))
+    if g > 1:
+      state = jax.lax.while_loop(draft_cond, draft_body, state)
+    i, _, logits, drafts, qs, n_draft, stopped = state
+    _, drafts, qs, n_draft, _ = propose(i, logits, drafts, qs, n_draft, stopped)
 
     # 3. one target step over [pending, drafts], acceptance, exact rollback
     block = jnp.concatenate([pending[:, None], drafts], axis=1)
