@@ -47,7 +47,7 @@ import numpy as np
 
 from jaxinf.decoding import sampling
 from jaxinf.decoding.checks import (check_block, check_context, check_prompts, check_same_vocab,
-                                    check_sampler)
+                                    check_sampler, strict_config)
 from jaxinf.decoding.sampling import SamplerConfig
 
 LOG2 = math.log(2.0)
@@ -80,11 +80,7 @@ class EADConfig:
 
 def ead_config(**options: Any) -> EADConfig:
   """`EADConfig(**options)`, refusing unknown option names with the list of known ones."""
-  known = {f.name for f in dataclasses.fields(EADConfig)}
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ValueError(f"options: unknown EAD option(s) {unknown}; known: {sorted(known)}")
-  return EADConfig(**options)
+  return strict_config(EADConfig, "EAD", options)
 
 
 class EADOutput(NamedTuple):

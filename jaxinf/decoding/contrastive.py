@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.decoding.checks import check_context, check_prompts, check_same_vocab
+from jaxinf.decoding.checks import check_context, check_prompts, check_same_vocab, strict_config
 from jaxinf.decoding.sampling import NEG_INF
 
 
@@ -75,11 +75,7 @@ class CDConfig:
 
 def cd_config(**options: Any) -> CDConfig:
   """`CDConfig(**options)`, refusing unknown option names with the list of known ones."""
-  known = {f.name for f in dataclasses.fields(CDConfig)}
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ValueError(f"options: unknown contrastive option(s) {unknown}; known: {sorted(known)}")
-  return CDConfig(**options)
+  return strict_config(CDConfig, "contrastive", options)
 
 
 class CDOutput(NamedTuple):

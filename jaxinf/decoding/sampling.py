@@ -84,11 +84,8 @@ GREEDY = SamplerConfig(temperature=0.0)
 
 def sampler(**options: Any) -> SamplerConfig:
   """`SamplerConfig(**options)`, refusing unknown option names with the list of known ones."""
-  known = {f.name for f in dataclasses.fields(SamplerConfig)}
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ValueError(f"options: unknown sampler option(s) {unknown}; known: {sorted(known)}")
-  return SamplerConfig(**options)
+  from jaxinf.decoding.checks import strict_config  # checks imports this module
+  return strict_config(SamplerConfig, "sampler", options)
 
 
 # --- logit processors: [B, V] -> [B, V], masked entries set to NEG_INF -------------------------

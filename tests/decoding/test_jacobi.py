@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinf.decoding import lookup
 from jaxinf.decoding.jacobi import (JacobiDrafter, LookaheadDrafter, SJDDrafter, jacobi_generate,
                                     lookahead_generate, sjd_generate)
 from jaxinf.decoding.sampling import SamplerConfig
@@ -90,14 +89,7 @@ PROMPT = [1, 2, 3]
 
 
 def _sample(drafter, rule=None):
-  model, params = cases.bigram()
-  checked = lookup.check_inputs(model, np.tile(PROMPT, (cases.ROWS, 1)), None,
-                                max_new_tokens=4, sampler=cases.SAMPLER, eos_id=None, pad_id=0,
-                                max_len=None, step_tokens=drafter.draft_len + 1)
-  out = lookup.run_checked(model, params, checked, jax.random.key(12), drafter,
-                           sampler=cases.SAMPLER, max_new_tokens=4, eos_id=None, pad_id=0,
-                           rule=rule)
-  return out, cases.pvalues(out.tokens, PROMPT[-1], params)
+  return cases.sample_rows(drafter, PROMPT, 12, rule)
 
 
 def no_residual(key, p, drafts, n_draft, q):

@@ -9,6 +9,7 @@ import functools
 import jax
 import numpy as np
 
+from jaxinf.decoding import lookup
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import probs
@@ -94,3 +95,15 @@ def check_transition_is_the_samplers():
   _, params = bigram()
   got = np.asarray(probs(SAMPLER, params["table"]))
   np.testing.assert_allclose(got, transition(params), rtol=1e-5, atol=1e-7)
+
+
+def sample_rows(drafter, prompt: list[int], key: int, rule=None):
+  """`ROWS` copies of `prompt` decoded 4 tokens by `drafter` (and an optional acceptance `rule`)
+  in one call; the output and the chi-square p-values of tokens 1-3 and 2-4 (`pvalues`)."""
+  model, params = bigram()
+  checked = lookup.check_inputs(model, np.tile(prompt, (ROWS, 1)), None, max_new_tokens=4,
+                                sampler=SAMPLER, eos_id=None, pad_id=0, max_len=None,
+                                step_tokens=drafter.draft_len + 1)
+  out = lookup.run_checked(model, params, checked, jax.random.key(key), drafter, sampler=SAMPLER,
+                           max_new_tokens=4, eos_id=None, pad_id=0, rule=rule)
+  return out, pvalues(out.tokens, prompt[-1], params)
