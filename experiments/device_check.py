@@ -31,7 +31,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 
 import pallas_kernels as pk
 from experiments.reporting import results_dir, write_report
@@ -359,4 +358,6 @@ def main(cfg: DeviceCheckConfig) -> dict:
 
 
 if __name__ == "__main__":
+  import tyro  # imported here: the GPU image has JAX but not tyro; main() runs without it
+
   main(tyro.cli(DeviceCheckConfig))
