@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from experiments.reporting import results_dir, write_report
 from jaxinf.data import arithmetic
+from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import scaling
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import ByteTokenizer
 from jaxinf.models import transformer as transformer_lib
 from jaxinf.train import arithmetic as train_arith
 from jaxinf.train.lm import LMTrainConfig

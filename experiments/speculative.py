@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 from experiments import code_models
 from experiments.lm_families import heldout_prompts, side_by_side
 from experiments.reporting import markdown_table, results_dir, write_report
+from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import jacobi, lookup
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.medusa import medusa_generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.speculative import expected_tokens_per_call, speculative_generate
-from jaxinf.decoding.tokenizer import ByteTokenizer
 from jaxinf.train.draft import target_text
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
 from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled

@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from jaxinf.decoding.tokenizer import ByteTokenizer
+from jaxinf.data.tokenizer import ByteTokenizer
 
 OPS = ("+", "-", "*")
 STEP_DELIMITER = ";"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinf.decoding.tokenizer import ByteTokenizer
+from jaxinf.data.tokenizer import ByteTokenizer
 
 EXCLUDED_PARTS = ("test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip",
                   "site-packages", "__pycache__")

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxinf.data.tokenizer import pad_batch
 from jaxinf.decoding import sampling
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import pad_batch
 
 
 def _is_int(value) -> bool:

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.data.tokenizer import pad_batch
 from jaxinf.decoding import sampling
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import pad_batch
 
 METHODS = ("best_of_n", "self_consistency", "weighted_consistency")
 RESAMPLING = ("multinomial", "systematic")

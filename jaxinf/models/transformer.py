@@ -91,7 +91,7 @@ class TransformerConfig:
 
 
 # Named sizes. "-1m": ~1M parameters over the byte vocabulary (259 ids of
-# `jaxinf.decoding.tokenizer.ByteTokenizer`), matched within 1% to `mamba.MAMBA_CONFIGS["mamba-1m"]`
+# `jaxinf.data.tokenizer.ByteTokenizer`), matched within 1% to `mamba.MAMBA_CONFIGS["mamba-1m"]`
 # for the family comparison (956,160 vs 966,144 parameters).
 TRANSFORMER_CONFIGS: dict[str, TransformerConfig] = {
     "transformer-1m": TransformerConfig(vocab_size=259, hidden_size=128, num_layers=5, num_heads=4,

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxinf.data import arithmetic
-from jaxinf.decoding.tokenizer import ByteTokenizer
+from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.train.lm import LMTrainConfig, train_lm
 from jaxinf.train.loop import adamw_with_warmup, run_training
 

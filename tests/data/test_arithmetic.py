@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jaxinf.data import arithmetic as A
-from jaxinf.decoding.tokenizer import ByteTokenizer
+from jaxinf.data.tokenizer import ByteTokenizer
 
 P = A.Problem((37, 5, 12, 4), ("+", "*", "-"))   # 37 + 5*12 - 4 = 93
 

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import sampling
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.tokenizer import ByteTokenizer
 
 from .bigram import BigramModel
 

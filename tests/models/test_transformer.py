@@ -98,7 +98,7 @@ def test_pallas_kernels_through_the_model_match_the_reference():
 
 def test_named_1m_configs_are_matched_in_size():
   """The family comparison's sizes: ~1M parameters each over the byte vocabulary, within 2%."""
-  from jaxinf.decoding.tokenizer import ByteTokenizer
+  from jaxinf.data.tokenizer import ByteTokenizer
   from jaxinf.models.mamba import MambaLM, mamba_config
   from jaxinf.models.transformer import transformer_config
 

@@ -77,7 +77,7 @@ def test_bad_input_raises(lm):
 def test_named_small_configs_are_matched_in_size():
   from flax import nnx
 
-  from jaxinf.decoding.tokenizer import ByteTokenizer
+  from jaxinf.data.tokenizer import ByteTokenizer
   from jaxinf.models.rwkv import RWKV7, RWKV7_1M
   from jaxinf.models.transnormer import TRANSNORMER_1M, TransNormerLLM
 
