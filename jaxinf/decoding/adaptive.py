@@ -45,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_bool_fields, strict_config
 from jaxinf.decoding import sampling
 from jaxinf.decoding.checks import (check_block, check_context, check_prompts, check_same_vocab,
-                                    check_sampler, strict_config)
+                                    check_sampler)
 from jaxinf.decoding.sampling import SamplerConfig
 
 LOG2 = math.log(2.0)
@@ -71,8 +72,7 @@ class EADConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if not isinstance(self.eager, bool):
-      raise TypeError(f"eager: expected a bool, got {self.eager!r}")
+    check_bool_fields(self)
     t = self.threshold
     if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or math.isnan(t):
       raise ValueError(f"threshold: expected a number in bits (+-inf allowed), got {t!r}")

@@ -4,9 +4,6 @@ contrastive, inference-time scaling), run on concrete values before tracing: a b
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import numpy as np
 
 from jaxinf.data.tokenizer import pad_batch
@@ -108,12 +105,3 @@ def check_block(model, name: str, tokens: int, arg: str) -> None:
                      f"max_step={limit} (the state history it keeps for rollback); use a smaller "
                      "block or build the model with a larger max_step")
 
-
-def strict_config(cls, what: str, options: dict[str, Any]):
-  """`cls(**options)` for a config dataclass, refusing unknown option names with the list of
-  known ones (a misspelt option is an error, never silently ignored)."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ValueError(f"options: unknown {what} option(s) {unknown}; known: {sorted(known)}")
-  return cls(**options)

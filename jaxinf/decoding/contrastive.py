@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.decoding.checks import check_context, check_prompts, check_same_vocab, strict_config
+from jaxinf.config import strict_config
+from jaxinf.decoding.checks import check_context, check_prompts, check_same_vocab
 from jaxinf.decoding.sampling import NEG_INF
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxinf.config import strict_config
+
 NEG_INF = -1e30  # a finite "minus infinity": keeps softmax of a fully masked row NaN-free
 
 
@@ -84,7 +86,6 @@ GREEDY = SamplerConfig(temperature=0.0)
 
 def sampler(**options: Any) -> SamplerConfig:
   """`SamplerConfig(**options)`, refusing unknown option names with the list of known ones."""
-  from jaxinf.decoding.checks import strict_config  # checks imports this module
   return strict_config(SamplerConfig, "sampler", options)
 
 

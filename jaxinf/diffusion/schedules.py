@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_bool_fields
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # what a denoiser on a variance-preserving schedule may predict
@@ -46,8 +48,7 @@ class NoiseSchedule:
 
   def __post_init__(self):
     _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-    if not isinstance(self.rescale_betas_zero_snr, bool):
-      raise TypeError(f"rescale_betas_zero_snr: expected a bool, got {self.rescale_betas_zero_snr!r}")
+    check_bool_fields(self)
     if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
       raise ValueError(
           f"num_train_timesteps: expected a positive int, got {self.num_train_timesteps!r}")

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_bool_fields, strict_config
 from jaxinf.diffusion import schedules
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -41,15 +42,6 @@ def _check_common(solver) -> None:
   if not isinstance(solver.steps_offset, int) or solver.steps_offset < 0:
     raise ValueError(f"steps_offset: expected an int >= 0, got {solver.steps_offset!r}")
   _check_x0_options(solver)
-
-
-def _check_bool_options(solver) -> None:
-  """Every option whose default is a bool must be a bool: a string such as "no" would otherwise
-  switch it on silently."""
-  for f in dataclasses.fields(solver):
-    value = getattr(solver, f.name)
-    if isinstance(f.default, bool) and not isinstance(value, bool):
-      raise TypeError(f"{f.name}: expected a bool, got {value!r}")
 
 
 def _check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -69,7 +61,7 @@ def _check_original_steps(solver) -> None:
 
 
 def _check_x0_options(solver) -> None:
-  _check_bool_options(solver)
+  check_bool_fields(solver)
   if not getattr(solver, "clip_sample_range", 1.0) > 0:
     raise ValueError(f"clip_sample_range: expected > 0, got {solver.clip_sample_range}")
   ratio = getattr(solver, "dynamic_thresholding_ratio", 0.995)
@@ -649,7 +641,7 @@ class _FlowBase(_SigmaSolver):
   heun = False
 
   def __post_init__(self):
-    _check_bool_options(self)
+    check_bool_fields(self)
 
   def timesteps(self, schedule, steps):
     return _flow_grid(schedule, steps)[0]
@@ -772,7 +764,7 @@ class TCD(_Solver):
   def __post_init__(self):
     _check_number("gamma", self.gamma, 0.0, 1.0)
     _check_original_steps(self)
-    _check_bool_options(self)
+    check_bool_fields(self)
 
   @property
   def stochastic(self) -> bool:
@@ -817,8 +809,4 @@ def make_solver(name: str, **options: Any):
   if name not in SOLVERS:
     raise ValueError(f"name: unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
   cls = SOLVERS[name]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(options) - fields)
-  if unknown:
-    raise ValueError(f"options: {cls.__name__} has no option(s) {unknown}; known: {sorted(fields)}")
-  return cls(**options)
+  return strict_config(cls, cls.__name__, options)
