@@ -33,7 +33,7 @@ import tyro
 from tqdm import tqdm
 
 import pallas_kernels as pk
-from experiments.reporting import markdown_table, results_dir, write_report
+from experiments.common import markdown_table, results_dir, write_report
 
 OPS = ("attention", "lightning", "selective_scan", "wkv7")
 IMPLS = ("reference", "xla", "xla_parallel", "pallas")

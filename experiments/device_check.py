@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from experiments.reporting import results_dir, write_report
+from experiments.common import results_dir, write_report
 from pallas_kernels import reference
 
 H200_BF16_TFLOPS = 989.0

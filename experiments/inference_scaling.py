@@ -1,6 +1,6 @@
 """Inference-time scaling on procedurally generated arithmetic, with an exact verifier.
 
-    python -m experiments.inference_scaling            # ~15 minutes on a 2-core CPU, training included
+    python -m experiments.inference_scaling            # ~15 min on 2 CPU cores, training included
     python -m experiments.inference_scaling --smoke    # tiny models, about a minute
 
 It trains a small byte-level transformer on worked arithmetic solutions (`jaxinf.data.arithmetic`)
@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 from tqdm.auto import tqdm
 
-from experiments.reporting import results_dir, write_report
+from experiments import common
 from jaxinf.data import arithmetic
 from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import scaling
@@ -83,7 +81,7 @@ def smoke_config(cfg: Config) -> Config:
                                                            batch_size=8, checkpoint_every=2),
       scorer_problems=6, scorer_samples=2, test_problems=6, ns=(1, 2, 4), pf_ns=(1, 2),
       max_new_tokens=24, max_step_tokens=8, chunk_rows=16,
-      out_dir=str(Path(cfg.out_dir).parent / "inference_scaling_smoke"))
+      out_dir=common.smoke_dir(cfg.out_dir))
 
 
 def build_model(cfg: Config):
@@ -207,10 +205,7 @@ _SCORE_FN: dict = {}
 
 
 def plot(out, rows, coverage, fit, ns):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   methods = [m for m in rows[0] if m not in ("N",)]
   for m in methods:
@@ -223,9 +218,7 @@ def plot(out, rows, coverage, fit, ns):
   ax.set_title("Inference-time scaling on arithmetic")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "accuracy.png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, out / "accuracy.png")
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   ks = np.arange(1, max(ns) + 1)
@@ -237,9 +230,7 @@ def plot(out, rows, coverage, fit, ns):
   ax.set_title("Repeated-sampling coverage and its power-law fit")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "coverage.png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, out / "coverage.png")
 
 
 def run(cfg: Config) -> list[dict]:
@@ -251,7 +242,7 @@ def run(cfg: Config) -> list[dict]:
   if any(max(cfg.ns) % n for n in cfg.ns):
     raise ValueError(f"ns: every N must divide max(ns) = {max(cfg.ns)} (disjoint groups)")
   t_start = time.perf_counter()
-  out = results_dir(Path(cfg.out_dir).name, Path(cfg.out_dir).parent)
+  out = common.study_dir(cfg.out_dir)
   key = jax.random.key(cfg.seed)
   train, scorer_probs, test = split_problems(cfg)
   model = build_model(cfg)
@@ -321,7 +312,7 @@ def run(cfg: Config) -> list[dict]:
   columns = ["N", *scaling.METHODS, "particle_filter (best)", "particle_filter (vote)",
              "coverage", "coverage fit"]
   total = time.perf_counter() - t_start
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_params = common.param_count(params)
   notes = (
       f"Solver: a {n_params:,}-parameter byte-level transformer ({cfg.num_layers} layers, width "
       f"{cfg.hidden_size}) trained {cfg.train.steps} steps of {cfg.train.batch_size} x "
@@ -339,19 +330,15 @@ def run(cfg: Config) -> list[dict]:
       f"unbiased pass@N over all {n_max} samples; fit: exp(a N^b) with a = {fit.a:.4f}, "
       f"b = {fit.b:.4f} (least squares on log(-log coverage), all k = 1..{n_max}). "
       f"Whole run {total:.0f} s (not a benchmark).")
-  write_report(out, rows, title="Inference-time scaling on arithmetic", notes=notes,
-               columns=columns,
-               extra=dict(config=dataclasses.asdict(cfg), scorer=scorer_eval,
-                          power_law={"a": fit.a, "b": fit.b},
-                          coverage=coverage.tolist(), total_seconds=total))
+  common.write_report(out, rows, title="Inference-time scaling on arithmetic", notes=notes,
+                      columns=columns,
+                      extra=dict(config=dataclasses.asdict(cfg), scorer=scorer_eval,
+                                 power_law={"a": fit.a, "b": fit.b},
+                                 coverage=coverage.tolist(), total_seconds=total))
   plot(out, rows, coverage, fit, cfg.ns)
-  print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {total:.0f} s")
+  common.print_report(out, total)
   return rows
 
 
-def main() -> None:
-  run(tyro.cli(Config))
-
-
 if __name__ == "__main__":
-  main()
+  common.cli(run, Config)

@@ -6,10 +6,10 @@
 
 `--transformer` is diffusers' `transformer/` folder (`config.json` +
 `diffusion_pytorch_model.safetensors`) of `facebook/DiT-XL-2-256`, or with `--source original` a
-safetensors re-save of the release's `DiT-XL-2-256x256.pt` (then give `--num-heads 16`). `--vae` is a
-diffusers `AutoencoderKL` folder (`stabilityai/sd-vae-ft-ema` or `-ft-mse`). Nothing is downloaded.
-Sampling is DDIM (eta 0, leading spacing, linear betas 1e-4..0.02 — the checkpoint's scheduler) with
-classifier-free guidance on all latent channels as diffusers' DiTPipeline does
+safetensors re-save of the release's `DiT-XL-2-256x256.pt` (then give `--num-heads 16`). `--vae`
+is a diffusers `AutoencoderKL` folder (`stabilityai/sd-vae-ft-ema` or `-ft-mse`). Nothing is
+downloaded. Sampling is DDIM (eta 0, leading spacing, linear betas 1e-4..0.02 — the checkpoint's
+scheduler) with classifier-free guidance on all latent channels as diffusers' DiTPipeline does
 (`--guided-channels 3` reproduces the release's `sample.py`). Writes
 `results/sample_dit_imagenet/{results.json, report.md, samples.png, samples.npy}`.
 `--smoke` only shortens the run (2 labels, 2 steps); the tests run it on tiny random weights.
@@ -27,7 +27,7 @@ import numpy as np
 import tyro
 from flax import nnx
 
-from experiments.reporting import results_dir, write_report
+from experiments import common
 from jaxinf.checkpoints.dit import load_dit
 from jaxinf.checkpoints.vae import load_vae
 from jaxinf.diffusion import schedules, solvers
@@ -89,30 +89,25 @@ def run(cfg: Config) -> dict:
   images = np.asarray(jax.block_until_ready(images))
   seconds = time.perf_counter() - t0
 
-  out = Path(cfg.out_dir)
-  out = results_dir(out.name, out.parent)
+  out = common.study_dir(cfg.out_dir)
   np.save(out / "samples.npy", images)
   _save_grid(images, out / "samples.png")
   row = dict(labels=" ".join(map(str, labels)), steps=steps, guidance_scale=cfg.guidance_scale,
              image_size=int(images.shape[1]), seconds_with_compile=round(seconds, 2))
-  write_report(out, [row], title="DiT ImageNet samples",
-               notes=f"transformer: {cfg.transformer}, vae: {cfg.vae}; see samples.png",
-               extra=dict(dit=dataclasses.asdict(dit_cfg), vae=dataclasses.asdict(vae_cfg)))
+  common.write_report(out, [row], title="DiT ImageNet samples",
+                      notes=f"transformer: {cfg.transformer}, vae: {cfg.vae}; see samples.png",
+                      extra=dict(dit=dataclasses.asdict(dit_cfg), vae=dataclasses.asdict(vae_cfg)))
   return row
 
 
 def _save_grid(images: np.ndarray, path: Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = common.pyplot()
   n = len(images)
   fig, axes = plt.subplots(1, n, figsize=(2 * n, 2), squeeze=False)
   for ax, img in zip(axes[0], images):
     ax.imshow(img)
     ax.axis("off")
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  common.save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Trains the digits classifier behind FD-digits and conditional accuracy, and ships it.
 
-    python -m experiments.train_digits_classifier          # writes jaxinf/assets/digits_classifier.npz
+    python -m experiments.train_digits_classifier          # jaxinf/assets/digits_classifier.npz
     python -m experiments.train_digits_classifier --smoke  # 50 steps, to results/, no threshold
 
 About 15 s on a 2-core CPU. Refuses to write weights whose held-out accuracy is below 97%.
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import tyro
 
-from experiments.reporting import results_dir
+from experiments.common import results_dir
 from jaxinf.checkpoints import arrays
 from jaxinf.metrics.digits_classifier import ASSET, ClassifierTrainConfig, train_classifier
 
