@@ -4,7 +4,8 @@ and without classifier-free guidance.
     python -m experiments.quickstart            # ~3 minutes on a 2-core CPU, compilation included
     python -m experiments.quickstart --smoke    # a tiny version, under a minute
 
-It trains a small DiT (or reuses the finished checkpoint in `results/quickstart/dit/`), then
+It trains a small DiT (`jaxinf.recipes.quickstart_dit`, or reuses the finished checkpoint in
+`results/quickstart/dit/`, which `experiments.sampler_pareto` reuses too), then
 compares DDPM-1000, DDPM-250, DDIM-50/20/10, each unguided and with CFG: wall seconds (compilation
 timed apart), NFE (network evaluations per sample: a guided step costs two), FD-digits and
 conditional accuracy (see `jaxinf.metrics.digits_classifier`). It writes
@@ -21,29 +22,21 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import tyro
 
-from experiments.reporting import results_dir, write_report
-from jaxinf.checkpoints.native import CheckpointStore
+from experiments import common
 from jaxinf.data import digits
-from jaxinf.diffusion import schedules, solvers
+from jaxinf.diffusion import solvers
 from jaxinf.diffusion.guidance import CFG
 from jaxinf.diffusion.sample import compile_sample, sample
 from jaxinf.metrics.digits_classifier import DigitsEvaluator
-from jaxinf.models.dit import dit_config
-from jaxinf.train.diffusion import DiffusionTrainConfig
-from jaxinf.train.dit_digits import ema_denoiser, train_dit_on_digits
+from jaxinf.recipes import quickstart_dit
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  model: str = "DiT-digits"
-  # v-prediction: with epsilon-prediction the x0 implied at t = 999 of the linear schedule is the
-  # eps error times 1/sqrt(abar) = 158, and deterministic DDIM keeps that error (see the README).
-  train: DiffusionTrainConfig = DiffusionTrainConfig(steps=2500, prediction_type="v_prediction")
-  beta_schedule: str = "linear"
+  # the DiT, its training and noise schedule; trained in `<out_dir>/dit/`
+  dit: quickstart_dit.QuickstartDiT = quickstart_dit.QuickstartDiT()
   # (solver, steps) pairs; each runs unguided and with CFG at `guidance_scale`
   samplers: tuple[tuple[str, int], ...] = (
       ("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("ddim", 20), ("ddim", 10))
@@ -54,18 +47,16 @@ class Config:
   sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
   samples_per_class: int = 20
   seed: int = 0
-  out_dir: str = "results/quickstart"
+  out_dir: str = quickstart_dit.QUICKSTART_RESULTS
   smoke: bool = False
   progress: bool = True
 
 
 def smoke_config(cfg: Config) -> Config:
   return dataclasses.replace(
-      cfg, model="DiT-tiny", train=dataclasses.replace(cfg.train, steps=60, checkpoint_every=30,
-                                                       batch_size=32),
-      samplers=(("ddpm", 20), ("ddim", 5)), samples_per_class=4, sweep_sampler=("ddim", 5),
-      sweep_scales=(1.0, 3.0),
-      out_dir=str(Path(cfg.out_dir).parent / "quickstart_smoke"))
+      cfg, dit=quickstart_dit.smoke_dit(cfg.dit), samplers=(("ddpm", 20), ("ddim", 5)),
+      samples_per_class=4, sweep_sampler=("ddim", 5), sweep_scales=(1.0, 3.0),
+      out_dir=common.smoke_dir(cfg.out_dir))
 
 
 def make_solver(name: str, spacing: str):
@@ -76,25 +67,23 @@ def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
   t_start = time.perf_counter()
-  out = results_dir(Path(cfg.out_dir).name, Path(cfg.out_dir).parent)
+  out = common.study_dir(cfg.out_dir)
   evaluator = DigitsEvaluator.load()
-  schedule = schedules.NoiseSchedule(cfg.beta_schedule)
-  ckpt_dir = out / "dit" / "checkpoints"
-  done_before = CheckpointStore(ckpt_dir).latest_step() if ckpt_dir.exists() else None
-  model_cfg, apply, state, records = train_dit_on_digits(
-      out / "dit", model_cfg=dit_config(cfg.model), train_cfg=cfg.train, schedule=schedule,
-      progress=cfg.progress)
+  schedule = cfg.dit.schedule()
+  folder = quickstart_dit.dit_folder(out)
+  reused = cfg.dit.finished(folder)
+  model_cfg, apply, state, records = cfg.dit.trained(folder, progress=cfg.progress)
   t_trained = time.perf_counter()
-  denoiser = ema_denoiser(model_cfg, apply, state, cfg.train.prediction_type)
+  denoiser = cfg.dit.denoiser(model_cfg, apply, state)
 
   n = cfg.samples_per_class * digits.NUM_CLASSES
-  labels = jnp.repeat(jnp.arange(digits.NUM_CLASSES), cfg.samples_per_class)
+  labels = quickstart_dit.balanced_labels(cfg.samples_per_class)
   shape = (n, *model_cfg.sample_shape)
+  scores = lambda x, y=labels: quickstart_dit.digits_scores(evaluator, x, y)
   images, real_labels = digits.load_digits_images()
   pick = np.random.default_rng(cfg.seed).choice(len(images), n, replace=False)
   rows = [dict(study="reference", sampler="real digits", steps=0, nfe=0, guidance=0.0, seconds=0.0,
-               compile_seconds=0.0, fd=evaluator.fd(images[pick]),
-               cond_accuracy=evaluator.cond_accuracy(images[pick], real_labels[pick]))]
+               compile_seconds=0.0, **scores(images[pick], real_labels[pick]))]
   grids = {}
   for name, steps in cfg.samplers:
     for scale in (None, cfg.guidance_scale):
@@ -108,8 +97,7 @@ def run(cfg: Config) -> list[dict]:
       label = f"{name.upper()}-{steps}" + ("" if scale is None else f" CFG {scale:g}")
       row = dict(study="main", sampler=name, steps=steps, nfe=steps * (1 if scale is None else 2),
                  guidance=0.0 if scale is None else float(scale), seconds=t2 - t1,
-                 compile_seconds=t1 - t0, fd=evaluator.fd(x),
-                 cond_accuracy=evaluator.cond_accuracy(x, np.asarray(labels)))
+                 compile_seconds=t1 - t0, **scores(x))
       rows.append(row)
       grids[label] = x
       print(f"{label:18s} {row['seconds']:7.2f} s (+{row['compile_seconds']:.1f} s compile)  "
@@ -122,38 +110,38 @@ def run(cfg: Config) -> list[dict]:
         steps=steps, cond=labels, guidance=CFG(scale))))
     rows.append(dict(study="guidance sweep", sampler=name, steps=steps, nfe=2 * steps,
                      guidance=float(scale), seconds=float("nan"), compile_seconds=float("nan"),
-                     fd=evaluator.fd(x), cond_accuracy=evaluator.cond_accuracy(x, np.asarray(labels))))
+                     **scores(x)))
     print(f"sweep {name.upper()}-{steps} CFG {scale:<4g}  FD {rows[-1]['fd']:7.3f}  "
           f"cond acc {rows[-1]['cond_accuracy']:.3f}", flush=True)
 
   total = time.perf_counter() - t_start
   meta = dict(config=dataclasses.asdict(cfg), train_seconds=t_trained - t_start,
-              reused_checkpoint=done_before == cfg.train.steps,
+              reused_checkpoint=reused,
               total_seconds=total, final_loss=float(np.mean([r["loss"] for r in records[-50:]])),
               backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
               num_samples=n)
-  notes = (f"{n} samples per sampler ({cfg.samples_per_class} per class), {cfg.model}, "
-           f"{cfg.train.steps} training steps ({meta['train_seconds']:.0f} s including start-up, "
-           f"0 if reused), `{cfg.spacing}` timestep spacing, CFG scale {cfg.guidance_scale}. "
+  notes = (f"{n} samples per sampler ({cfg.samples_per_class} per class), {cfg.dit.model}, "
+           f"{cfg.dit.train.steps} training steps ({meta['train_seconds']:.0f} s including "
+           f"start-up, 0 if reused), `{cfg.spacing}` timestep spacing, CFG scale "
+           f"{cfg.guidance_scale}. "
            f"`seconds` excludes compilation (`compile_seconds`); `nfe` counts network evaluations "
            f"per sample. The `real digits` row is the FD floor of {n} real images against all "
            f"1,797 (FD is biased upward at small sample sizes). Whole run: {total:.0f} s on "
            f"{jax.default_backend()}.")
   columns = ["study", "sampler", "steps", "nfe", "guidance", "seconds", "compile_seconds", "fd",
              "cond_accuracy"]
-  write_report(out, rows, title="Quickstart: DDPM vs DDIM, with and without CFG, on digits",
-               notes=notes, columns=columns, extra=meta)
+  common.write_report(out, rows,
+                      title="Quickstart: DDPM vs DDIM, with and without CFG, on digits",
+                      notes=notes, columns=columns, extra=meta)
   plot_samples(out / "samples.png", grids, cfg.samples_per_class)
   plot_pareto(out / "pareto.png", [r for r in rows if r["study"] != "guidance sweep"])
   plot_guidance(out / "guidance.png", [r for r in rows if r["study"] == "guidance sweep"])
-  print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {total:.0f} s")
+  common.print_report(out, total)
   return rows
 
 
 def plot_samples(path: Path, grids: dict[str, np.ndarray], per_class: int) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
   cols = min(per_class, 8)
   ncols = (len(grids) + 1) // 2
   fig, axes = plt.subplots(2, ncols, figsize=(3.0 * ncols, 8.0), squeeze=False)
@@ -166,15 +154,11 @@ def plot_samples(path: Path, grids: dict[str, np.ndarray], per_class: int) -> No
     ax.imshow(mosaic, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_title(label, fontsize=8)
   fig.suptitle("Samples (rows: classes 0-9)", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  common.save_figure(fig, path, dpi=150)
 
 
 def plot_pareto(path: Path, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for guided, marker in ((False, "o"), (True, "s")):
     for name, color in (("ddpm", "tab:blue"), ("ddim", "tab:orange")):
@@ -194,15 +178,11 @@ def plot_pareto(path: Path, rows: list[dict]) -> None:
   ax.set_ylabel("FD-digits (lower is better)")
   ax.legend(fontsize=8)
   ax.set_title("FD against wall time")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def plot_guidance(path: Path, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5))
   scales = [r["guidance"] for r in rows]
   ax.plot(scales, [r["fd"] for r in rows], "o-", color="tab:blue")
@@ -213,14 +193,8 @@ def plot_guidance(path: Path, rows: list[dict]) -> None:
   ax2.set_ylabel("conditional accuracy", color="tab:red")
   if rows:
     ax.set_title(f"Guidance sweep, {rows[0]['sampler'].upper()}-{rows[0]['steps']}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def main() -> None:
-  run(tyro.cli(Config))
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-  main()
+  common.cli(run, Config)

@@ -4,7 +4,8 @@ time for every solver, with and without feature caching; and a peer comparison w
     python -m experiments.sampler_pareto            # ~10 minutes on a 2-core CPU
     python -m experiments.sampler_pareto --smoke    # a tiny version, about a minute
 
-Model: the quickstart's DiT-digits (v-prediction), trained or reused from `results/quickstart/dit/`.
+Model: the quickstart's DiT-digits (v-prediction, `jaxinf.recipes.quickstart_dit`), trained or
+reused from `results/quickstart/dit/`.
 Every sampler draws the same 200 labels (20 per class) from the same key, unguided (the FD study;
 guidance trades FD for accuracy, see the quickstart's sweep). `seconds` is the compiled call alone.
 
@@ -37,19 +38,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 
-from experiments import quickstart
-from experiments.reporting import results_dir, write_report
+from experiments import common
 from jaxinf.data import digits
 from jaxinf.diffusion import cache as fc
 from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.denoiser import dit_denoiser, dit_feature_apply
 from jaxinf.diffusion.sample import compile_sample
 from jaxinf.metrics.digits_classifier import DigitsEvaluator
-from jaxinf.models.dit import DiT, dit_config
+from jaxinf.models.dit import DiT
+from jaxinf.recipes import quickstart_dit
 from jaxinf.train.distill import CouplingConfig
-from jaxinf.train.dit_digits import train_dit_on_digits
 from jaxinf.train.few_step_digits import FewStepBudget, few_step_models_on_digits
 from flax import nnx
 
@@ -67,7 +66,9 @@ SOLVER_GRID = (
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  quickstart: quickstart.Config = quickstart.Config()
+  # the quickstart's DiT, reused from (or trained in) `<quickstart_dir>/dit/`
+  dit: quickstart_dit.QuickstartDiT = quickstart_dit.QuickstartDiT()
+  quickstart_dir: str = quickstart_dit.QUICKSTART_RESULTS
   samples_per_class: int = 20
   cache_steps: int = 50
   cache_intervals: tuple[int, ...] = (2, 3)
@@ -88,12 +89,13 @@ class Config:
 
 def smoke_config(cfg: Config) -> Config:
   return dataclasses.replace(
-      cfg, quickstart=quickstart.smoke_config(cfg.quickstart), samples_per_class=2, cache_steps=6,
+      cfg, dit=quickstart_dit.smoke_dit(cfg.dit),
+      quickstart_dir=common.smoke_dir(cfg.quickstart_dir), samples_per_class=2, cache_steps=6,
       cache_intervals=(2,), calibration_batch=2, peer_steps=3, peer_repeats=1, peer_batch=2,
       few_step=FewStepBudget(teacher_steps=2, reflow_steps=2, instaflow_steps=2,
                              slimflow_reflow_steps=2, slimflow_distill_steps=2, lcm_steps=2,
                              mlcm_steps=2, coupling=CouplingConfig(pairs=20, solver_steps=2)),
-      out_dir=str(Path(cfg.out_dir).parent / "sampler_pareto_smoke"))
+      out_dir=common.smoke_dir(cfg.out_dir))
 
 
 SMOKE_GRID = (("DDIM", "ddim", dict(spacing="trailing"), (4,)),
@@ -111,27 +113,23 @@ def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
   t_start = time.perf_counter()
-  out = results_dir(Path(cfg.out_dir).name, Path(cfg.out_dir).parent)
-  qs = cfg.quickstart
+  out = common.study_dir(cfg.out_dir)
   evaluator = DigitsEvaluator.load()
-  schedule = schedules.NoiseSchedule(qs.beta_schedule)
-  model_cfg = dit_config(qs.model)
-  _, apply, state, _ = train_dit_on_digits(
-      Path(qs.out_dir) / "dit", model_cfg=model_cfg, train_cfg=qs.train, schedule=schedule,
-      progress=cfg.progress)
+  schedule = cfg.dit.schedule()
+  model_cfg, apply, state, _ = cfg.dit.trained(quickstart_dit.dit_folder(cfg.quickstart_dir),
+                                               progress=cfg.progress)
   module = DiT(model_cfg, rngs=nnx.Rngs(0))  # the graph for the feature hooks; weights: the EMA
-  denoiser = dit_denoiser(apply, state["ema"], model_cfg, prediction_type=qs.train.prediction_type,
-                          features=dit_feature_apply(module))
+  denoiser = cfg.dit.denoiser(model_cfg, apply, state, features=dit_feature_apply(module))
   n = cfg.samples_per_class * digits.NUM_CLASSES
-  labels = jnp.repeat(jnp.arange(digits.NUM_CLASSES), cfg.samples_per_class)
+  labels = quickstart_dit.balanced_labels(cfg.samples_per_class)
   shape = (n, *model_cfg.sample_shape)
   key = jax.random.key(cfg.seed)
   rows = []
 
   def record(study, label, name, steps, nfe, x, seconds, compile_seconds, **extra):
     row = dict(study=study, sampler=label, solver=name, steps=steps, nfe=nfe, seconds=seconds,
-               compile_seconds=compile_seconds, fd=evaluator.fd(x),
-               cond_accuracy=evaluator.cond_accuracy(x, np.asarray(labels)), **extra)
+               compile_seconds=compile_seconds,
+               **quickstart_dit.digits_scores(evaluator, x, labels), **extra)
     rows.append(row)
     print(f"{study:8s} {label:28s} steps {steps:5d} nfe {nfe:5d}  {seconds:7.3f} s  "
           f"FD {row['fd']:7.3f}  acc {row['cond_accuracy']:.3f}", flush=True)
@@ -172,7 +170,8 @@ def run(cfg: Config) -> list[dict]:
     learned, _ = fc.learn_schedule(cal_key, denoiser, schedule, solver, cal_shape, steps=s,
                                    num_refresh=fixed.num_refresh, cond=cal_labels,
                                    rounds=cfg.learn_rounds)
-    print(f"learned a {fixed.num_refresh}-refresh schedule in {time.perf_counter() - t_learn:.1f} s")
+    print(f"learned a {fixed.num_refresh}-refresh schedule in "
+          f"{time.perf_counter() - t_learn:.1f} s")
     schedules_to_run.append((f"learned ({fixed.num_refresh} refreshes)", learned))
   for label, cache in schedules_to_run:
     t0 = time.perf_counter()
@@ -210,14 +209,15 @@ def run(cfg: Config) -> list[dict]:
 
   total = time.perf_counter() - t_start
   notes = claims(rows) + (f"\n\n{n} samples per sampler, unguided, EMA weights of "
-                          f"{qs.model} ({qs.train.prediction_type}); whole run {total:.0f} s on "
-                          f"{jax.default_backend()}.")
-  write_report(out, rows, title="Sampler Pareto on digits, caching, and diffusers peer",
-               notes=notes, columns=["study", "sampler", "steps", "nfe", "seconds", "fd",
-                                     "cond_accuracy", "speedup", "fd_change", "max_abs_diff"],
-               extra=dict(config=dataclasses.asdict(cfg), total_seconds=total))
+                          f"{cfg.dit.model} ({cfg.dit.train.prediction_type}); whole run "
+                          f"{total:.0f} s on {jax.default_backend()}.")
+  common.write_report(out, rows, title="Sampler Pareto on digits, caching, and diffusers peer",
+                      notes=notes, columns=["study", "sampler", "steps", "nfe", "seconds", "fd",
+                                            "cond_accuracy", "speedup", "fd_change",
+                                            "max_abs_diff"],
+                      extra=dict(config=dataclasses.asdict(cfg), total_seconds=total))
   plot(out / "pareto.png", rows)
-  print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {total:.0f} s")
+  common.print_report(out, total)
   return rows
 
 
@@ -227,7 +227,8 @@ def best(rows, sampler, steps):
 
 def claims(rows) -> str:
   lines = ["## Seed claims, as measured", ""]
-  ddim = [r for r in rows if r["study"] == "solver" and r["sampler"] == "DDIM" and r["steps"] >= 100]
+  ddim = [r for r in rows
+          if r["study"] == "solver" and r["sampler"] == "DDIM" and r["steps"] >= 100]
   dpm = [r for r in rows if r["study"] == "solver" and r["sampler"] == "DPM-Solver++ 2M"
          and 15 <= r["steps"] <= 20]
   if ddim and dpm:
@@ -248,8 +249,9 @@ def claims(rows) -> str:
     for name in ("instaflow", "slimflow"):
       if name in few:
         r = few[name]
-        lines.append(f"- one-step {name}: FD {r['fd']:.3f} vs the {ref['steps']}-step flow teacher's "
-                     f"{ref['fd']:.3f} (both CFG {r['guidance']:g} / {ref['guidance']:g}): "
+        lines.append(f"- one-step {name}: FD {r['fd']:.3f} vs the {ref['steps']}-step flow "
+                     f"teacher's {ref['fd']:.3f} (both CFG {r['guidance']:g} / "
+                     f"{ref['guidance']:g}): "
                      f"{r['fd'] / ref['fd']:.2f}x -> "
                      f"{'within' if r['fd'] <= 2 * ref['fd'] else 'not within'} 2x.")
   peer = [r for r in rows if r["study"] == "peer"]
@@ -328,12 +330,12 @@ def peer_comparison(cfg: Config) -> list[dict]:
   for _ in range(cfg.peer_repeats):
     t0 = time.perf_counter(); run_pipe(); t_torch.append(time.perf_counter() - t0)
     t0 = time.perf_counter(); run_jax(); t_jax.append(time.perf_counter() - t0)
-  common = dict(study="peer", steps=cfg.peer_steps, nfe=2 * cfg.peer_steps, fd=float("nan"),
+  shared = dict(study="peer", steps=cfg.peer_steps, nfe=2 * cfg.peer_steps, fd=float("nan"),
                 cond_accuracy=float("nan"), max_abs_diff=diff, compile_seconds=float("nan"))
   name = "DiT-S/2 16x16x4" if not cfg.smoke else "tiny DiT 16x16x4"
-  rows = [dict(common, sampler=f"diffusers DiTPipeline {name}", solver="ddim",
+  rows = [dict(shared, sampler=f"diffusers DiTPipeline {name}", solver="ddim",
                seconds=statistics.median(t_torch)),
-          dict(common, sampler=f"jaxinf sample+decode {name}", solver="ddim",
+          dict(shared, sampler=f"jaxinf sample+decode {name}", solver="ddim",
                seconds=statistics.median(t_jax))]
   for r in rows:
     print(f"peer     {r['sampler']:40s} {r['seconds']:.3f} s (max |diff| {diff:.1e})", flush=True)
@@ -341,9 +343,7 @@ def peer_comparison(cfg: Config) -> list[dict]:
 
 
 def plot(path: Path, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   solver_rows = [r for r in rows if r["study"] in ("solver", "few-step")]
   for label in dict.fromkeys(r["sampler"] for r in solver_rows):
@@ -363,14 +363,8 @@ def plot(path: Path, rows: list[dict]) -> None:
   axes[0].legend(fontsize=7)
   axes[0].set_title("FD against NFE")
   axes[1].set_title("FD against wall time (compiled)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def main() -> None:
-  run(tyro.cli(Config))
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-  main()
+  common.cli(run, Config)

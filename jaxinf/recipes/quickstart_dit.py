@@ -1,0 +1,84 @@
+"""The quickstart's digits DiT: one size, noise schedule and training budget, trained once and
+shared by the diffusion studies.
+
+    dit = QuickstartDiT()
+    model_cfg, apply, state, records = dit.trained(dit_folder("results/quickstart"))
+    x = sample(key, dit.denoiser(model_cfg, apply, state), dit.schedule(), solver, shape, ...)
+    digits_scores(DigitsEvaluator.load(), x, labels)    # {"fd": ..., "cond_accuracy": ...}
+
+`experiments.quickstart` trains it (or resumes, or reuses the finished checkpoint) in
+`results/quickstart/dit/`; `experiments.sampler_pareto` reuses that checkpoint, or trains the same
+model there when the quickstart has not run. The training itself is
+`jaxinf.train.dit_digits.train_dit_on_digits`; the scores are FD-digits and conditional accuracy
+(`jaxinf.metrics.digits_classifier`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf.checkpoints.native import CheckpointStore
+from jaxinf.data import digits
+from jaxinf.diffusion import schedules
+from jaxinf.diffusion.denoiser import dit_denoiser
+from jaxinf.models.dit import dit_config
+from jaxinf.train.diffusion import DiffusionTrainConfig
+from jaxinf.train.dit_digits import train_dit_on_digits
+
+QUICKSTART_RESULTS = "results/quickstart"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartDiT:
+  """The digits DiT's size (`jaxinf.models.dit.dit_config` name), training and noise schedule."""
+  model: str = "DiT-digits"
+  # v-prediction: with epsilon-prediction the x0 implied at t = 999 of the linear schedule is the
+  # eps error times 1/sqrt(abar) = 158, and deterministic DDIM keeps that error (see the README).
+  train: DiffusionTrainConfig = DiffusionTrainConfig(steps=2500, prediction_type="v_prediction")
+  beta_schedule: str = "linear"
+
+  def schedule(self) -> schedules.NoiseSchedule:
+    return schedules.NoiseSchedule(self.beta_schedule)
+
+  def finished(self, folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds the finished checkpoint (training will be skipped)."""
+    ckpts = Path(folder) / "checkpoints"
+    return ckpts.exists() and CheckpointStore(ckpts).latest_step() == self.train.steps
+
+  def trained(self, folder: str | os.PathLike, *, progress: bool = True):
+    """(model config, apply, train state, loss records): trains in `folder`, resuming any partial
+    run, or reuses the finished checkpoint; `state["ema"]` holds the sampling weights."""
+    return train_dit_on_digits(folder, model_cfg=dit_config(self.model), train_cfg=self.train,
+                               schedule=self.schedule(), progress=progress)
+
+  def denoiser(self, model_cfg, apply, state, **options):
+    """The EMA weights' denoiser (`options`: e.g. `features` for feature caching)."""
+    return dit_denoiser(apply, state["ema"], model_cfg,
+                        prediction_type=self.train.prediction_type, **options)
+
+
+def smoke_dit(dit: QuickstartDiT) -> QuickstartDiT:
+  """`dit` cut to a smoke run: DiT-tiny, 60 steps of batch 32."""
+  return dataclasses.replace(dit, model="DiT-tiny", train=dataclasses.replace(
+      dit.train, steps=60, checkpoint_every=30, batch_size=32))
+
+
+def dit_folder(quickstart_results: str | os.PathLike) -> Path:
+  """Where the DiT trains: `dit/` inside the quickstart's results folder."""
+  return Path(quickstart_results) / "dit"
+
+
+def balanced_labels(per_class: int) -> jnp.ndarray:
+  """Class labels 0..9, `per_class` of each in order: [10 * per_class]."""
+  return jnp.repeat(jnp.arange(digits.NUM_CLASSES), per_class)
+
+
+def digits_scores(evaluator, images: np.ndarray, labels) -> dict[str, float]:
+  """FD-digits of `images` [N, 8, 8, 1] and their conditional accuracy against `labels` [N]."""
+  return dict(fd=evaluator.fd(images), cond_accuracy=evaluator.cond_accuracy(images,
+                                                                              np.asarray(labels)))
