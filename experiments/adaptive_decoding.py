@@ -5,10 +5,10 @@ measures what each trades.
     flock /tmp/jaxinf_bench.lock .venv/bin/python -m experiments.adaptive_decoding  # ~5 min*
     python -m experiments.adaptive_decoding --smoke                                  # tiny models
 
-(*once `experiments.code_models` has trained or reused its checkpoints; timing is only meaningful
-under the bench lock.) The large model is code_models' `target` (transformer-12m), the small one
-`--small` (default `transformer-1m`). From `batch` held-out prompts of `prompt` bytes, `tokens` new
-bytes each, greedy:
+(*once `jaxinf.recipes.code_models` has trained or reused its checkpoints; timing is only
+meaningful under the bench lock.) The large model is code_models' `target` (transformer-12m), the
+small one `--small` (default `transformer-1m`). From `batch` held-out prompts of `prompt` bytes,
+`tokens` new bytes each, greedy:
 
 - EAD at each threshold (bits): the share of tokens the large model made, the mean negative
   log-likelihood of the continuation under the large model (nats/byte; the quality proxy), the
@@ -35,14 +35,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 from tqdm.auto import tqdm
 
-from experiments import code_models, lm_families
-from experiments.reporting import results_dir, write_report
+from experiments import common
 from jaxinf.decoding.adaptive import EADConfig, ead_generate, large_token_share
 from jaxinf.decoding.contrastive import CDConfig, contrastive_generate, last_tokens
 from jaxinf.decoding.generate import generate
+from jaxinf.recipes import code_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Config:
 def smoke_config(cfg: Config) -> Config:
   return dataclasses.replace(cfg, thresholds=(1.0, 7.0), eager_threshold=7.0, batch=2, prompt=8,
                              tokens=12, repeats=1, weak_prompt=4,
-                             out_dir=str(Path(cfg.out_dir).parent / "adaptive_decoding_smoke"))
+                             out_dir=common.smoke_dir(cfg.out_dir))
 
 
 def continuation_nll(model, params, prompts: np.ndarray, tokens: np.ndarray) -> float:
@@ -92,8 +91,8 @@ def quality(name: str, tokens: np.ndarray, large, large_params, prompts, referen
   agree, prefix = agreement(tokens, reference)
   return dict(method=name, nll_large=continuation_nll(large, large_params, prompts, tokens),
               agree_large=agree, common_prefix=prefix,
-              distinct_2=lm_families.distinct_ngrams(tokens, 2),
-              distinct_4=lm_families.distinct_ngrams(tokens, 4))
+              distinct_2=common.distinct_ngrams(tokens, 2),
+              distinct_4=common.distinct_ngrams(tokens, 4))
 
 
 def run(cfg: Config) -> list[dict]:
@@ -103,11 +102,11 @@ def run(cfg: Config) -> list[dict]:
     EADConfig(window=cfg.window, threshold=t, catch_up=cfg.catch_up)  # validates before training
   CDConfig(alpha=cfg.alpha)
   t_start = time.perf_counter()
-  out = results_dir(Path(cfg.out_dir).name, Path(cfg.out_dir).parent)
+  out = common.study_dir(cfg.out_dir)
   small, sp = code_models.code_model(cfg.small, smoke=cfg.smoke, progress=cfg.progress)
   large, lp = code_models.code_model(cfg.large, smoke=cfg.smoke, progress=cfg.progress)
   heldout = code_models.heldout_code(cfg.smoke)
-  prompts = lm_families.heldout_prompts(heldout, cfg.batch, cfg.prompt, cfg.seed)
+  prompts = common.heldout_prompts(heldout, cfg.batch, cfg.prompt, cfg.seed)
   key, n = jax.random.key(cfg.seed), cfg.tokens
   ead = lambda t, eager=False: EADConfig(window=cfg.window, threshold=t, catch_up=cfg.catch_up,
                                          eager=eager)
@@ -162,7 +161,7 @@ def run(cfg: Config) -> list[dict]:
                                                       config=CDConfig(alpha=cfg.alpha), **kw1))
   if cfg.progress:
     print(f"timing {len(fns)} decoders side by side, {cfg.repeats} repeats ...", flush=True)
-  secs = lm_families.side_by_side(fns, cfg.repeats)
+  secs = common.side_by_side(fns, cfg.repeats)
   large_s = secs[f"large alone ({cfg.large})"]
   by_name = {r["method"]: r for r in rows}
   for name, s in secs.items():
@@ -181,15 +180,16 @@ def run(cfg: Config) -> list[dict]:
   notes = _notes(cfg, small, sp, large, lp, total)
   sample_text = "\n\n".join(f"**{k}**: `{bytes(int(x) for x in v if x < 256)!r}`"
                             for k, v in samples.items())
-  write_report(out, rows, title="Lossy two-model decoding: Entropy Adaptive and Contrastive",
-               notes=notes, columns=COLUMNS,
-               extra=dict(config=dataclasses.asdict(cfg), total_seconds=total,
-                          backend=jax.default_backend(), samples={k: v.tolist() for k, v in
-                                                                  samples.items()}))
+  common.write_report(out, rows,
+                      title="Lossy two-model decoding: Entropy Adaptive and Contrastive",
+                      notes=notes, columns=COLUMNS,
+                      extra=dict(config=dataclasses.asdict(cfg), total_seconds=total,
+                                 backend=jax.default_backend(),
+                                 samples={k: v.tolist() for k, v in samples.items()}))
   with open(out / "report.md", "a") as f:
     f.write("\nFirst prompt's continuation (bytes >= 256 dropped):\n\n" + sample_text + "\n")
   plot(out, cfg, rows)
-  print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {total:.0f} s")
+  common.print_report(out, total)
   return rows
 
 
@@ -202,8 +202,8 @@ def _notes(cfg: Config, small, sp, large, lp, total: float) -> str:
   return (
       "**Both methods are lossy**: neither EAD nor CD reproduces the large model's decoding "
       "(speculative decoding, elsewhere, does). "
-      f"Large: `{cfg.large}` ({lm_families.param_count(lp):,} params); small: `{cfg.small}` "
-      f"({lm_families.param_count(sp):,} params), both from `experiments.code_models`. "
+      f"Large: `{cfg.large}` ({common.param_count(lp):,} params); small: `{cfg.small}` "
+      f"({common.param_count(sp):,} params), both from `jaxinf.recipes.code_models`. "
       f"{cfg.batch} held-out prompts of {cfg.prompt} bytes, {cfg.tokens} new bytes each, greedy. "
       f"EAD: window {cfg.window}, catch-up steps of {cfg.catch_up} tokens; `large_share` is the "
       "share of generated tokens the large model made, `small_steps`/`large_steps` the `step` "
@@ -222,9 +222,7 @@ def _notes(cfg: Config, small, sp, large, lp, total: float) -> str:
 
 
 def plot(out: Path, cfg: Config, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
 
   ead = [r for r in rows if r["method"].startswith("EAD") and "large_share" in r]
   ends = [r for r in rows if "alone" in r["method"]]
@@ -251,9 +249,7 @@ def plot(out: Path, cfg: Config, rows: list[dict]) -> None:
   ax.set_xlabel("share of tokens from the large model")
   ax.set_ylabel("NLL of the continuation under the large model (nats/byte)")
   ax.set_title("quality proxy against large-model share")
-  fig.tight_layout()
-  fig.savefig(out / "ead.png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, out / "ead.png")
 
   cd = [r for r in rows if r["method"].startswith("CD") or r["method"].startswith("large alone")]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -270,14 +266,8 @@ def plot(out: Path, cfg: Config, rows: list[dict]) -> None:
   axes[1].set_xticks(x, names, fontsize=7)
   axes[1].set_ylabel("NLL under the large model (nats/byte)")
   axes[1].set_title("quality proxy")
-  fig.tight_layout()
-  fig.savefig(out / "contrastive.png", dpi=120)
-  plt.close(fig)
-
-
-def main() -> None:
-  run(tyro.cli(Config))
+  common.save_figure(fig, out / "contrastive.png")
 
 
 if __name__ == "__main__":
-  main()
+  common.cli(run, Config)

@@ -4,7 +4,7 @@ same output distribution, and acceptance beside its theory.
     python -m experiments.speculative            # trains/reuses the code models; see README
     python -m experiments.speculative --smoke    # tiny models, about a minute
 
-Target: `transformer-12m` (`experiments.code_models`, trained on the stdlib's source). Methods,
+Target: `transformer-12m` (`jaxinf.recipes.code_models`, trained on the stdlib's source). Methods,
 each timed side by side with plain `generate` in one process (medians of `repeats`, batch 1,
 held-out prompts, compilation excluded):
 
@@ -32,18 +32,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import tyro
 from tqdm.auto import tqdm
 
-from experiments import code_models
-from experiments.lm_families import heldout_prompts, side_by_side
-from experiments.reporting import markdown_table, results_dir, write_report
+from experiments import common
 from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import jacobi, lookup
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.medusa import medusa_generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.speculative import expected_tokens_per_call, speculative_generate
+from jaxinf.recipes import code_models
 from jaxinf.train.draft import target_text
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
 from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled
@@ -105,7 +103,7 @@ def smoke_config(cfg: Config) -> Config:
       medusa_train=MedusaTrainConfig(steps=2, batch_size=2, seq_len=16,
                                      checkpoint_every=1),
       medusa_prompts=2, medusa_prompt_len=8, medusa_new_tokens=16,
-      eval_windows=2, out_dir=str(Path(cfg.out_dir).parent / "speculative_smoke"))
+      eval_windows=2, out_dir=common.smoke_dir(cfg.out_dir))
 
 
 def fastdraft(cfg: Config, target, t_params, train_stream, root: Path):
@@ -135,8 +133,8 @@ def run(cfg: Config) -> list[dict]:
     if name not in SAMPLERS:
       raise ValueError(f"samplers: unknown {name!r}; known: {sorted(SAMPLERS)}")
   t_start = time.perf_counter()
-  out = results_dir(Path(cfg.out_dir).name, Path(cfg.out_dir).parent)
-  root = Path("results") / ("code_models_smoke" if cfg.smoke else "speculative")
+  out = common.study_dir(cfg.out_dir)
+  root = code_models.models_dir(cfg.smoke)
   train_stream, heldout = code_models.corpus(cfg.smoke)
 
   target, t_params = code_models.code_model("target", smoke=cfg.smoke, progress=cfg.progress)
@@ -145,7 +143,7 @@ def run(cfg: Config) -> list[dict]:
   models = {n: code_models.code_model(n, smoke=cfg.smoke, progress=cfg.progress) for n in names}
   if "fastdraft-1m" in cfg.sweep_drafts + cfg.family_drafts:
     models["fastdraft-1m"] = fastdraft(cfg, target, t_params, train_stream, root)
-  quality = [dict(study="models", model=n, params=int(sum(x.size for x in jax.tree.leaves(p))),
+  quality = [dict(study="models", model=n, params=common.param_count(p),
                   heldout_bpb=bits_per_byte(m, p, heldout, seq_len=128,
                                             max_windows=cfg.eval_windows))
              for n, (m, p) in [("target", (target, t_params))] + sorted(models.items())]
@@ -161,7 +159,7 @@ def run(cfg: Config) -> list[dict]:
         new_tokens=cfg.medusa_new_tokens, seed=cfg.seed, progress=cfg.progress)
     medusa = (heads, head_params)
 
-  prompts = heldout_prompts(heldout, cfg.n_prompts, cfg.prompt_len, cfg.seed)
+  prompts = common.heldout_prompts(heldout, cfg.n_prompts, cfg.prompt_len, cfg.seed)
   kw = dict(max_new_tokens=cfg.new_tokens)
 
   def methods(sampler: SamplerConfig, sampler_name: str):
@@ -229,8 +227,8 @@ def run(cfg: Config) -> list[dict]:
         m, p = models[fields["target"]]
         reference = lambda pr, k, m=m, p=p: generate(m, p, pr, k, sampler=sampler, **kw)
       all_prompts = lambda f: [f(prompts[i:i + 1], key) for i in range(cfg.n_prompts)]
-      secs = side_by_side({"generate": lambda: all_prompts(reference),
-                                 "method": lambda: all_prompts(fn)}, cfg.repeats)
+      secs = common.side_by_side({"generate": lambda: all_prompts(reference),
+                                  "method": lambda: all_prompts(fn)}, cfg.repeats)
       outs = all_prompts(fn)
       calls = sum(int(o.target_calls.sum()) for o in outs)
       drafted = sum(int(o.drafted.sum()) for o in outs)
@@ -268,11 +266,11 @@ def run(cfg: Config) -> list[dict]:
   meta = dict(config=dataclasses.asdict(cfg), total_seconds=total, backend=jax.default_backend(),
               devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
               jax_version=jax.__version__)
-  write_report(out, rows, title="Lossless decoding accelerators", extra=meta,
+  common.write_report(out, rows, title="Lossless decoding accelerators", extra=meta,
                notes=_notes(cfg, total))
   (out / "report.md").write_text(_report(cfg, rows, total))
   _plots(out, cfg, rows)
-  print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {total:.0f} s")
+  common.print_report(out, total)
   return rows
 
 
@@ -301,14 +299,14 @@ def _notes(cfg: Config, total: float) -> str:
 def _report(cfg: Config, rows: list[dict], total: float) -> str:
   parts = ["# Lossless decoding accelerators", "", _notes(cfg, total), "",
            "## Models (held-out bits per byte)", "",
-           markdown_table([r for r in rows if r["study"] == "models"],
-                          ["model", "params", "heldout_bpb"])]
+           common.markdown_table([r for r in rows if r["study"] == "models"],
+                                 ["model", "params", "heldout_bpb"])]
   cols = ["label", "lossless", "speedup", "generate_s", "method_s", "accept_rate", "alpha",
           "tokens_per_call", "expected_tokens_per_call", "target_calls", "identical_to_generate"]
   for s in cfg.samplers:
     speed = [r for r in rows if r["study"] == "speed" and r["sampler"] == s]
     parts += ["", f"## {s}: speedup over `generate` (same output distribution)", "",
-              markdown_table(sorted(speed, key=lambda r: -r["speedup"]), cols)]
+              common.markdown_table(sorted(speed, key=lambda r: -r["speedup"]), cols)]
     best = max((r for r in speed if r["lossless"]), key=lambda r: r["speedup"], default=None)
     if best is not None:
       parts += ["", f"Best lossless method: {best['label']} at {best['speedup']:.2f}x "
@@ -323,9 +321,7 @@ def _report(cfg: Config, rows: list[dict], total: float) -> str:
 
 
 def _plots(out: Path, cfg: Config, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
 
   speed = [r for r in rows if r["study"] == "speed" and r["method"] == "speculative"
            and r.get("target") in (None, "target")]
@@ -347,9 +343,7 @@ def _plots(out: Path, cfg: Config, rows: list[dict]) -> None:
               title="measured vs (1 − α^{γ+1}) / (1 − α)")
   for ax in axes:
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out / "speedup_gamma.png", dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, out / "speedup_gamma.png")
 
   fig, ax = plt.subplots(figsize=(7, 4))
   for s in cfg.samplers:
@@ -362,14 +356,8 @@ def _plots(out: Path, cfg: Config, rows: list[dict]) -> None:
   ax.set(xlabel="tokens per target call", ylabel="speedup over generate",
          title="every method: acceptance vs wall clock")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "acceptance.png", dpi=120)
-  plt.close(fig)
-
-
-def main() -> None:
-  run(tyro.cli(Config))
+  common.save_figure(fig, out / "acceptance.png")
 
 
 if __name__ == "__main__":
-  main()
+  common.cli(run, Config)

@@ -1,4 +1,4 @@
-"""lm_families --smoke runs every part (training, speed, memory, peers, Mirostat) and reports."""
+"""lm_families --smoke runs every part (training, speed, memory, peers) and reports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import pytest
 
 from experiments import lm_families
+from jaxinf.recipes import code_models
 
 
 @pytest.mark.slow
@@ -15,9 +16,9 @@ def test_smoke_run(tmp_path):
   rows = lm_families.run(cfg)
   out = tmp_path / "lm_families_smoke"
   assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(rows))
-  assert {r["study"] for r in rows} == {"train", "prefill", "decode", "memory", "peer", "mirostat"}
+  assert {r["study"] for r in rows} == {"train", "prefill", "decode", "memory", "peer"}
   train = {r["family"]: r for r in rows if r["study"] == "train"}
-  assert sorted(train) == sorted(lm_families.FAMILIES)
+  assert sorted(train) == sorted(code_models.FAMILIES)
   # an untrained byte model sits near log2(259) = 8.02 bits; anything far above means a broken eval
   assert all(0 < r["heldout_bpb"] < 9 for r in train.values())
   # a KV cache grows linearly with the context; recurrent states don't grow at all
@@ -30,8 +31,7 @@ def test_smoke_run(tmp_path):
   assert {r["peer"] for r in peer} == {"transformers llama", "transformers mamba",
                                        "rwkv package rwkv7"}
   assert all(r["greedy_agree"] == 1.0 for r in peer)
-  miro = [r for r in rows if r["study"] == "mirostat"]
-  assert len(miro) == 5 and all(r["surprise_mean"] > 0 for r in miro)
-  for name in ("loss", "prefill", "memory", "decode", "mirostat"):
+  assert (out / "train" / "rwkv7" / "checkpoints").is_dir()
+  for name in ("loss", "prefill", "memory", "decode"):
     assert (out / f"{name}.png").stat().st_size > 0
   assert "## peer" in (out / "report.md").read_text()

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from experiments import lm_families, mirostat
+from experiments import mirostat
+from jaxinf.recipes import code_models
 
 
 @pytest.mark.slow
 def test_smoke_run(tmp_path):
-  fam = lm_families.Config(out_dir=str(tmp_path / "lm_families"))
+  fam = code_models.FamilyTraining(out_dir=str(tmp_path / "lm_families"))
   cfg = mirostat.Config(families=fam, out_dir=str(tmp_path / "mirostat"), smoke=True,
                         progress=False)
   rows = mirostat.run(cfg)

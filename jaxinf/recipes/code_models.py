@@ -1,0 +1,200 @@
+"""The trained byte-level code models the language-model studies share, trained on first use and
+reused.
+
+    model, params = code_model("target")            # transformer-12m, the large model
+    model, params = code_model("transformer-1m")    # a family model, ~1M parameters
+    model, params, losses = family_model("rwkv7", FamilyTraining())   # one budget, one folder
+    train, heldout = corpus()                       # the stdlib's source, files held out whole
+
+Names: `target` (`transformer-12m`, ~12.7M parameters: the verifier of speculative decoding and the
+large model of entropy-adaptive and contrastive decoding), the four ~1M families (`transformer-1m`,
+`mamba-1m`, `rwkv7-1m`, `transnormer-1m`: `experiments.lm_families` compares them, speculative
+decoding drafts with them, Mirostat samples from one) and `draft-tiny` (a ~100K-parameter
+transformer). The family models train with one budget (`FamilyTraining`: same steps, batch and
+window for every family) into `results/lm_families/train/<family>/`, so whichever study runs first
+trains them and the others reuse the checkpoints. Every model trains on the Python standard
+library's own source (`jaxinf.data.stdlib_code`), checkpoints as it goes and resumes exactly when
+killed. `smoke=True` gives tiny models trained a few steps, in their own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxinf.checkpoints.native import CheckpointStore
+from jaxinf.data.stdlib_code import load_corpus
+from jaxinf.models import mamba as mamba_lib
+from jaxinf.models import rwkv as rwkv_lib
+from jaxinf.models import transformer as transformer_lib
+from jaxinf.models import transnormer as transnormer_lib
+from jaxinf.train.lm import LMTrainConfig, train_lm
+
+FAMILIES = ("transformer", "transnormer", "rwkv7", "mamba")
+FAMILY_MODELS = {f"{family}-1m": family for family in FAMILIES}
+NAMES = ("target", "draft-tiny") + tuple(FAMILY_MODELS)
+VOCAB_SIZE = 259     # bytes and the three specials of `ByteTokenizer`
+SMOKE_BYTES = 200_000
+# the longest context any study asks for (lm_families prefills 2048-byte prompts)
+MAX_LEN = 2048
+
+TARGET_TRAIN = LMTrainConfig(steps=900, batch_size=8, seq_len=128, learning_rate=2e-3,
+                             warmup_steps=60, checkpoint_every=50)
+DRAFT_TINY = transformer_lib.TransformerConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_layers=2,
+                                               num_heads=4, num_kv_heads=2, mlp_hidden=172,
+                                               tie_embeddings=True, max_len=1024)
+DRAFT_TINY_TRAIN = LMTrainConfig(steps=500, batch_size=8, seq_len=128, learning_rate=3e-3,
+                                 warmup_steps=50, checkpoint_every=100)
+SMOKE_TRAIN = LMTrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=2, checkpoint_every=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyTraining:
+  """The one training budget of the ~1M family models, and where their checkpoints live
+  (`<out_dir>/train/<family>/`). Studies that reuse a family model pass the same value."""
+  train: LMTrainConfig = LMTrainConfig(steps=500, batch_size=8, seq_len=128, warmup_steps=50,
+                                       checkpoint_every=100)
+  # Mamba trains with the sequential selective scan: on a 2-core CPU it ran 371 ms/step against
+  # 992 ms/step for the chunked XLA form at batch 8 x 128 (the same math, held equal by the tests).
+  # Trained models come back with every family's default kernels ("auto").
+  mamba_train_impl: str = "reference"
+  corpus_bytes: int | None = None  # None: the whole stdlib corpus
+  seed: int = 0
+  out_dir: str = "results/lm_families"
+  tiny: bool = False               # the "-tiny" sizes instead of "-1m" (smoke runs)
+
+  def folder(self, family: str) -> Path:
+    return Path(self.out_dir) / "train" / family
+
+  def finished(self, family: str) -> bool:
+    """Whether `family`'s checkpoint has reached the full budget (training will be skipped)."""
+    ckpts = self.folder(family) / "checkpoints"
+    return ckpts.exists() and CheckpointStore(ckpts).latest_step() == self.train.steps
+
+
+def smoke_training(training: FamilyTraining, out_dir: str) -> FamilyTraining:
+  """`training` cut to a smoke run: tiny models, a few steps on a 200 KB corpus, in `out_dir`."""
+  return dataclasses.replace(
+      training, train=dataclasses.replace(training.train, steps=6, batch_size=2, seq_len=32,
+                                          warmup_steps=2, checkpoint_every=3),
+      corpus_bytes=SMOKE_BYTES, tiny=True, out_dir=out_dir)
+
+
+def family_config(family: str, tiny: bool, max_len: int):
+  """Each family's ~1M-parameter byte-vocab config (`tiny`: the smoke sizes)."""
+  if family == "transformer":
+    # RoPE has no parameter tied to the context: max_len only sizes the longest cache
+    base = "transformer-tiny" if tiny else "transformer-1m"
+    return transformer_lib.transformer_config(base, vocab_size=VOCAB_SIZE, max_len=max_len)
+  if family == "mamba":
+    return mamba_lib.mamba_config("mamba-tiny" if tiny else "mamba-1m", vocab_size=VOCAB_SIZE)
+  if family == "rwkv7":
+    if tiny:
+      return rwkv_lib.RWKV7Config(vocab_size=VOCAB_SIZE, d_model=32, n_layers=2, head_size=16,
+                                  decay_lora=4, a_lora=4, v_lora=4, gate_lora=8)
+    return rwkv_lib.RWKV7_1M
+  if family == "transnormer":
+    if tiny:
+      return transnormer_lib.TransNormerConfig(vocab_size=VOCAB_SIZE, d_model=32, n_layers=2,
+                                               n_heads=2, glu_dim=64, lrpe=(True, False))
+    return transnormer_lib.TRANSNORMER_1M
+  raise ValueError(f"family: unknown family {family!r}; known: {list(FAMILIES)}")
+
+
+def build_model(family: str, cfg, impl: str = "auto", seed: int = 0):
+  """(model, random params) of `family` with kernel implementation `impl`."""
+  key = jax.random.key(seed)
+  if family == "transformer":
+    model = transformer_lib.TransformerLM(cfg, impl=impl)
+    return model, model.init_params(seed)
+  if family == "mamba":
+    model = mamba_lib.MambaLM(cfg, impl=impl)
+    return model, model.init_params(seed)
+  if family == "rwkv7":
+    return rwkv_lib.rwkv7_model(dataclasses.replace(cfg, impl=impl), key)
+  return transnormer_lib.transnormer_model(dataclasses.replace(cfg, impl=impl), key)
+
+
+def with_impl(family: str, model, impl: str):
+  """The same model (same params tree) with another kernel implementation."""
+  if family in ("transformer", "mamba"):
+    return dataclasses.replace(model, impl=impl)
+  return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, impl=impl))
+
+
+def family_model(family: str, training: FamilyTraining, train_stream: np.ndarray | None = None,
+                 *, max_len: int = MAX_LEN, progress: bool = True):
+  """(model with default kernels, trained params, loss records) of `family` under `training`:
+  trains (resuming any partial run) or reuses the finished checkpoint. `max_len` only sizes the
+  transformer's longest KV cache (no parameter depends on it); `train_stream` defaults to the
+  stdlib corpus capped at `training.corpus_bytes`."""
+  impl = training.mamba_train_impl if family == "mamba" else "auto"
+  model, params = build_model(family, family_config(family, training.tiny, max_len), impl=impl,
+                              seed=training.seed)
+  if train_stream is None:
+    train_stream = _corpus(training.corpus_bytes)[0]
+  state, records = train_lm(model, params, train_stream, cfg=training.train,
+                            out_dir=training.folder(family), progress=progress)
+  return with_impl(family, model, "auto"), state["params"], records
+
+
+@functools.cache
+def _corpus(max_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
+  return load_corpus(max_bytes=max_bytes)
+
+
+def corpus(smoke: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) byte streams of the stdlib source (`smoke`: capped at 200 KB each)."""
+  return _corpus(SMOKE_BYTES if smoke else None)
+
+
+def heldout_code(smoke: bool = False) -> np.ndarray:
+  return corpus(smoke)[1]
+
+
+def models_dir(smoke: bool = False) -> Path:
+  """The folder of the transformer code models' checkpoints (`train/<name>/`), which studies also
+  use for models they derive from them (FastDraft drafts, Medusa heads)."""
+  return Path("results") / ("code_models_smoke" if smoke else "speculative")
+
+
+def _transformer_spec(name: str, smoke: bool = False):
+  """(untrained model, random params, train config, checkpoint folder) of `target` or
+  `draft-tiny`."""
+  if name == "target":
+    mcfg = (transformer_lib.transformer_config("transformer-tiny", vocab_size=VOCAB_SIZE,
+                                               max_len=1024)
+            if smoke else transformer_lib.transformer_config("transformer-12m"))
+    train = SMOKE_TRAIN if smoke else TARGET_TRAIN
+  elif name == "draft-tiny":
+    mcfg = (dataclasses.replace(DRAFT_TINY, hidden_size=16, num_layers=1, mlp_hidden=32)
+            if smoke else DRAFT_TINY)
+    train = SMOKE_TRAIN if smoke else DRAFT_TINY_TRAIN
+  else:
+    raise ValueError(f"name: {name!r} is not a transformer code model; known: "
+                     f"['target', 'draft-tiny']")
+  model = transformer_lib.TransformerLM(mcfg)
+  return model, model.init_params(0), train, models_dir(smoke) / "train" / name
+
+
+def code_model(name: str, *, smoke: bool = False, progress: bool = True):
+  """(model, trained params) of `name`: trains (resuming any partial run) or reuses the finished
+  checkpoint. Models come back with their default kernel implementation ("auto")."""
+  if name not in NAMES:
+    raise ValueError(f"name: unknown code model {name!r}; known: {list(NAMES)}")
+  if name in FAMILY_MODELS:
+    training = FamilyTraining()
+    if smoke:
+      training = smoke_training(training, str(models_dir(True)))
+    model, params, _ = family_model(FAMILY_MODELS[name], training, corpus(smoke)[0],
+                                    progress=progress)
+  else:
+    model, params, train_cfg, folder = _transformer_spec(name, smoke)
+    state, _ = train_lm(model, params, corpus(smoke)[0], cfg=train_cfg, out_dir=folder,
+                        progress=progress)
+    params = state["params"]
+  return model, jax.tree.map(lambda x: x, params)
