@@ -45,7 +45,8 @@ from jaxinf.recipes import code_models
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = "results/adaptive_decoding"  # where results go
   small: str = "transformer-1m"
   large: str = "target"
   thresholds: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -58,10 +59,6 @@ class Config:
   prompt: int = 64
   tokens: int = 128
   repeats: int = 5
-  seed: int = 0
-  out_dir: str = "results/adaptive_decoding"
-  smoke: bool = False
-  progress: bool = True
 
 
 def smoke_config(cfg: Config) -> Config:

@@ -12,6 +12,7 @@ Trained models and evaluation set-ups that several studies reuse are library cod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,17 @@ import jax
 import numpy as np
 
 C = TypeVar("C")
+
+
+# --- the options every experiment has ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The options every experiment has; its `Config` extends this and sets its own `out_dir`."""
+  out_dir: str = "results"
+  seed: int = 0           # the run's random draws (initialisation, prompts, sampling keys)
+  smoke: bool = False     # the tiny size the tests run, in `<out_dir>_smoke`
+  progress: bool = True   # progress bars
 
 
 # --- results -----------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ TOK = ByteTokenizer()
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = "results/inference_scaling"  # where results go
   task: arithmetic.ArithmeticConfig = arithmetic.ArithmeticConfig(max_operand=9)
   hidden_size: int = 64
   num_layers: int = 3
@@ -66,10 +67,6 @@ class Config:
   max_new_tokens: int = 48
   max_step_tokens: int = 16
   chunk_rows: int = 2048           # rows per compiled call (whole problems)
-  seed: int = 0
-  out_dir: str = "results/inference_scaling"
-  smoke: bool = False
-  progress: bool = True
 
 
 def smoke_config(cfg: Config) -> Config:

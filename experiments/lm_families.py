@@ -50,7 +50,8 @@ ROLLBACK_KEYS = ("history", "conv_window", "ssm_history", "last_k")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = "results/lm_families"  # where results go
   families: tuple[str, ...] = code_models.FAMILIES
   # the family models' budget: `code_models.FamilyTraining` (other studies reuse the checkpoints)
   train: LMTrainConfig = _TRAINING.train
@@ -67,10 +68,6 @@ class Config:
   peer_prompt: int = 32
   peer_tokens: int = 128
   peer_batches: tuple[int, ...] = (1, 8)
-  seed: int = 0
-  out_dir: str = "results/lm_families"
-  smoke: bool = False
-  progress: bool = True
 
 
 def training(cfg: Config) -> code_models.FamilyTraining:

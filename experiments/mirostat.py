@@ -34,7 +34,8 @@ from jaxinf.train.lm import bits_per_byte
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = "results/mirostat"  # where results go
   # the family models' training: the same value as lm_families' reuses its checkpoints
   families: code_models.FamilyTraining = code_models.FamilyTraining()
   family: str = "rwkv7"
@@ -47,10 +48,6 @@ class Config:
   top_p: float = 0.9
   window: int = 64                 # moving-average window of the surprise plot and its spread
   eval_windows: int = 128          # held-out windows of the training seq_len for bits per byte
-  seed: int = 0
-  out_dir: str = "results/mirostat"
-  smoke: bool = False
-  progress: bool = True
 
 
 def smoke_config(cfg: Config) -> Config:

@@ -34,7 +34,8 @@ from jaxinf.recipes import quickstart_dit
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = quickstart_dit.QUICKSTART_RESULTS  # where results go
   # the DiT, its training and noise schedule; trained in `<out_dir>/dit/`
   dit: quickstart_dit.QuickstartDiT = quickstart_dit.QuickstartDiT()
   # (solver, steps) pairs; each runs unguided and with CFG at `guidance_scale`
@@ -45,11 +46,7 @@ class Config:
   # guidance scales swept with one sampler (the scale is a traced value: no recompilation)
   sweep_sampler: tuple[str, int] = ("ddim", 50)
   sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
-  samples_per_class: int = 20
-  seed: int = 0
-  out_dir: str = quickstart_dit.QUICKSTART_RESULTS
-  smoke: bool = False
-  progress: bool = True
+  samples_per_class: int = 20     # samples of each digit per sampler
 
 
 def smoke_config(cfg: Config) -> Config:

@@ -65,7 +65,8 @@ SOLVER_GRID = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = "results/sampler_pareto"  # where results go
   # the quickstart's DiT, reused from (or trained in) `<quickstart_dir>/dit/`
   dit: quickstart_dit.QuickstartDiT = quickstart_dit.QuickstartDiT()
   quickstart_dir: str = quickstart_dit.QUICKSTART_RESULTS
@@ -81,10 +82,6 @@ class Config:
   peer_repeats: int = 3
   few_step: FewStepBudget = FewStepBudget()
   include_few_step: bool = True
-  seed: int = 0
-  out_dir: str = "results/sampler_pareto"
-  smoke: bool = False
-  progress: bool = True
 
 
 def smoke_config(cfg: Config) -> Config:

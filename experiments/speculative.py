@@ -51,7 +51,8 @@ SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temp
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.StudyConfig):
+  out_dir: str = "results/speculative"  # where results go
   prompt_len: int = 256
   new_tokens: int = 128
   n_prompts: int = 4             # timed one after another at batch 1
@@ -84,10 +85,6 @@ class Config:
                                                  learning_rate=1e-3, warmup_steps=30,
                                                  checkpoint_every=100)
   eval_windows: int = 32
-  seed: int = 0
-  out_dir: str = "results/speculative"
-  smoke: bool = False
-  progress: bool = True
 
 
 def smoke_config(cfg: Config) -> Config:
