@@ -14,13 +14,19 @@ import numpy as np
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+  return {name: np.asarray(leaf) for name, leaf in flat_leaves(params, prefix).items()}
+
+
+def flat_leaves(params: dict, prefix: str = "") -> dict[str, Any]:
+  """{'/'-joined path: leaf} of a nested dict, leaves as they are (arrays or ShapeDtypeStructs,
+  e.g. of `model.abstract_params()`)."""
   flat = {}
   for key, value in params.items():
     name = f"{prefix}{key}"
     if isinstance(value, dict):
-      flat.update(flatten_params(value, name + "/"))
+      flat.update(flat_leaves(value, name + "/"))
     else:
-      flat[name] = np.asarray(value)
+      flat[name] = value
   return flat
 
 

@@ -22,10 +22,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
-from jaxinf.checkpoints.arrays import check_keys, unflatten_params
+from jaxinf.checkpoints.arrays import check_keys, flat_leaves, unflatten_params
 from jaxinf.checkpoints.torch_weights import read_safetensors
 from jaxinf.models.rwkv import RWKV7Config, RWKV7LM
 
@@ -88,18 +87,6 @@ def _expected_map(cfg: RWKV7Config) -> dict[str, tuple[str, bool]]:
   return out
 
 
-def _abstract_params(cfg: RWKV7Config):
-  """(graphdef, {'/'-name: ShapeDtypeStruct}) of RWKV7(cfg) without allocating its weights."""
-  from flax import nnx
-
-  from jaxinf.models.rwkv import RWKV7
-
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: RWKV7(cfg, rngs=nnx.Rngs(0))))
-  leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
-  return graphdef, {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                    for path, leaf in leaves}
-
-
 def rwkv7_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: RWKV7Config) -> dict:
   """jaxinf params from an RWKV-LM x070 state dict. Every name and shape must match the model of
   `cfg`; mismatches raise ValueError listing them all."""
@@ -117,14 +104,15 @@ def rwkv7_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: RWKV
     elif arr.ndim == 3 and arr.shape[:2] == (1, 1):  # RWKV-LM's (1, 1, C) mixes
       arr = arr[0, 0]
     flat[dst] = arr
-  check_keys(flat, _abstract_params(cfg)[1], what="state_dict (after renaming)")
+  check_keys(flat, flat_leaves(RWKV7LM(cfg).abstract_params()),
+             what="state_dict (after renaming)")
   return unflatten_params(flat)
 
 
-def load_rwkv7(path: str | os.PathLike, **overrides) -> tuple[RWKV7LM, dict]:
-  """(model, params) from an RWKV-7 safetensors file; the config is inferred from the shapes
-  (`overrides` set the rest, e.g. `max_step`, `impl`)."""
+def load_rwkv7(path: str | os.PathLike, **model_options) -> tuple[RWKV7LM, dict]:
+  """(model, params) from an RWKV-7 safetensors file; the config is inferred from the shapes,
+  `model_options` are the model's (`impl`, `interpret`, `max_step`)."""
   state_dict = read_safetensors(path)
-  cfg = rwkv7_config_from_state_dict(state_dict, **overrides)
+  cfg = rwkv7_config_from_state_dict(state_dict)
   params = rwkv7_params_from_state_dict(state_dict, cfg)
-  return RWKV7LM(cfg, _abstract_params(cfg)[0]), params
+  return RWKV7LM(cfg, **model_options), params

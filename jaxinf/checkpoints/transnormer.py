@@ -17,13 +17,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import jax
 import numpy as np
-from flax import nnx
 
-from jaxinf.checkpoints.arrays import check_keys, unflatten_params
+from jaxinf.checkpoints.arrays import check_keys, flat_leaves, unflatten_params
 from jaxinf.checkpoints.torch_weights import read_safetensors
-from jaxinf.models.transnormer import TransNormerConfig, TransNormerLLM, TransNormerLM
+from jaxinf.models.transnormer import TransNormerConfig, TransNormerLM
 
 
 def _expected_map(cfg: TransNormerConfig) -> dict[str, tuple[str, str]]:
@@ -38,13 +36,6 @@ def _expected_map(cfg: TransNormerConfig) -> dict[str, tuple[str, str]]:
     for name in ("l1", "l2", "l3"):
       out[src + f"channel_mixer.{name}.weight"] = (dst + f"channel_mixer/{name}", "T")
   return out
-
-
-def _abstract(cfg: TransNormerConfig):
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: TransNormerLLM(cfg, rngs=nnx.Rngs(0))))
-  leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
-  return graphdef, {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                    for path, leaf in leaves}
 
 
 def transnormer_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -64,7 +55,8 @@ def transnormer_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
     elif how == "theta":
       arr = arr.reshape(arr.shape[0], -1)  # [H, 1, D] -> [H, D]
     flat[dst] = arr
-  check_keys(flat, _abstract(cfg)[1], what="state_dict (after renaming)")
+  check_keys(flat, flat_leaves(TransNormerLM(cfg).abstract_params()),
+             what="state_dict (after renaming)")
   return unflatten_params(flat)
 
 
@@ -88,8 +80,9 @@ def transnormer_config_from_hf(config: Mapping, **overrides) -> TransNormerConfi
   return TransNormerConfig(**fields)
 
 
-def load_transnormer(path: str | os.PathLike, cfg: TransNormerConfig
+def load_transnormer(path: str | os.PathLike, cfg: TransNormerConfig, **model_options
                      ) -> tuple[TransNormerLM, dict]:
-  """(model, params) from a safetensors file of the release's state dict."""
+  """(model, params) from a safetensors file of the release's state dict; `model_options` are the
+  model's (`impl`, `interpret`, `max_step`)."""
   params = transnormer_params_from_state_dict(read_safetensors(path), cfg)
-  return TransNormerLM(cfg, _abstract(cfg)[0]), params
+  return TransNormerLM(cfg, **model_options), params

@@ -52,7 +52,7 @@ from jaxinf.decoding import checks, sampling
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import SpeculativeOutput, append_tokens, probs
 from jaxinf.models.medusa import MedusaHeads
-from jaxinf.models.transformer import tree_structure
+from jaxinf.models.tree_attention import tree_structure
 
 ACCEPTANCE = ("exact", "typical")
 

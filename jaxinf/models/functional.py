@@ -8,8 +8,10 @@ model and reuse it: jit caches on its identity.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -88,46 +90,102 @@ class SequenceModel:
                         self.cache_batch_axes(cache))
 
 
-class ConfiguredLM(SequenceModel):
-  """Shared scaffolding of the recurrent families (RWKV-7, TransNormerLLM): a SequenceModel made of
-  a frozen config `cfg` (with `vocab_size`, `max_len`, `max_step`) and an NNX graph `graphdef`.
-  Subclasses are frozen dataclasses with those two fields."""
+@functools.cache
+def _abstract_module(module_type: type, config: Any) -> nnx.Module:
+  """The family's NNX module with abstract weights (`nnx.eval_shape`: nothing is allocated)."""
+  return nnx.eval_shape(lambda: module_type(config, rngs=nnx.Rngs(0)))
+
+
+@functools.cache
+def _pure_method(module_type: type, config: Any, method: str) -> Callable[..., Any]:
+  return to_functional(_abstract_module(module_type, config), method)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyLM(SequenceModel):
+  """The one template of jaxinf's language-model families (transformer, Mamba, RWKV-7,
+  TransNormerLLM): a frozen dataclass of a frozen config and the kernel choice.
+
+  - `config`: the family's config dataclass (`config_type`); the NNX module `module_type(config,
+    rngs=...)` is built from it, so the model is a value: equal configs give equal, hashable models
+    and one jit compilation (models are static arguments of the decoders' jits).
+  - `impl`, `interpret`: the kernels' implementation ("auto" | "reference" | "xla" | "pallas") and
+    Pallas interpret mode, in this one place for every family.
+  - recurrent families add `max_step`, the most tokens one `step` may append (the per-position
+    states kept for exact `rollback`).
+
+  Class attributes declare the rest of the family's interface: `rollback_keys` (the top-level
+  cache entries that only serve `rollback`, not the state a fresh prompt needs) and
+  `cache_batch_axes`. `jaxinf.models.families` registers each family by name.
+  """
+
+  config: Any
+  impl: str = "auto"
+  interpret: bool = False
+
+  config_type: ClassVar[type]
+  module_type: ClassVar[type]
+  rollback_keys: ClassVar[tuple[str, ...]] = ("last_k",)
+
+  def __post_init__(self):
+    if not isinstance(self.config, self.config_type):
+      raise TypeError(f"config: expected a {self.config_type.__name__}, got "
+                      f"{type(self.config).__name__}")
+    dispatch.resolve_impl(self.impl, self.interpret)  # validates both
+    if "max_step" in {f.name for f in dataclasses.fields(self)}:
+      check_int("max_step", self.max_step)
 
   @property
   def vocab_size(self) -> int:
-    return self.cfg.vocab_size
+    return self.config.vocab_size
 
   @property
   def max_len(self) -> int | None:
-    return self.cfg.max_len
+    return getattr(self.config, "max_len", None)
 
-  @property
-  def max_step(self) -> int:
-    return self.cfg.max_step
+  def __call__(self, params: dict, tokens) -> jax.Array:
+    """Cache-free logits `[B, T, V]` of full sequences (scoring, training): the parallel form
+    from an empty cache. Families with a separate training forward override it."""
+    b, t = tokens.shape
+    logits, _ = self.prefill(params, tokens, self.init_cache(b, t), jnp.full((b,), t, jnp.int32))
+    return logits
 
-  def module(self, params):
-    return nnx.merge(self.graphdef, params)
+  def init_params(self, seed: int | jax.Array = 0) -> dict:
+    """Random parameters (the family's own initialisation) as a nested dict of fp32 arrays;
+    `seed` an int or a `jax.random.key`."""
+    return nnx.to_pure_dict(nnx.state(self.module_type(self.config, rngs=nnx.Rngs(seed))))
 
-  def _check_cache_request(self, batch, max_len) -> None:
-    if not isinstance(batch, int) or batch < 1:
-      raise ValueError(f"batch: expected a positive int, got {batch!r}")
-    if max_len is not None and self.cfg.max_len is not None and max_len > self.cfg.max_len:
-      raise ValueError(f"max_len: {max_len} exceeds the model's context of {self.cfg.max_len}")
+  def abstract_params(self) -> dict:
+    """The parameter tree's shapes (`jax.ShapeDtypeStruct`), for key checks without weights."""
+    return nnx.to_pure_dict(nnx.state(_abstract_module(self.module_type, self.config)))
 
-  def _check(self, tokens, cache, *, step: bool = False) -> None:
+  def pure(self, method: str = "__call__") -> Callable[..., Any]:
+    """The module's `method` as a pure function of (params, ...), built once per config."""
+    return _pure_method(self.module_type, self.config, method)
+
+  def module(self, params: dict) -> nnx.Module:
+    """The NNX module holding `params` (inside a traced function: merge is cheap)."""
+    return nnx.merge(nnx.graphdef(_abstract_module(self.module_type, self.config)), params)
+
+  def check_cache_request(self, batch, max_len) -> None:
+    check_int("batch", batch)
+    if max_len is not None:
+      check_int("max_len", max_len)
+      if self.max_len is not None and max_len > self.max_len:
+        raise ValueError(f"max_len: {max_len} exceeds the model's context of {self.max_len}")
+
+  def check_tokens(self, tokens, cache, *, step: bool = False) -> None:
     """Token ids (every position, padding too: an id outside the table would be clamped
     silently), the batch against the cache, the context, and for `step` the history size."""
     check_token_ids("tokens", tokens, self.vocab_size)
-    b = cache["length"].shape[0]
-    if tokens.shape[0] != b:
-      raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's {b}")
+    check_cache_batch(cache, tokens.shape[0])
     if self.max_len is not None and tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
                        f"{self.max_len}")
-    if step and tokens.shape[1] > self.cfg.max_step:
+    if step and self.max_step is not None and tokens.shape[1] > self.max_step:
       raise ValueError(f"tokens: {tokens.shape[1]} tokens in one step exceed "
-                       f"max_step={self.cfg.max_step} (the per-position state history kept for "
-                       "rollback)")
+                       f"max_step={self.max_step} (the per-position state history kept for "
+                       f"rollback); build the model with a larger max_step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,3 +257,8 @@ def check_rows(rows, cache) -> None:
 def check_int(name: str, value, low: int = 1) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
     raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")

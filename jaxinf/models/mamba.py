@@ -25,21 +25,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 from flax import nnx
 
 import pallas_kernels
 from jaxinf.models import layers
-from jaxinf.models.functional import SequenceModel, to_functional
-from jaxinf.models.functional import (check_cache_batch, check_int, check_keep,
+from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
-from pallas_kernels import dispatch
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -284,51 +280,24 @@ def rollback_states(cache: dict, keep: jax.Array, conv_kernel: int) -> dict:
               last_k=keep)
 
 
-@functools.cache
-def _functional(cfg: MambaConfig) -> dict[str, Callable[..., Any]]:
-  abstract = nnx.eval_shape(lambda: Mamba(cfg, rngs=nnx.Rngs(0)))
-  return {m: to_functional(abstract, m)[0] for m in ("__call__", "prefill", "step")}
-
-
 @dataclasses.dataclass(frozen=True)
-class MambaLM(SequenceModel):
-  """`Mamba` under the SequenceModel contract (`jaxinf.models.functional`).
+class MambaLM(FamilyLM):
+  """`Mamba` under the SequenceModel contract (`jaxinf.models.functional.FamilyLM`).
 
   Hashable by value (a static argument of jit). `max_step` is the most tokens one `step` may
   append (the speculation window): the cache keeps that many states per layer for `rollback`.
   `impl`/`interpret` choose the selective-scan implementation of `prefill`.
   """
 
-  config: MambaConfig
   max_step: int = 8
-  impl: str = "auto"
-  interpret: bool = False
 
-  max_len = None  # recurrent state: no context limit
-
-  def __post_init__(self):
-    if not isinstance(self.config, MambaConfig):
-      raise TypeError(f"config: expected a MambaConfig, got {type(self.config).__name__}")
-    check_int("max_step", self.max_step)
-    dispatch.resolve_impl(self.impl, self.interpret)
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  def init_params(self, seed: int = 0) -> dict:
-    """Random parameters with mamba_ssm's initialisation, as a nested dict of fp32 arrays."""
-    return nnx.to_pure_dict(nnx.state(Mamba(self.config, rngs=nnx.Rngs(seed))))
-
-  def abstract_params(self) -> dict:
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-        lambda: Mamba(self.config, rngs=nnx.Rngs(0)))))
+  config_type: ClassVar[type] = MambaConfig
+  module_type: ClassVar[type] = Mamba
+  rollback_keys: ClassVar[tuple[str, ...]] = ("conv_window", "ssm_history", "last_k")
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
     """Fixed-size states; `max_len` is accepted for the contract and ignored (no context limit)."""
-    check_int("batch", batch)
-    if max_len is not None:
-      check_int("max_len", max_len)
+    self.check_cache_request(batch, max_len)
     cfg = self.config
     l, w, di, n, s = cfg.num_layers, cfg.conv_kernel, cfg.inner_size, cfg.state_size, self.max_step
     act = jnp.dtype(cfg.dtype)
@@ -368,7 +337,8 @@ class MambaLM(SequenceModel):
     self._check_cache(cache, b)
     if k > self.max_step:
       raise ValueError(f"tokens: {k} tokens in one step exceed max_step={self.max_step} (the "
-                       "states kept for rollback); build MambaLM with a larger max_step")
+                       "per-position state history kept for rollback); build the model with a "
+                       "larger max_step")
     return _step_jit(self, params, tokens, cache)
 
   def cache_batch_axes(self, cache: dict) -> dict:
@@ -381,19 +351,18 @@ class MambaLM(SequenceModel):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward_jit(model: MambaLM, params, tokens):
-  return _functional(model.config)["__call__"](params, tokens, impl=model.impl,
-                                               interpret=model.interpret)
+  return model.pure("__call__")(params, tokens, impl=model.impl, interpret=model.interpret)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _prefill_jit(model: MambaLM, params, tokens, cache, lengths):
-  return _functional(model.config)["prefill"](params, tokens, cache, lengths, impl=model.impl,
-                                              interpret=model.interpret)
+  return model.pure("prefill")(params, tokens, cache, lengths, impl=model.impl,
+                               interpret=model.interpret)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _step_jit(model: MambaLM, params, tokens, cache):
-  return _functional(model.config)["step"](params, tokens, cache)
+  return model.pure("step")(params, tokens, cache)
 
 
 _rollback_jit = jax.jit(rollback_states, static_argnums=2)

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinf.models.functional import ConfiguredLM, check_keep, check_prefill_lengths
+from jaxinf.models.functional import FamilyLM, check_keep, check_prefill_lengths
 from pallas_kernels import wkv7, wkv7_step
 
 _DECAY_SCALE = math.exp(-0.5)  # RWKV-LM: w = exp(-softplus(-z) - 0.5), i.e. e^{-0.5} sigmoid(z)
@@ -47,9 +47,8 @@ class RWKV7Config:
   """Static shape of an RWKV-7 model. LoRA ranks as in RWKV-LM's `RWKV_Tmix_x070`
   (`D_DECAY_LORA`, `D_AAA_LORA`, `D_MV_LORA`, `D_GATE_LORA`); `d_ffn` defaults to 4 d_model.
 
-  `max_step` is the most tokens one `step` call may append: the model keeps that many per-position
-  states for `rollback`, so it sets the cache's size. `max_len` (None: unbounded, the recurrent
-  state does not grow) caps prompt + generation if set.
+  `max_len` (None: unbounded, the recurrent state does not grow) caps prompt + generation if set.
+  The kernel choice (`impl`) and the rollback window (`max_step`) are fields of `RWKV7LM`.
   """
   vocab_size: int
   d_model: int
@@ -62,13 +61,11 @@ class RWKV7Config:
   gate_lora: int = 128
   norm_eps: float = 1e-5
   ln_x_eps: float = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
-  max_step: int = 8
   max_len: int | None = None
-  impl: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "head_size", "decay_lora", "a_lora",
-                 "v_lora", "gate_lora", "max_step"):
+                 "v_lora", "gate_lora"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -93,6 +90,13 @@ class RWKV7Config:
 # RWKV-LM's (64/64/32/128 at C=768) roughly with C.
 RWKV7_1M = RWKV7Config(vocab_size=259, d_model=128, n_layers=4, head_size=32, decay_lora=16,
                        a_lora=16, v_lora=8, gate_lora=32)
+
+# Named sizes (`jaxinf.models.families` registers them): "-tiny" is the smoke-test size.
+RWKV7_CONFIGS: dict[str, RWKV7Config] = {
+    "rwkv7-1m": RWKV7_1M,
+    "rwkv7-tiny": RWKV7Config(vocab_size=259, d_model=32, n_layers=2, head_size=16, decay_lora=4,
+                              a_lora=4, v_lora=4, gate_lora=8),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,9 +236,10 @@ class Block(nnx.Module):
 class RWKV7(nnx.Module):
   """The RWKV-7 language model: emb -> ln0 -> blocks -> ln_out -> head.
 
-  `__call__(tokens, state, valid=None, keep_history=False)` runs T tokens from `state` (the dict of
-  `RWKV7LM.init_cache`'s "state"): the parallel form (`wkv7`) by default, or token by token
-  (`wkv7_step`) with `keep_history`, which also returns the state after every token.
+  `__call__(tokens, state, valid=None, keep_history=False, impl=..., interpret=...)` runs T tokens
+  from `state` (the dict of `RWKV7LM.init_cache`'s "state"): the parallel form (`wkv7` with kernel
+  implementation `impl`) by default, or token by token (`wkv7_step`) with `keep_history`, which
+  also returns the state after every token.
   """
 
   def __init__(self, cfg: RWKV7Config, *, rngs: nnx.Rngs):
@@ -246,7 +251,8 @@ class RWKV7(nnx.Module):
     self.ln_out_b = nnx.Param(jnp.zeros((c,), jnp.float32))
     self.head = _normal(rngs, (c, cfg.vocab_size), c ** -0.5)
 
-  def __call__(self, tokens, state, valid=None, keep_history: bool = False):
+  def __call__(self, tokens, state, valid=None, keep_history: bool = False, *,
+               impl: str = "auto", interpret: bool = False):
     cfg = self.cfg
     eps = cfg.norm_eps
     x = self.emb[...][tokens]
@@ -272,7 +278,7 @@ class RWKV7(nnx.Module):
         new["wkv"].append(wkv_hist)
       else:
         y, s = wkv7(r, w, k_in, v, aa, bb, initial_state=state["wkv"][i], return_final_state=True,
-                    impl=cfg.impl)
+                    impl=impl, interpret=interpret)
         new["wkv"].append(s)
       x = x + blk.att.finish(y, r, k, v, g)
       h2 = layer_norm(x, blk.ln2_w[...], blk.ln2_b[...], eps)
@@ -307,25 +313,29 @@ def gather_rows(hist: jax.Array, index: jax.Array) -> jax.Array:
   return hist[:, index, jnp.arange(hist.shape[2])]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class RWKV7LM(ConfiguredLM):
-  """RWKV-7 behind the SequenceModel contract (`jaxinf.models.functional`).
+@dataclasses.dataclass(frozen=True)
+class RWKV7LM(FamilyLM):
+  """RWKV-7 behind the SequenceModel contract (`jaxinf.models.functional.FamilyLM`).
 
   Cache: {"length" [B], "state": {"att_shift", "ffn_shift" [L, B, C], "wkv" [L, B, H, N, N]},
   "history": the same with a position axis of size max_step + 1 after L (index j: the state after
-  j tokens of the last step), "last_k" [B]}.
+  j tokens of the last step), "last_k" [B]}. `max_step` is the most tokens one `step` may append.
   """
-  cfg: RWKV7Config
-  graphdef: Any
+
+  max_step: int = 8
+
+  config_type: ClassVar[type] = RWKV7Config
+  module_type: ClassVar[type] = RWKV7
+  rollback_keys: ClassVar[tuple[str, ...]] = ("history", "last_k")
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
-    cfg = self.cfg
-    self._check_cache_request(batch, max_len)
+    cfg = self.config
+    self.check_cache_request(batch, max_len)
     l, c, h, n = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_size
     state = {"att_shift": jnp.zeros((l, batch, c), jnp.float32),
              "ffn_shift": jnp.zeros((l, batch, c), jnp.float32),
              "wkv": jnp.zeros((l, batch, h, n, n), jnp.float32)}
-    history = {k: jnp.zeros((v.shape[0], cfg.max_step + 1) + v.shape[1:], v.dtype)
+    history = {k: jnp.zeros((v.shape[0], self.max_step + 1) + v.shape[1:], v.dtype)
                for k, v in state.items()}
     return {"length": jnp.zeros((batch,), jnp.int32), "state": state, "history": history,
             "last_k": jnp.zeros((batch,), jnp.int32)}
@@ -333,13 +343,14 @@ class RWKV7LM(ConfiguredLM):
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; positions >= lengths[b] leave row b's state
     untouched (w = 1, k = 0, b = 0 in the WKV; the shift states are read at lengths[b] - 1)."""
-    self._check(tokens, cache)
+    self.check_tokens(tokens, cache)
     check_prefill_lengths(lengths, *tokens.shape)
     lengths = jnp.asarray(lengths, jnp.int32)
     t = tokens.shape[1]
     valid = jnp.arange(t)[None] < lengths[:, None]
     state = cache["state"]
-    logits, new = self.module(params)(tokens, state, valid)
+    logits, new = self.module(params)(tokens, state, valid, impl=self.impl,
+                                      interpret=self.interpret)
     last = jnp.maximum(lengths - 1, 0)
     out = {"wkv": new["wkv"]}
     for name in ("att_shift", "ffn_shift"):
@@ -348,8 +359,8 @@ class RWKV7LM(ConfiguredLM):
     return logits, dict(cache, state=out, length=cache["length"] + lengths)
 
   def step(self, params, tokens, cache):
-    """Recurrent form over k tokens [B, k] (k <= cfg.max_step); keeps the per-token states."""
-    self._check(tokens, cache, step=True)
+    """Recurrent form over k tokens [B, k] (k <= max_step); keeps the per-token states."""
+    self.check_tokens(tokens, cache, step=True)
     k = tokens.shape[1]
     state = cache["state"]
     logits, new = self.module(params)(tokens, state, keep_history=True)
@@ -375,11 +386,3 @@ class RWKV7LM(ConfiguredLM):
     state = {name: gather_rows(hist, keep) for name, hist in cache["history"].items()}
     return dict(cache, state=state, length=cache["length"] - cache["last_k"] + keep,
                 last_k=keep)
-
-
-def rwkv7_model(cfg: RWKV7Config, key: jax.Array) -> tuple[RWKV7LM, dict]:
-  """(model, params) with random weights (params: the nested dict of `nnx.to_pure_dict`)."""
-  if not isinstance(cfg, RWKV7Config):
-    raise TypeError(f"cfg: expected an RWKV7Config, got {type(cfg).__name__}")
-  graphdef, state = nnx.split(RWKV7(cfg, rngs=nnx.Rngs(params=key)))
-  return RWKV7LM(cfg, graphdef), nnx.to_pure_dict(state)

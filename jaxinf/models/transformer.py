@@ -14,10 +14,8 @@ Two forms of one model (DESIGN.md, "every fast path has a slow twin"):
   `[length, length + k)`, and `pallas_kernels.attention_step` attends the k queries to the cache
   (k > 1 is speculative verification). `rollback` only moves the length pointer: slots past it are
   dead and the next step overwrites them, so undoing a step is exact.
-* `tree_step` / `commit_path` — Medusa's tree attention (Cai et al. 2024, §2.1.2; SpecInfer's
-  token tree, Miao et al. 2024): n candidate nodes verified in one call, each attending to the
-  cached prefix and its own ancestors only, then the accepted root-to-node path compacted into
-  contiguous slots. An XLA masked-attention path (the kernels take no arbitrary mask).
+* `tree_step` / `commit_path` — Medusa's tree attention over this cache, in
+  `jaxinf.models.tree_attention`.
 
 `return_hidden=True` on `__call__`, `prefill`, `step` and `tree_step` also returns the final hidden
 state (after the final norm, before the head) `[B, T, C]` — what Medusa's heads read.
@@ -29,18 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from jaxinf.models import layers
-from jaxinf.models.functional import (SequenceModel, check_cache_batch, check_int, check_keep,
-                                      check_prefill_lengths, check_token_ids, to_functional)
+from jaxinf.models import layers, tree_attention
+from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_flag, check_keep,
+                                      check_prefill_lengths, check_token_ids)
 from pallas_kernels import dispatch
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -264,142 +260,20 @@ class Transformer(nnx.Module):
                  last_k=jnp.full_like(start, k_new))
     return (*self._outputs(x, return_hidden), cache)
 
-  def tree_step(self, tokens, cache, parents: tuple[int, ...], *, return_hidden: bool = False):
-    """Tree attention over n candidate nodes `tokens` `[B, n]` (node i's parent is parents[i];
-    node 0 is the root, parents[0] = -1, parents[i] < i).
-
-    Node i's key/value go to slot length + i, its RoPE position is length + depth(i), and it
-    attends to the cached prefix (slots < length) and to its ancestors and itself — so its logits
-    are those of stepping its root-to-node path one token at a time (Medusa, Cai et al. 2024,
-    §2.1.2, Fig. 2's tree mask). `length` does not move: the nodes are tentative until
-    `commit_path`.
-    """
-    b, n = tokens.shape
-    depths, ancestors = tree_structure(parents)
-    start = cache["length"]
-    positions = start[:, None] + jnp.asarray(depths)[None]
-    slots = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-    rows = jnp.arange(b)[:, None]
-    size = cache["k"].shape[2]
-    # visible[b, i, s]: slot s is in row b's prefix, or holds an ancestor of node i (or i itself)
-    rel = jnp.arange(size, dtype=jnp.int32)[None] - start[:, None]  # [B, S]
-    in_tree = (rel >= 0) & (rel < n)
-    anc = jnp.asarray(ancestors)[:, jnp.clip(rel, 0, n - 1)]  # [n, B, S]
-    visible = (rel < 0)[:, None, :] | (in_tree[:, None, :] & jnp.moveaxis(anc, 0, 1))
-    ks, vs = cache["k"], cache["v"]
-    x = self.embed_tokens(tokens).astype(jnp.float32)
-    for i, block in enumerate(self.layers):
-      q, k, v = block.attention_inputs(x, positions)
-      ks = ks.at[i, rows, slots].set(k)
-      vs = vs.at[i, rows, slots].set(v)
-      x = block.finish(x, masked_attention(q, ks[i], vs[i], visible))
-    cache = dict(cache, k=ks, v=vs, last_k=jnp.zeros_like(start))
-    return (*self._outputs(x, return_hidden), cache)
-
-
-def tree_structure(parents: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """(depth [n] int32, ancestors [n, n] bool with ancestors[i, j] iff j is i or an ancestor of i)
-  of a tree given by parent indices (parents[0] = -1, 0 <= parents[i] < i)."""
-  check_tree_parents(parents)
-  n = len(parents)
-  depth = np.zeros(n, np.int32)
-  ancestors = np.eye(n, dtype=bool)
-  for i in range(1, n):
-    depth[i] = depth[parents[i]] + 1
-    ancestors[i] |= ancestors[parents[i]]
-  return depth, ancestors
-
-
-def check_tree_parents(parents) -> None:
-  if not isinstance(parents, tuple) or not parents or any(
-      isinstance(p, bool) or not isinstance(p, (int, np.integer)) for p in parents):
-    raise TypeError(f"parents: expected a non-empty tuple of ints (static), got {parents!r}")
-  if parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
-    raise ValueError(f"parents: expected parents[0] == -1 and 0 <= parents[i] < i (nodes in "
-                     f"topological order), got {parents}")
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(D)) v over the keys `visible` `[B, Tq, S]` marks (Vaswani et al. 2017,
-  eq. 1) with grouped-query heads; q `[B, Tq, H, D]`, k/v `[B, S, Hkv, D]`; fp32 softmax. Every
-  query must see at least one key."""
-  b, tq, h, d = q.shape
-  groups = h // k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, tq, k.shape[2], groups, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * d ** -0.5
-  logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-  w = jax.nn.softmax(logits, axis=-1)
-  o = jnp.einsum("bkgts,bskd->btkgd", w, v.astype(jnp.float32))
-  return o.reshape(b, tq, h, d).astype(q.dtype)
-
-
-def commit_path_cache(cache: dict, node_indices: jax.Array, n_accept: jax.Array) -> dict:
-  """After `tree_step`: moves row b's nodes node_indices[b, :n_accept[b]] (slots length + index)
-  to slots [length, length + n_accept) and advances the length by n_accept — the cache sequential
-  decoding of that path would hold. Slots past the new length are dead (as after `rollback`)."""
-  b, d = node_indices.shape
-  start = cache["length"]
-  rows = jnp.arange(b)[:, None]
-  src = start[:, None] + node_indices.astype(jnp.int32)
-  dst = start[:, None] + jnp.arange(d, dtype=jnp.int32)[None]
-  keep = (jnp.arange(d)[None] < n_accept[:, None])[None, :, :, None, None]
-
-  def move(buf):  # [L, B, S, Hkv, D]; gather everything first, so overlaps cannot clobber
-    moved = buf[:, rows, src]
-    return buf.at[:, rows, dst].set(jnp.where(keep, moved, buf[:, rows, dst]))
-
-  n_accept = n_accept.astype(jnp.int32)
-  return dict(cache, k=move(cache["k"]), v=move(cache["v"]), length=start + n_accept,
-              last_k=n_accept)
-
-
-@functools.cache
-def _functional(cfg: TransformerConfig) -> dict[str, Callable[..., Any]]:
-  """The module's methods as pure functions of (params, ...), built once per config from an
-  abstract module (no weights are allocated)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return {m: to_functional(abstract, m)[0] for m in ("__call__", "prefill", "step", "tree_step")}
-
 
 @dataclasses.dataclass(frozen=True)
-class TransformerLM(SequenceModel):
-  """`Transformer` under the SequenceModel contract (`jaxinf.models.functional`).
+class TransformerLM(FamilyLM):
+  """`Transformer` under the SequenceModel contract (`jaxinf.models.functional.FamilyLM`).
 
   Hashable by value, so it is a static argument of jit (`generate`). `impl`/`interpret` choose the
   attention kernels' implementation ("auto": Pallas on GPU, the chunked XLA form on CPU).
   """
 
-  config: TransformerConfig
-  impl: str = "auto"
-  interpret: bool = False
-
-  def __post_init__(self):
-    if not isinstance(self.config, TransformerConfig):
-      raise TypeError(f"config: expected a TransformerConfig, got {type(self.config).__name__}")
-    dispatch.resolve_impl(self.impl, self.interpret)  # validates both
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def max_len(self) -> int:
-    return self.config.max_len
-
-  def init_params(self, seed: int = 0) -> dict:
-    """Random parameters as a nested dict of fp32 arrays (Llama's normal(0, init_std), norms 1)."""
-    return nnx.to_pure_dict(nnx.state(Transformer(self.config, rngs=nnx.Rngs(seed))))
-
-  def abstract_params(self) -> dict:
-    """The parameter tree's shapes (`jax.ShapeDtypeStruct`), for key checks without weights."""
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-        lambda: Transformer(self.config, rngs=nnx.Rngs(0)))))
+  config_type: ClassVar[type] = TransformerConfig
+  module_type: ClassVar[type] = Transformer
 
   def init_cache(self, batch: int, max_len: int) -> dict:
-    check_int("batch", batch)
-    check_int("max_len", max_len)
-    if max_len > self.config.max_len:
-      raise ValueError(f"max_len: {max_len} exceeds the model's context of {self.config.max_len}")
+    self.check_cache_request(batch, max_len)
     cfg = self.config
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
@@ -413,7 +287,7 @@ class TransformerLM(SequenceModel):
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
                        f"{self.max_len}")
-    _check_flag("return_hidden", return_hidden)
+    check_flag("return_hidden", return_hidden)
     return _forward_jit(self, params, tokens, return_hidden)
 
   def prefill(self, params: dict, tokens, cache: dict, lengths, *, return_hidden: bool = False):
@@ -426,10 +300,11 @@ class TransformerLM(SequenceModel):
     if t > cache["k"].shape[2]:
       raise ValueError(f"tokens: a prompt of {t} positions does not fit the cache of "
                        f"{cache['k'].shape[2]} (init_cache(batch, max_len >= {t}))")
-    _check_flag("return_hidden", return_hidden)
+    check_flag("return_hidden", return_hidden)
     return _prefill_jit(self, params, tokens, cache, lengths, return_hidden)
 
-  def _check_append(self, tokens, cache):
+  def check_append(self, tokens, cache):
+    """`tokens` `[B, k]` valid ids that fit the cache after every row's length."""
     check_token_ids("tokens", tokens, self.vocab_size)
     b, k = tokens.shape
     check_cache_batch(cache, b)
@@ -442,53 +317,21 @@ class TransformerLM(SequenceModel):
   def step(self, params: dict, tokens, cache: dict, *, return_hidden: bool = False):
     """Cached form: appends `tokens` `[B, k]` (k >= 1) to every row. Returns (logits, cache), or
     (logits, hidden `[B, k, C]`, cache) with `return_hidden`."""
-    self._check_append(tokens, cache)
-    _check_flag("return_hidden", return_hidden)
+    self.check_append(tokens, cache)
+    check_flag("return_hidden", return_hidden)
     return _step_jit(self, params, tokens, cache, return_hidden)
 
   def tree_step(self, params: dict, tokens, cache: dict, parents: tuple[int, ...], *,
                 return_hidden: bool = False):
-    """Tree attention (Medusa, Cai et al. 2024, §2.1.2): verifies the n nodes `tokens` `[B, n]`
-    of a static tree (`parents`, a tuple: parents[0] = -1, 0 <= parents[i] < i) in one call.
-
-    Node i is written to slot length + i at RoPE position length + depth(i) and attends to the
-    prefix and its ancestors only, so logits[:, i] are those of stepping node i's root-to-node
-    path token by token. The length does not move; follow with `commit_path`. Returns
-    (logits `[B, n, V]`, cache), or (logits, hidden `[B, n, C]`, cache) with `return_hidden`.
-    """
-    check_tree_parents(parents)
-    self._check_append(tokens, cache)
-    if tokens.shape[1] != len(parents):
-      raise ValueError(f"tokens: {tokens.shape[1]} nodes, but parents describes a tree of "
-                       f"{len(parents)}")
-    _check_flag("return_hidden", return_hidden)
-    return _tree_step_jit(self, params, tokens, cache, tuple(int(p) for p in parents),
-                          return_hidden)
+    """Medusa's tree attention over the nodes `tokens` `[B, n]` of the static tree `parents`:
+    `jaxinf.models.tree_attention.tree_step`."""
+    return tree_attention.tree_step(self, params, tokens, cache, parents,
+                                    return_hidden=return_hidden)
 
   def commit_path(self, cache: dict, node_indices, n_accept) -> dict:
-    """After `tree_step`: row b keeps its nodes node_indices[b, :n_accept[b]] `[B, d]` (a root-to-
-    node path, root first), compacted into slots [length, length + n_accept), and the length
-    advances by n_accept — exactly the cache of stepping that path one token at a time."""
-    check_cache_batch(cache, cache["length"].shape[0])
-    b = cache["length"].shape[0]
-    if not hasattr(node_indices, "shape") or node_indices.ndim != 2 \
-        or node_indices.shape[0] != b or not jnp.issubdtype(node_indices.dtype, jnp.integer):
-      raise ValueError(f"node_indices: expected integer [B={b}, d], got "
-                       f"{getattr(node_indices, 'dtype', type(node_indices).__name__)} "
-                       f"{tuple(getattr(node_indices, 'shape', ()))}")
-    d = node_indices.shape[1]
-    dispatch.check_lengths("n_accept", n_accept, b)
-    size = cache["k"].shape[2]
-    idx, n, length = (dispatch.concrete_value(x) for x in (node_indices, n_accept,
-                                                          cache["length"]))
-    if n is not None and ((n < 0) | (n > d)).any():
-      raise ValueError(f"n_accept: expected values in [0, {d}], got {n.tolist()}")
-    if idx is not None and (idx < 0).any():
-      raise ValueError(f"node_indices: expected non-negative node indices, got {idx.tolist()}")
-    if idx is not None and length is not None and (length[:, None] + idx >= size).any():
-      raise ValueError(f"node_indices: slots length + index overflow the cache of {size}")
-    return _commit_jit(cache, jnp.asarray(node_indices, jnp.int32),
-                       jnp.asarray(n_accept, jnp.int32))
+    """After `tree_step`, keeps each row's accepted root-to-node path:
+    `jaxinf.models.tree_attention.commit_path`."""
+    return tree_attention.commit_path(cache, node_indices, n_accept)
 
   def cache_batch_axes(self, cache: dict) -> dict:
     return {"k": 1, "v": 1, "length": 0, "last_k": 0}
@@ -501,35 +344,19 @@ class TransformerLM(SequenceModel):
     return dict(cache, length=cache["length"] - cache["last_k"] + keep, last_k=keep)
 
 
-def _check_flag(name: str, value) -> None:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _forward_jit(model: TransformerLM, params, tokens, return_hidden=False):
-  return _functional(model.config)["__call__"](params, tokens, impl=model.impl,
-                                               interpret=model.interpret,
-                                               return_hidden=return_hidden)
+  return model.pure("__call__")(params, tokens, impl=model.impl, interpret=model.interpret,
+                                return_hidden=return_hidden)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefill_jit(model: TransformerLM, params, tokens, cache, lengths, return_hidden=False):
-  return _functional(model.config)["prefill"](params, tokens, cache, lengths, impl=model.impl,
-                                              interpret=model.interpret,
-                                              return_hidden=return_hidden)
+  return model.pure("prefill")(params, tokens, cache, lengths, impl=model.impl,
+                               interpret=model.interpret, return_hidden=return_hidden)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _step_jit(model: TransformerLM, params, tokens, cache, return_hidden=False):
-  return _functional(model.config)["step"](params, tokens, cache, impl=model.impl,
-                                           interpret=model.interpret, return_hidden=return_hidden)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _tree_step_jit(model: TransformerLM, params, tokens, cache, parents, return_hidden):
-  return _functional(model.config)["tree_step"](params, tokens, cache, parents,
-                                                return_hidden=return_hidden)
-
-
-_commit_jit = jax.jit(commit_path_cache)
+  return model.pure("step")(params, tokens, cache, impl=model.impl, interpret=model.interpret,
+                            return_hidden=return_hidden)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinf.models.functional import ConfiguredLM, check_keep, check_prefill_lengths
+from jaxinf.models.functional import FamilyLM, check_keep, check_prefill_lengths
 # The contract's argument checks and row gather are shared with the other recurrent family.
 from pallas_kernels import lightning_attention, lightning_attention_step
 
@@ -47,7 +47,8 @@ class TransNormerConfig:
   d_model = decoder_embed_dim, n_layers = decoder_layers, n_heads = decoder_attention_heads,
   hidden_dim (the token mixer's width, default d_model), glu_dim (default d_model, as the release's
   glu_dim=-1), lrpe = linear_use_lrpe_list (one flag per layer; () means none), scale_embedding =
-  not no_scale_embedding. `max_step` / `max_len` as in `RWKV7Config`.
+  not no_scale_embedding. `max_len` as in `RWKV7Config`; the kernel choice (`impl`) and the
+  rollback window (`max_step`) are fields of `TransNormerLM`.
   """
   vocab_size: int
   d_model: int
@@ -58,12 +59,10 @@ class TransNormerConfig:
   lrpe: tuple[bool, ...] = ()
   scale_embedding: bool = False
   norm_eps: float = 1e-6
-  max_step: int = 8
   max_len: int | None = None
-  impl: str = "auto"
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_step"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -97,6 +96,13 @@ class TransNormerConfig:
 # `rwkv.RWKV7_1M` (~0.93M). LRPE in the first layer only, as the release's configs.
 TRANSNORMER_1M = TransNormerConfig(vocab_size=259, d_model=128, n_layers=5, n_heads=4, glu_dim=256,
                                    lrpe=(True, False, False, False, False))
+
+# Named sizes (`jaxinf.models.families` registers them): "-tiny" is the smoke-test size.
+TRANSNORMER_CONFIGS: dict[str, TransNormerConfig] = {
+    "transnormer-1m": TRANSNORMER_1M,
+    "transnormer-tiny": TransNormerConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=2,
+                                          glu_dim=64, lrpe=(True, False)),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,13 +150,14 @@ def lrpe(x: jax.Array, theta: jax.Array, positions: jax.Array) -> jax.Array:
   return jnp.concatenate([x * jnp.cos(angle), x * jnp.sin(angle)], axis=-1).astype(x.dtype)
 
 
-def lightning_prefill(q, k, v, decay, state, lengths, impl: str = "auto"):
+def lightning_prefill(q, k, v, decay, state, lengths, impl: str = "auto",
+                      interpret: bool = False):
   """Causal decayed linear attention over right-padded rows, and each row's state at its length.
 
   q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; decay: [H]; state: [B, H, Dk, Dv] (the state before the
   first token); lengths: [B]. Returns (o [B, T, H, Dv], state [B, H, Dk, Dv] fp32) where the state
   is S_{L_b - 1} of row b alone (see the module docstring for why it is not the kernel's)."""
-  o = lightning_attention(q, k, v, decay, initial_state=state, impl=impl)
+  o = lightning_attention(q, k, v, decay, initial_state=state, impl=impl, interpret=interpret)
   t = q.shape[1]
   log_decay = jnp.log(jnp.asarray(decay, jnp.float32))                       # [H]
   age = lengths[:, None] - 1 - jnp.arange(t)[None]                           # [B, T]: L-1-s
@@ -189,7 +196,7 @@ class TokenMixer(nnx.Module):
 
   def __init__(self, cfg: TransNormerConfig, layer: int, *, rngs: nnx.Rngs):
     d, hid, h = cfg.d_model, cfg.hidden, cfg.n_heads
-    self.n_heads, self.eps, self.impl = h, cfg.norm_eps, cfg.impl
+    self.n_heads, self.eps = h, cfg.norm_eps
     self.decay = tuple(float(x) for x in layer_decay(h, layer, cfg.n_layers))  # static
     self.qkvu_proj = _normal(rngs, (d, 4 * hid), d ** -0.5)
     self.out_proj = _normal(rngs, (hid, d), hid ** -0.5)
@@ -233,8 +240,9 @@ class Layer(nnx.Module):
 
 
 class TransNormerLLM(nnx.Module):
-  """`__call__(tokens, positions, kv, lengths=None, keep_history=False)`: logits [B, T, V] and the
-  list of per-layer lightning states — [B, H, Dk, Dv] at each row's length (parallel form), or
+  """`__call__(tokens, positions, kv, lengths=None, keep_history=False, impl=..., interpret=...)`:
+  logits [B, T, V] and the list of per-layer lightning states — [B, H, Dk, Dv] at each row's
+  length (parallel form, `lightning_attention` with kernel implementation `impl`), or
   [T, B, H, Dk, Dv] after every token (`keep_history`, token by token)."""
 
   def __init__(self, cfg: TransNormerConfig, *, rngs: nnx.Rngs):
@@ -244,7 +252,8 @@ class TransNormerLLM(nnx.Module):
     self.layers = nnx.List([Layer(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
     self.lm_head = _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5)
 
-  def __call__(self, tokens, positions, kv, lengths=None, keep_history: bool = False):
+  def __call__(self, tokens, positions, kv, lengths=None, keep_history: bool = False, *,
+               impl: str = "auto", interpret: bool = False):
     cfg = self.cfg
     x = self.embed_tokens[...][tokens]
     if cfg.scale_embedding:
@@ -257,7 +266,7 @@ class TransNormerLLM(nnx.Module):
       if keep_history:
         o, s = lightning_steps(q, k, v, decay, kv[i])
       else:
-        o, s = lightning_prefill(q, k, v, decay, kv[i], lengths, impl=mixer.impl)
+        o, s = lightning_prefill(q, k, v, decay, kv[i], lengths, impl=impl, interpret=interpret)
       states.append(s)
       x = x + mixer.finish(o, u)
       x = x + layer.channel_mixer(srms_norm(x, cfg.norm_eps))
@@ -268,26 +277,29 @@ class TransNormerLLM(nnx.Module):
 # The SequenceModel.
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class TransNormerLM(ConfiguredLM):
-  """TransNormerLLM behind the SequenceModel contract (`jaxinf.models.functional`).
+@dataclasses.dataclass(frozen=True)
+class TransNormerLM(FamilyLM):
+  """TransNormerLLM behind the SequenceModel contract (`jaxinf.models.functional.FamilyLM`).
 
   Cache: {"length" [B], "state": {"kv": per layer [B, H, Dk, Dv]}, "history": {"kv": per layer
   [max_step + 1, B, H, Dk, Dv]} (index j: the state after j tokens of the last step), "last_k" [B]}.
   Dk is 2 D in layers with LRPE (the release uses it in some layers only, hence a list, not one
   stacked array). The LRPE position of a token is its row's length before it.
   """
-  cfg: TransNormerConfig
-  graphdef: Any
+  max_step: int = 8
+
+  config_type: ClassVar[type] = TransNormerConfig
+  module_type: ClassVar[type] = TransNormerLLM
+  rollback_keys: ClassVar[tuple[str, ...]] = ("history", "last_k")
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
-    cfg = self.cfg
-    self._check_cache_request(batch, max_len)
+    cfg = self.config
+    self.check_cache_request(batch, max_len)
     d = cfg.head_dim
     kv = [jnp.zeros((batch, cfg.n_heads, 2 * d if cfg.use_lrpe(i) else d, d), jnp.float32)
           for i in range(cfg.n_layers)]
     return {"length": jnp.zeros((batch,), jnp.int32), "state": {"kv": kv},
-            "history": {"kv": [jnp.zeros((cfg.max_step + 1,) + s.shape, jnp.float32) for s in kv]},
+            "history": {"kv": [jnp.zeros((self.max_step + 1,) + s.shape, jnp.float32) for s in kv]},
             "last_k": jnp.zeros((batch,), jnp.int32)}
 
   def _positions(self, cache, t):
@@ -295,16 +307,17 @@ class TransNormerLM(ConfiguredLM):
 
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; row b's state is taken at lengths[b]."""
-    self._check(tokens, cache)
+    self.check_tokens(tokens, cache)
     check_prefill_lengths(lengths, *tokens.shape)
     lengths = jnp.asarray(lengths, jnp.int32)
     logits, kv = self.module(params)(tokens, self._positions(cache, tokens.shape[1]),
-                                     cache["state"]["kv"], lengths)
+                                     cache["state"]["kv"], lengths, impl=self.impl,
+                                     interpret=self.interpret)
     return logits, dict(cache, state={"kv": kv}, length=cache["length"] + lengths)
 
   def step(self, params, tokens, cache):
-    """Recurrent form over k tokens [B, k] (k <= cfg.max_step); keeps the per-token states."""
-    self._check(tokens, cache, step=True)
+    """Recurrent form over k tokens [B, k] (k <= max_step); keeps the per-token states."""
+    self.check_tokens(tokens, cache, step=True)
     k = tokens.shape[1]
     prev = cache["state"]["kv"]
     logits, hist = self.module(params)(tokens, self._positions(cache, k), prev,
@@ -329,11 +342,3 @@ class TransNormerLM(ConfiguredLM):
     return dict(cache, state={"kv": [h[keep, rows] for h in cache["history"]["kv"]]},
                 length=cache["length"] - cache["last_k"] + keep,
                 last_k=keep)
-
-
-def transnormer_model(cfg: TransNormerConfig, key: jax.Array) -> tuple[TransNormerLM, dict]:
-  """(model, params) with random weights (params: the nested dict of `nnx.to_pure_dict`)."""
-  if not isinstance(cfg, TransNormerConfig):
-    raise TypeError(f"cfg: expected a TransNormerConfig, got {type(cfg).__name__}")
-  graphdef, state = nnx.split(TransNormerLLM(cfg, rngs=nnx.Rngs(params=key)))
-  return TransNormerLM(cfg, graphdef), nnx.to_pure_dict(state)

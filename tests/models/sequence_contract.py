@@ -1,5 +1,6 @@
 """Checks of the SequenceModel contract (`jaxinf.models.functional`) that every language-model
-family must pass; each family's test module calls them with its own tiny model.
+family must pass, and the tiny models they run on (`CONTRACT_MODELS`); tests/models/test_families.py
+runs them on every family the registry (`jaxinf.models.families`) holds.
 
 The independent source in each is the model's other form: the cache-free forward (`model(params,
 tokens)`), a longer prefill, or the one-token step, never the checked call against itself.
@@ -7,11 +8,38 @@ tokens)`), a longer prefill, or the one-token step, never the checked call again
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding.generate import generate
+from jaxinf.models.mamba import MambaConfig
+from jaxinf.models.rwkv import RWKV7Config
+from jaxinf.models.transformer import TransformerConfig
+from jaxinf.models.transnormer import TransNormerConfig
+
+# Tiny models at decisive scales (logits of order 1-10, so a wrong mask, position or state shows):
+# case id -> (config, model options). Every registered family has at least one case.
+TRANSFORMER_CFG = TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, mlp_hidden=64, max_len=48, init_std=0.2)
+MAMBA_CFG = MambaConfig(vocab_size=64, hidden_size=32, num_layers=2, state_size=8, init_std=0.5)
+RWKV7_CFG = RWKV7Config(vocab_size=40, d_model=32, n_layers=2, head_size=16, d_ffn=48,
+                        decay_lora=8, a_lora=8, v_lora=4, gate_lora=8)
+# LRPE in layer 0 only (as the release's configs do), so both kinds of layer are exercised.
+TRANSNORMER_CFG = TransNormerConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, glu_dim=48,
+                                    lrpe=(True, False, False), scale_embedding=True)
+CONTRACT_MODELS = {
+    "transformer-untied": (TRANSFORMER_CFG, {}),
+    "transformer-tied": (dataclasses.replace(TRANSFORMER_CFG, tie_embeddings=True), {}),
+    "mamba-tied": (MAMBA_CFG, {"max_step": 4}),
+    "mamba-untied-biases": (dataclasses.replace(MAMBA_CFG, tie_embeddings=False, use_bias=True,
+                                                use_conv_bias=False, conv_kernel=3),
+                            {"max_step": 4}),
+    "rwkv7": (RWKV7_CFG, {"max_step": 4, "impl": "xla"}),
+    "transnormer": (TRANSNORMER_CFG, {"max_step": 4, "impl": "xla"}),
+}
 
 # fp32 on CPU: different association orders of the same sums (chunked scan vs per-token update,
 # flash-style attention vs a one-query softmax) differ by a few ulps of the logits (|logit| ~ 10).
@@ -53,13 +81,25 @@ def check_prefill_then_step(model, params, seq: np.ndarray, prompt_len: int, chu
   np.testing.assert_array_equal(np.asarray(cache["length"]), np.full((b,), t))
 
 
+def state_of(model, cache, row: int | None = None):
+  """The cache without what only serves rollback (`model.rollback_keys`) or counts tokens; with
+  `row`, that row of every leaf (on its declared batch axis)."""
+  state = {k: v for k, v in cache.items() if k not in model.rollback_keys + ("length",)}
+  if row is None:
+    return state
+  axes = {k: v for k, v in model.cache_batch_axes(cache).items() if k in state}
+  return jax.tree.map(lambda x, axis: np.asarray(jnp.take(x, row, axis=axis)), state, axes)
+
+
 def check_rollback(model, params, seq: np.ndarray, prompt_len: int, k: int, keep: np.ndarray,
-                   n_after: int, state_keys=()):
+                   n_after: int, compare_state: bool = False):
   """step(k tokens) then rollback(keep) then stepping on == stepping one by one throughout.
 
   Row b keeps keep[b] of the k drafted tokens and continues with its own next `n_after` tokens
   seq[b, P + keep[b]:]; the reference is every token of seq stepped one at a time. With
-  `state_keys`, the recurrent states after the rollback must equal the one-by-one states.
+  `compare_state` (recurrent families: a KV cache keeps dead slots past its length), the state
+  after the rollback must equal the one-by-one state. rollback(k) keeps the whole step,
+  rollback(0) restores the state before it, and two rollbacks compose.
   """
   b, t = seq.shape
   assert t >= prompt_len + k + n_after
@@ -73,16 +113,28 @@ def check_rollback(model, params, seq: np.ndarray, prompt_len: int, k: int, keep
   cache = model.rollback(cache, jnp.asarray(keep, jnp.int32))
   np.testing.assert_array_equal(np.asarray(cache["length"]), prompt_len + keep)
 
-  if state_keys:
+  if compare_state:
     for row in range(b):
       row_cache = cache0
       if keep[row]:
         _, row_cache = step_one_by_one(model, params, cache0,
                                        seq[:, prompt_len:prompt_len + keep[row]])
-      for key in state_keys:
-        np.testing.assert_allclose(np.asarray(cache[key][:, row]),
-                                   np.asarray(row_cache[key][:, row]), rtol=0, atol=1e-6,
-                                   err_msg=f"state {key!r} of row {row} after rollback")
+      jax.tree.map(lambda got, want: np.testing.assert_allclose(
+          got, want, rtol=0, atol=1e-6, err_msg=f"state of row {row} after rollback"),
+                   state_of(model, cache, row), state_of(model, row_cache, row))
+
+  _, full = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]), cache0)
+  same = model.rollback(full, jnp.full((b,), k, jnp.int32))
+  undone = model.rollback(full, jnp.zeros((b,), jnp.int32))
+  twice = model.rollback(model.rollback(full, jnp.asarray(keep, jnp.int32)),
+                         jnp.zeros((b,), jnp.int32))
+  np.testing.assert_array_equal(np.asarray(same["length"]), np.asarray(full["length"]))
+  for back in (undone, twice):
+    np.testing.assert_array_equal(np.asarray(back["length"]), np.asarray(cache0["length"]))
+  if compare_state:
+    jax.tree.map(np.testing.assert_array_equal, state_of(model, same), state_of(model, full))
+    for back in (undone, twice):
+      jax.tree.map(np.testing.assert_array_equal, state_of(model, back), state_of(model, cache0))
 
   rows = np.arange(b)[:, None]
   cont = seq[rows, prompt_len + keep[:, None] + np.arange(n_after)[None]]

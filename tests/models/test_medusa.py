@@ -13,7 +13,8 @@ import pytest
 
 from jaxinf.decoding.medusa import DEFAULT_TREE
 from jaxinf.models.medusa import MedusaConfig, MedusaHeads, lm_head_matrix, medusa_heads
-from jaxinf.models.transformer import TransformerConfig, TransformerLM, tree_structure
+from jaxinf.models.transformer import TransformerConfig, TransformerLM
+from jaxinf.models.tree_attention import tree_structure
 from sequence_contract import ATOL, random_tokens, step_one_by_one
 
 TINY = TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -1,26 +1,23 @@
-"""RWKV-7: converter round trip and bad input. The contract checks (`wkv7_step` token by token
-against the parallel `wkv7` prefill, exact rollback, ragged batches, `generate`) are shared with
-TransNormerLLM in tests/models/test_recurrent_contract.py. Parity with the `rwkv` package is in
+"""RWKV-7: converter round trip and config errors. The contract checks (`wkv7_step` token by token
+against the parallel `wkv7` prefill, exact rollback, ragged batches, `generate`, bad input) run
+for every family in tests/models/test_families.py. Parity with the `rwkv` package is in
 tests/parity/test_rwkv_vs_rwkv_package.py."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxinf.checkpoints.rwkv import _expected_map, rwkv7_params_from_state_dict
-from jaxinf.decoding.generate import generate
-from jaxinf.models.rwkv import RWKV7Config, rwkv7_model
-
-CFG = RWKV7Config(vocab_size=40, d_model=32, n_layers=2, head_size=16, d_ffn=48, decay_lora=8,
-                  a_lora=8, v_lora=4, gate_lora=8, max_step=4, impl="xla")
+from jaxinf.models import families
+from jaxinf.models.rwkv import RWKV7Config
+from sequence_contract import RWKV7_CFG as CFG
 
 
 @pytest.fixture(scope="module")
 def lm():
-  model, params = rwkv7_model(CFG, jax.random.key(0))
+  model, params = families.build(CFG, max_step=4, impl="xla")
   return model, params, jax.jit(model.prefill), jax.jit(model.step), jax.jit(model.rollback)
 
 
@@ -44,25 +41,8 @@ def test_converter_round_trip_and_strict_keys(lm):
                                  CFG)
 
 
-def test_bad_input_raises(lm):
-  model, params, _, step, _ = lm
-  cache = model.init_cache(2, 16)
-  with pytest.raises(ValueError, match=r"tokens: token ids \[40\] outside the vocabulary"):
-    model.prefill(params, jnp.array([[1, 40], [1, 2]]), cache, jnp.array([2, 2]))
-  with pytest.raises(TypeError, match="tokens: expected integer token ids"):
-    model.prefill(params, jnp.zeros((2, 3)), cache, jnp.array([3, 3]))
-  with pytest.raises(ValueError, match="lengths: expected values in"):
-    model.prefill(params, jnp.ones((2, 3), jnp.int32), cache, jnp.array([3, 4]))
-  with pytest.raises(ValueError, match="exceed max_step=4"):
-    model.step(params, jnp.ones((2, 5), jnp.int32), cache)
-  with pytest.raises(ValueError, match="max_len: the longest prompt"):
-    generate(model, params, [[1, 2, 3, 4, 5, 6]], jax.random.key(0), max_new_tokens=4, max_len=8)
-  short, _ = rwkv7_model(RWKV7Config(**{**CFG.__dict__, "max_len": 4}), jax.random.key(0))
-  with pytest.raises(ValueError, match="exceed the model's context of 4"):
-    short.prefill(params, jnp.ones((2, 6), jnp.int32), short.init_cache(2, 4),
-                  jnp.array([6, 6]))
-  _, stepped = step(params, jnp.ones((2, 2), jnp.int32), cache)
-  with pytest.raises(ValueError, match=r"keep: expected 0 <= keep <= the last step's \[2, 2\]"):
-    model.rollback(stepped, jnp.array([3, 0]))
+def test_bad_config_raises():
   with pytest.raises(ValueError, match="head_size"):
     RWKV7Config(vocab_size=10, d_model=30, n_layers=1, head_size=16)
+  with pytest.raises(ValueError, match="decay_lora: expected a positive int"):
+    RWKV7Config(vocab_size=10, d_model=32, n_layers=1, head_size=16, decay_lora=0)

@@ -1,5 +1,6 @@
-"""The softmax transformer under the SequenceModel contract: prefill vs step vs the cache-free
-forward, exact rollback, ragged batches, generate, and bad input."""
+"""The softmax transformer beyond the shared SequenceModel contract suite (tests/models/
+test_families.py): grouped-query heads, the Pallas kernels through the model, matched sizes, and
+its own bad input (cache overflow, context)."""
 
 from __future__ import annotations
 
@@ -12,52 +13,9 @@ import pytest
 
 from jaxinf.decoding.generate import generate
 from jaxinf.models.transformer import TransformerConfig, TransformerLM
-from sequence_contract import (check_generate_greedy, check_prefill_then_step,
-                               check_ragged_batch, check_rollback, check_select,
-                               random_tokens)
+from sequence_contract import TRANSFORMER_CFG, random_tokens
 
-# init_std 0.2 rather than Llama's 0.02: logits of order 1-10, so a wrong mask or position shows.
-TINY = TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         mlp_hidden=64, max_len=48, init_std=0.2)
-
-
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def model_params(request):
-  model = TransformerLM(dataclasses.replace(TINY, tie_embeddings=request.param == "tied"))
-  return model, model.init_params(0)
-
-
-def test_prefill_then_step_equals_longer_prefill(model_params):
-  model, params = model_params
-  seq = random_tokens(model, (2, 11), seed=1)
-  check_prefill_then_step(model, params, seq, prompt_len=5, chunk=3)
-
-
-def test_step_rollback_is_exact(model_params):
-  model, params = model_params
-  seq = random_tokens(model, (3, 16), seed=2)
-  check_rollback(model, params, seq, prompt_len=5, k=4, keep=np.array([0, 2, 4]), n_after=3)
-
-
-def test_select_reorders_and_repeats_rows_exactly(model_params):
-  model, params = model_params
-  seq = random_tokens(model, (3, 11), seed=4)
-  check_select(model, params, seq, prompt_len=5, k=3, rows=[2, 0, 0, 1], keep=[0, 3, 1, 2])
-
-
-def test_ragged_batch_rows_match_running_alone():
-  model = TransformerLM(TINY)
-  params = model.init_params(0)
-  prompts = [random_tokens(model, (n,), seed=10 + n).tolist() for n in (7, 2, 5)]
-  continuation = random_tokens(model, (3, 3), seed=3)
-  check_ragged_batch(model, params, prompts, continuation, pad_id=63)
-
-
-def test_generate_greedy_end_to_end():
-  model = TransformerLM(TINY)
-  params = model.init_params(0)
-  prompts = [[1, 2, 3, 4, 5], [7], [9, 10, 11]]
-  check_generate_greedy(model, params, prompts, max_new_tokens=6)
+TINY = TRANSFORMER_CFG  # init_std 0.2: logits of order 1-10, so a wrong mask or position shows
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -151,16 +109,6 @@ def test_prompt_longer_than_cache_or_context_raises():
     generate(model, params, [[1] * 40], None, max_new_tokens=10)
   with pytest.raises(ValueError, match=r"lengths: expected values in \[0, T=3\]"):
     model.prefill(params, jnp.ones((1, 3), jnp.int32), model.init_cache(1, 8), jnp.asarray([4]))
-
-
-def test_rollback_beyond_last_step_raises():
-  model = TransformerLM(TINY)
-  params = model.init_params(0)
-  cache = model.init_cache(2, 8)
-  _, cache = model.prefill(params, jnp.ones((2, 3), jnp.int32), cache, jnp.asarray([3, 3]))
-  _, cache = model.step(params, jnp.ones((2, 2), jnp.int32), cache)
-  with pytest.raises(ValueError, match=r"keep: expected 0 <= keep <= the last step's \[2, 2\]"):
-    model.rollback(cache, jnp.asarray([1, 3]))
 
 
 def test_bad_config_raises():

@@ -1,7 +1,7 @@
 """TransNormerLLM: LRPE's relative-position property, the decay schedule, bad input, matched
 sizes. The contract checks (`lightning_attention_step` token by token against the parallel prefill
-with the closed-form state at each row's length, exact rollback, ragged batches, `generate`) are
-shared with RWKV-7 in tests/models/test_recurrent_contract.py. Parity:
+with the closed-form state at each row's length, exact rollback, ragged batches, `generate`, bad
+input) run for every family in tests/models/test_families.py. Parity:
 tests/parity/test_transnormer_vs_release.py (the released model code) and
 tests/parity/test_lightning_vs_minimax.py (transformers' MiniMax)."""
 
@@ -12,19 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinf.decoding.generate import generate
-from jaxinf.models.transnormer import (TransNormerConfig, alibi_slopes, layer_decay, lrpe,
-                                       transnormer_model)
-
-# LRPE in layer 0 only (as the release's configs do), so both kinds of layer are exercised.
-CFG = TransNormerConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, glu_dim=48,
-                        lrpe=(True, False, False), scale_embedding=True, max_step=4, impl="xla")
-
-
-@pytest.fixture(scope="module")
-def lm():
-  model, params = transnormer_model(CFG, jax.random.key(0))
-  return model, params, jax.jit(model.prefill), jax.jit(model.step), jax.jit(model.rollback)
+from jaxinf.models.transnormer import TransNormerConfig, alibi_slopes, layer_decay, lrpe
 
 
 def test_decay_schedule():
@@ -47,27 +35,7 @@ def test_lrpe_is_relative():
   assert abs(dot(7, 3) - dot(7, 5)) > 1e-3
 
 
-def test_bad_input_raises(lm):
-  model, params, _, step, _ = lm
-  cache = model.init_cache(2, 16)
-  with pytest.raises(ValueError, match=r"tokens: token ids \[40\] outside the vocabulary"):
-    model.prefill(params, jnp.array([[1, 40], [1, 2]]), cache, jnp.array([2, 2]))
-  with pytest.raises(TypeError, match="tokens: expected integer token ids"):
-    model.prefill(params, jnp.zeros((2, 3)), cache, jnp.array([3, 3]))
-  with pytest.raises(ValueError, match="lengths: expected values in"):
-    model.prefill(params, jnp.ones((2, 3), jnp.int32), cache, jnp.array([3, 4]))
-  with pytest.raises(ValueError, match="exceed max_step=4"):
-    model.step(params, jnp.ones((2, 5), jnp.int32), cache)
-  with pytest.raises(ValueError, match="max_len: the longest prompt"):
-    generate(model, params, [[1, 2, 3, 4, 5, 6]], jax.random.key(0), max_new_tokens=4, max_len=8)
-  short, _ = transnormer_model(TransNormerConfig(**{**CFG.__dict__, "max_len": 4}),
-                               jax.random.key(0))
-  with pytest.raises(ValueError, match="exceed the model's context of 4"):
-    short.prefill(params, jnp.ones((2, 6), jnp.int32), short.init_cache(2, 4),
-                  jnp.array([6, 6]))
-  _, stepped = step(params, jnp.ones((2, 2), jnp.int32), cache)
-  with pytest.raises(ValueError, match=r"keep: expected 0 <= keep <= the last step's \[2, 2\]"):
-    model.rollback(stepped, jnp.array([3, 0]))
+def test_bad_config_raises():
   with pytest.raises(ValueError, match="n_layers"):
     TransNormerConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=4)
   with pytest.raises(ValueError, match="lrpe"):

@@ -82,7 +82,7 @@ TOKENS = [3, 17, 0, 36, 5, 5, 22, 9, 11, 30, 2, 8]
 
 def test_config_inferred(both):
   _, model, _, _ = both
-  cfg = model.cfg
+  cfg = model.config
   assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size, cfg.ffn_dim) == (
       V, C, L, H, N, F)
   assert (cfg.decay_lora, cfg.a_lora, cfg.v_lora, cfg.gate_lora) == tuple(LORA.values())
@@ -125,7 +125,7 @@ def test_converter_refuses_missing_and_extra_keys(both):
   bad["blocks.1.att.bogus"] = np.zeros(3, np.float32)
   with pytest.raises(ValueError, match=r"missing keys \['blocks.1.att.k_a'\].*unexpected keys "
                      r"\['blocks.1.att.bogus'\]"):
-    rwkv7_params_from_state_dict(bad, model.cfg)
+    rwkv7_params_from_state_dict(bad, model.config)
   bad = dict(sd, **{"blocks.2.att.r_k": np.zeros((H, N + 1), np.float32)})
   with pytest.raises(ValueError, match="shape mismatches"):
-    rwkv7_params_from_state_dict(bad, model.cfg)
+    rwkv7_params_from_state_dict(bad, model.config)

@@ -158,8 +158,8 @@ def both(tmp_path_factory):
         p.mul_(torch.exp(0.3 * torch.randn_like(p)))
   path = tmp_path_factory.mktemp("tnl") / "model.safetensors"
   safetensors_torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-  model, params = load_transnormer(path, transnormer_config_from_hf(HF_CONFIG, max_step=4,
-                                                                    impl="xla"))
+  model, params = load_transnormer(path, transnormer_config_from_hf(HF_CONFIG), max_step=4,
+                                   impl="xla")
   return ref, model, params
 
 
@@ -195,6 +195,6 @@ def test_converter_refuses_missing_and_extra_keys(both):
   bad["model.layers.1.token_mixer.out_proj.bias"] = np.zeros(32, np.float32)
   with pytest.raises(ValueError, match=r"missing keys \['model.layers.0.token_mixer.lrpe.theta'\]"
                      r".*unexpected keys \['model.layers.1.token_mixer.out_proj.bias'\]"):
-    transnormer_params_from_state_dict(bad, model.cfg)
+    transnormer_params_from_state_dict(bad, model.config)
   with pytest.raises(ValueError, match="bias=True"):
     transnormer_config_from_hf(dict(HF_CONFIG, bias=True))
