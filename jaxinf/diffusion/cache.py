@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.diffusion.denoiser import Denoiser
-from jaxinf.diffusion.sample import _prepare, split_variance, step_noise
+from jaxinf.diffusion.reverse import (apply_step, initial_noise, model_inputs, prepare,
+                                      step_noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,45 +118,30 @@ def _row(table, i):
   return jax.tree.map(lambda a: a[i], table)
 
 
-def _model_inputs(solver, x, c):
-  t = jnp.broadcast_to(c["t"], (x.shape[0],))
-  return (solver.model_input(x, c) if hasattr(solver, "model_input") else x), t
-
-
-def _update(denoiser, solver, x, c, out, noise, state):
-  pred, var = split_variance(denoiser, out)
-  return solver.step(x, pred, var, c, noise, state, denoiser.spec.prediction_type)
-
-
-def _start(key, x_init, init_scale, shape):
-  init_key, loop_key = jax.random.split(key)
-  x = jax.random.normal(init_key, shape) if x_init is None else x_init.astype(jnp.float32)
-  return x * init_scale, loop_key
-
-
 def _empty_features(denoiser, solver, x, table, cond):
-  x_in, t = _model_inputs(solver, x, _row(table, 0))
+  x_in, t = model_inputs(solver, x, _row(table, 0))
   shapes = jax.eval_shape(denoiser.spec.features.with_features, denoiser.params, x_in, t, cond)[1]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 @functools.partial(jax.jit, static_argnames=("solver", "shape", "refresh"))
 def _cached_scan(key, denoiser, table, cond, x_init, init_scale, *, solver, shape, refresh):
-  x, loop_key = _start(key, x_init, init_scale, shape)
+  x, loop_key = initial_noise(key, x_init, init_scale, shape)
   fa = denoiser.spec.features
   starts = np.flatnonzero(refresh)
   lengths = np.diff(np.append(starts, len(refresh)))
 
   def full(i, x, state):
     c = _row(table, i)
-    out, feats = fa.with_features(denoiser.params, *_model_inputs(solver, x, c), cond)
-    x, state = _update(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape), state)
+    out, feats = fa.with_features(denoiser.params, *model_inputs(solver, x, c), cond)
+    x, state = apply_step(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape),
+                          state)
     return x, state, feats
 
   def cached(i, x, state, feats):
     c = _row(table, i)
-    out = fa.from_features(denoiser.params, *_model_inputs(solver, x, c), cond, feats)
-    return _update(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape), state)
+    out = fa.from_features(denoiser.params, *model_inputs(solver, x, c), cond, feats)
+    return apply_step(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape), state)
 
   def segment(carry, inp):
     x, state, _ = carry
@@ -171,18 +157,19 @@ def _cached_scan(key, denoiser, table, cond, x_init, init_scale, *, solver, shap
 
 @functools.partial(jax.jit, static_argnames=("solver", "shape"))
 def _masked_scan(key, denoiser, table, cond, x_init, init_scale, flags, *, solver, shape):
-  x, loop_key = _start(key, x_init, init_scale, shape)
+  x, loop_key = initial_noise(key, x_init, init_scale, shape)
   fa = denoiser.spec.features
 
   def body(carry, inp):
     x, state, feats = carry
     i, c, refresh = inp
-    x_in, t = _model_inputs(solver, x, c)
+    x_in, t = model_inputs(solver, x, c)
     out_full, new_feats = fa.with_features(denoiser.params, x_in, t, cond)
     out_cached = fa.from_features(denoiser.params, x_in, t, cond, feats)
     out = jnp.where(refresh, out_full, out_cached)
     feats = jax.tree.map(lambda a, b: jnp.where(refresh, a, b), new_feats, feats)
-    x, state = _update(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape), state)
+    x, state = apply_step(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape),
+                          state)
     return (x, state, feats), None
 
   rows = table["t"].shape[0]
@@ -192,11 +179,10 @@ def _masked_scan(key, denoiser, table, cond, x_init, init_scale, flags, *, solve
 
 
 def _prepared(denoiser, schedule, solver, shape, steps, cond, guidance, x_init):
-  args, static = _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init, False,
-                          None)
-  den, table, cond_, x_init_, _, init_scale = args
-  _check_cacheable(den)
-  return den, table, cond_, x_init_, init_scale, static["shape"]
+  run = prepare(denoiser, schedule, solver, shape, steps=steps, cond=cond, guidance=guidance,
+                x_init=x_init)
+  _check_cacheable(run.denoiser)
+  return run.denoiser, run.table, run.cond, run.x_init, run.init_scale, run.shape
 
 
 def sample_cached(key, denoiser: Denoiser, schedule, solver, shape, *, steps: int,
@@ -242,15 +228,16 @@ def sample_masked(key, denoiser: Denoiser, schedule, solver, shape, *, steps: in
 
 @functools.partial(jax.jit, static_argnames=("solver", "shape"))
 def _feature_trace(key, denoiser, table, cond, x_init, init_scale, *, solver, shape):
-  x, loop_key = _start(key, x_init, init_scale, shape)
+  x, loop_key = initial_noise(key, x_init, init_scale, shape)
   fa = denoiser.spec.features
 
   def body(carry, inp):
     x, state, prev = carry
     i, c = inp
-    out, feats = fa.with_features(denoiser.params, *_model_inputs(solver, x, c), cond)
+    out, feats = fa.with_features(denoiser.params, *model_inputs(solver, x, c), cond)
     change = jnp.linalg.norm(feats - prev) / jnp.maximum(jnp.linalg.norm(prev), 1e-12)
-    x, state = _update(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape), state)
+    x, state = apply_step(denoiser, solver, x, c, out, step_noise(loop_key, i, solver, shape),
+                          state)
     return (x, state, feats), change
 
   rows = table["t"].shape[0]

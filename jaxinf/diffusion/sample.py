@@ -2,11 +2,12 @@
 
     x = sample(key, denoiser, schedule, solver, shape, steps=50, cond=labels, guidance=CFG(3.0))
 
-The schedule and solver build a `[steps]` table of coefficients in numpy before tracing; the scan
-body is the same arithmetic for every step (no `lax.cond` on the step index, no host sync). Step i
-draws its noise from `fold_in(loop_key, i)` unless an explicit `noise` array replays given draws;
-the initial noise comes from a key split off first and is scaled by the solver's initial noise
-scale (diffusers' `init_noise_sigma`).
+The schedule and solver build a `[steps]` table of coefficients in numpy before tracing
+(`reverse.prepare`); the scan body is the same arithmetic for every step (no `lax.cond` on the
+step index, no host sync) and the same for every solver: the contract `solvers.Solver` states it,
+and the driver knows no solver by name. Step i draws its noise from `fold_in(loop_key, i)` unless
+an explicit `noise` array replays given draws; the initial noise comes from a key split off first
+and is scaled by the solver's initial noise scale (diffusers' `init_noise_sigma`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinf.diffusion import schedules
-from jaxinf.diffusion.denoiser import Denoiser, check_call
-from jaxinf.diffusion.solvers import DDPM
+from jaxinf.diffusion.cache import sample_cached
+from jaxinf.diffusion.denoiser import Denoiser
+from jaxinf.diffusion.reverse import denoise_step, initial_noise, prepare, step_noise
 
 
 def sample(key: jax.Array, denoiser: Denoiser, schedule, solver, shape: tuple[int, ...], *,
@@ -44,12 +44,12 @@ def sample(key: jax.Array, denoiser: Denoiser, schedule, solver, shape: tuple[in
   if cache is not None:
     if return_trajectory or noise is not None:
       raise ValueError("cache: cannot be combined with return_trajectory or noise")
-    from jaxinf.diffusion.cache import sample_cached  # cache builds on this module
     return sample_cached(key, denoiser, schedule, solver, shape, steps=steps, cache=cache,
                          cond=cond, guidance=guidance, x_init=x_init)
-  args, static = _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init,
-                          return_trajectory, noise)
-  return _scan(key, *args, **static)
+  run = prepare(denoiser, schedule, solver, shape, steps=steps, cond=cond, guidance=guidance,
+                x_init=x_init, noise=noise)
+  return _scan(key, *_dynamic(run), solver=run.solver, shape=run.shape,
+               return_trajectory=return_trajectory)
 
 
 def compile_sample(denoiser: Denoiser, schedule, solver,
@@ -57,76 +57,23 @@ def compile_sample(denoiser: Denoiser, schedule, solver,
                    x_init: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
   """Ahead-of-time compiled `sample`: returns `run(key) -> samples` (the same computation as
   `sample(key, ...)` with these arguments), so compilation and sampling can be timed apart."""
-  args, static = _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init, False,
-                          None)
-  compiled = _scan.lower(jax.random.key(0), *args, **static).compile()
+  run = prepare(denoiser, schedule, solver, shape, steps=steps, cond=cond, guidance=guidance,
+                x_init=x_init)
+  args = _dynamic(run)
+  compiled = _scan.lower(jax.random.key(0), *args, solver=run.solver, shape=run.shape,
+                         return_trajectory=False).compile()
   return lambda key: compiled(key, *args)
 
 
-def _prepare(denoiser, schedule, solver, shape, steps, cond, guidance, x_init, return_trajectory,
-             noise):
-  if not isinstance(schedule, (schedules.NoiseSchedule, schedules.FlowSchedule)):
-    raise TypeError(f"schedule: expected a NoiseSchedule or FlowSchedule, got "
-                    f"{type(schedule).__name__}")
-  if not all(hasattr(solver, a) for a in ("table", "step", "init_state")):
-    raise TypeError(f"solver: expected a solver (DDPM, DDIM, ...), got {type(solver).__name__}")
-  schedules.check_steps(steps, schedule.num_train_timesteps)
-  shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else shape
-  check_call(denoiser, shape, cond)
-  if hasattr(solver, "check"):
-    solver.check(schedule, denoiser.spec.prediction_type)
-  elif not isinstance(schedule, schedules.NoiseSchedule):
-    raise TypeError(f"schedule: {type(solver).__name__} needs a NoiseSchedule")
-  if isinstance(solver, DDPM) and solver.variance_type == "learned_range" \
-      and not denoiser.spec.learned_sigma:
-    raise ValueError("solver: variance_type='learned_range' needs a denoiser with learned_sigma")
-  if x_init is not None and tuple(x_init.shape) != shape:
-    raise ValueError(f"x_init: expected shape {shape}, got {tuple(x_init.shape)}")
-  table = solver.table(schedule, steps)
-  rows = len(table["t"])
-  if noise is not None:
-    if not solver.stochastic:
-      raise ValueError(f"noise: {type(solver).__name__} with these options is deterministic and "
-                       f"draws no noise")
-    if tuple(np.shape(noise)) != (rows, *shape):
-      raise ValueError(f"noise: expected shape {(rows, *shape)} (one draw per table row), got "
-                       f"{tuple(np.shape(noise))}")
-    noise = jnp.asarray(noise, jnp.float32)
-  init_scale = getattr(solver, "init_noise_scale", lambda s, n: 1.0)(schedule, steps)
-  if guidance is not None:
-    denoiser = guidance(denoiser)
-  table = {k: jnp.asarray(v) for k, v in table.items()}
-  static = dict(solver=solver, shape=shape, return_trajectory=return_trajectory)
-  return (denoiser, table, cond, x_init, noise, jnp.float32(init_scale)), static
-
-
-def split_variance(denoiser: Denoiser, out: jax.Array):
-  """(prediction, variance values or None) from a model output."""
-  if not denoiser.spec.learned_sigma:
-    return out, None
-  c = out.shape[-1] // 2
-  return out[..., :c], out[..., c:]
-
-
-def denoise_step(denoiser: Denoiser, solver, x, c, cond, noise, state):
-  """One step of the reverse process: evaluate the model at `c["t"]` on the solver's model input
-  (x itself unless the solver scales it), apply the step rule."""
-  t = jnp.broadcast_to(c["t"], (x.shape[0],))
-  x_in = solver.model_input(x, c) if hasattr(solver, "model_input") else x
-  out, var = split_variance(denoiser, denoiser(x_in, t, cond))
-  return solver.step(x, out, var, c, noise, state, denoiser.spec.prediction_type)
-
-
-def step_noise(loop_key: jax.Array, i, solver, shape) -> jax.Array | None:
-  return jax.random.normal(jax.random.fold_in(loop_key, i), shape) if solver.stochastic else None
+def _dynamic(run):
+  """The traced arguments of `_scan`, in its order."""
+  return run.denoiser, run.table, run.cond, run.x_init, run.noise, run.init_scale
 
 
 @functools.partial(jax.jit, static_argnames=("solver", "shape", "return_trajectory"))
 def _scan(key, denoiser, table, cond, x_init, noise, init_scale, *, solver, shape,
           return_trajectory):
-  init_key, loop_key = jax.random.split(key)
-  x = jax.random.normal(init_key, shape) if x_init is None else x_init.astype(jnp.float32)
-  x = x * init_scale  # exact for the VP solvers' scale of 1
+  x, loop_key = initial_noise(key, x_init, init_scale, shape)
   steps = table["t"].shape[0]
 
   def body(carry, inputs):

@@ -1,17 +1,14 @@
-"""Solver step rules: one frozen dataclass per solver, each with
+"""Solver step rules: one frozen dataclass per solver, each meeting the `Solver` protocol below
+(the contract the sampling driver relies on, and the only thing it knows about a solver):
 
-- `timesteps(schedule, steps)`: the training timesteps visited, decreasing;
 - `table(schedule, steps)`: every per-step coefficient, computed once in float64 numpy and handed to
-  the scan as `[steps]` arrays — the loop body never branches on the step index;
+  the scan as `[rows]` arrays — the loop body never branches on the step index;
 - `step(x, model_output, variance_values, c, noise, state, prediction_type)`: the same arithmetic
-  for every step, given that step's row `c` of the table.
+  for every step, given that step's row `c` of the table;
+- `init_state(x)`: the fixed-shape state the step carries from row to row;
 
-and, with defaults in `_Solver` for solvers that need none of them:
-
-- `model_input(x, c)`: what the model sees (Euler/Heun feed `x / sqrt(sigma^2 + 1)`);
-- `init_noise_scale(schedule, steps)`: the start is unit noise times this (diffusers'
-  `init_noise_sigma`);
-- `check(schedule, prediction_type)`: refuses a schedule or prediction type the solver can't use.
+with defaults in `_Solver` for what most solvers don't change (`model_input`, `init_noise_scale`,
+`init_state`, `check`).
 
 A table row is one model evaluation. Two-stage methods (Heun) interleave their stages as rows, as
 diffusers does, so a table may have more rows than `steps`; a 0/1 column says which stage a row is.
@@ -24,7 +21,7 @@ can be compared with them step by step (`tests/parity/test_schedulers_vs_diffuse
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -87,12 +84,61 @@ def _check_order(name: str, order, allowed: tuple[int, ...]) -> None:
     raise ValueError(f"{name}: this solver has orders {list(allowed)}, got {order!r}")
 
 
+@runtime_checkable
+class Solver(Protocol):
+  """The contract every solver meets, and all the sampling driver (`sample.py`, `cache.py`) may
+  assume. Outside the loop, in numpy, before tracing:
+
+  - `check(schedule, spec)`: refuses (TypeError / ValueError naming the argument) a schedule or a
+    denoiser (`denoiser.DenoiserSpec`: its prediction type, learned sigma) the solver can't use;
+  - `table(schedule, steps)`: the coefficient table, `{name: [rows] array}` with the model
+    timesteps in `"t"`; one row per model evaluation (`steps` rows, or more for multi-stage
+    methods, whose stages are interleaved rows with a 0/1 column saying which);
+  - `timesteps(schedule, steps)`: the training timesteps visited, decreasing;
+  - `init_noise_scale(schedule, steps)`: the start is unit noise times this (diffusers'
+    `init_noise_sigma`).
+
+  Inside the loop, traced, the same arithmetic for every row (no branch on the row index):
+
+  - `init_state(x)`: the state carried from row to row (multistep history, a Heun stage), a pytree
+    of fixed shapes, `()` when there is none;
+  - `model_input(x, c)`: what the model sees at row `c` (Euler/Heun: `x / sqrt(sigma^2 + 1)`);
+  - `step(x, model_output, variance_values, c, noise, state, prediction_type) -> (x', state')`:
+    the step rule at row `c`, with `state'` of `state`'s structure and shapes. `noise` is the
+    row's standard-normal draw, None exactly when `stochastic` is False; `variance_values` the
+    learned-sigma half of the model output, or None.
+
+  Solvers are frozen dataclasses: hashable, so the driver passes them to `jax.jit` as static.
+  """
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether `step` takes a fresh noise draw every row."""
+    ...
+
+  def check(self, schedule, spec) -> None: ...
+
+  def timesteps(self, schedule, steps: int) -> np.ndarray: ...
+
+  def table(self, schedule, steps: int) -> Table: ...
+
+  def init_noise_scale(self, schedule, steps: int) -> float: ...
+
+  def init_state(self, x: jax.Array) -> Any: ...
+
+  def model_input(self, x: jax.Array, c: dict) -> jax.Array: ...
+
+  def step(self, x: jax.Array, model_output: jax.Array, variance_values: jax.Array | None,
+           c: dict, noise: jax.Array | None, state: Any,
+           prediction_type: str) -> tuple[jax.Array, Any]: ...
+
+
 class _Solver:
-  """Defaults of the solver protocol for a variance-preserving solver that sees x as it is."""
+  """Defaults of the `Solver` protocol for a variance-preserving solver that sees x as it is and
+  carries no state; `schedule_type` and `prediction_types` are what `check` accepts."""
 
   schedule_type = schedules.NoiseSchedule
   prediction_types = schedules.PREDICTION_TYPES
-  noise_per_row = True
 
   def model_input(self, x: jax.Array, c: dict) -> jax.Array:
     return x
@@ -103,13 +149,13 @@ class _Solver:
   def init_state(self, x: jax.Array) -> Any:
     return ()
 
-  def check(self, schedule, prediction_type: str) -> None:
+  def check(self, schedule, spec) -> None:
     if not isinstance(schedule, self.schedule_type):
       raise TypeError(f"schedule: {type(self).__name__} needs a {self.schedule_type.__name__}, "
                       f"got {type(schedule).__name__}")
-    if prediction_type not in self.prediction_types:
+    if spec.prediction_type not in self.prediction_types:
       raise ValueError(f"prediction_type: {type(self).__name__} takes a denoiser predicting one of "
-                       f"{list(self.prediction_types)}, got {prediction_type!r}")
+                       f"{list(self.prediction_types)}, got {spec.prediction_type!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +183,11 @@ class DDPM(_Solver):
   def __post_init__(self):
     schedules._check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
     _check_common(self)
+
+  def check(self, schedule, spec) -> None:
+    super().check(schedule, spec)
+    if self.variance_type == "learned_range" and not spec.learned_sigma:
+      raise ValueError("solver: variance_type='learned_range' needs a denoiser with learned_sigma")
 
   def timesteps(self, schedule: schedules.NoiseSchedule, steps: int) -> np.ndarray:
     return schedules.spaced_timesteps(

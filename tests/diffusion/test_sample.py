@@ -12,7 +12,8 @@ from flax import nnx
 from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.denoiser import dit_denoiser, gaussian_denoiser
 from jaxinf.diffusion.guidance import CFG, classifier_free_guidance
-from jaxinf.diffusion.sample import denoise_step, sample, step_noise
+from jaxinf.diffusion.reverse import denoise_step, step_noise
+from jaxinf.diffusion.sample import sample
 from jaxinf.models.dit import DiT, dit_config
 from jaxinf.models.functional import to_functional
 

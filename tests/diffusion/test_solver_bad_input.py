@@ -113,6 +113,21 @@ def test_bad_option(make, error, match):
 
 # -- combinations, refused by sample() before tracing --------------------------------------------
 
+class PartialSolver:
+  """DDIM's table and step rule without the rest of the `Solver` protocol (no `model_input`,
+  `init_noise_scale`, `check`, `timesteps`, `stochastic`): the driver refuses it rather than
+  guess the missing members."""
+
+  def table(self, schedule, steps):
+    return solvers.DDIM().table(schedule, steps)
+
+  def step(self, *args):
+    return solvers.DDIM().step(*args)
+
+  def init_state(self, x):
+    return ()
+
+
 def noise(rows=STEPS):
   return np.zeros((rows, *SHAPE), np.float32)
 
@@ -144,6 +159,9 @@ def noise(rows=STEPS):
     (lambda: call(solvers.FlowEuler(), FLOW, noise=noise()), ValueError, "noise"),
     (lambda: call(solvers.FlowHeun(), FLOW, noise=noise(2 * STEPS - 1)), ValueError, "noise"),
     (lambda: call(solvers.TCD(gamma=0.0), noise=noise()), ValueError, "noise"),
+    # not a solver: something that lacks a member of the `solvers.Solver` protocol
+    (lambda: call(object()), TypeError, "solver"),
+    (lambda: call(PartialSolver()), TypeError, "solver"),
     # a schedule the solver can't use
     (lambda: call(solvers.FlowEuler(), VP, den("flow", FLOW)), TypeError, "schedule"),
     (lambda: call(solvers.FlowHeun(), VP, den("flow", FLOW)), TypeError, "schedule"),
