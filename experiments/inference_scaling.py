@@ -39,6 +39,7 @@ from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.models import transformer as transformer_lib
 from jaxinf.train import arithmetic as train_arith
 from jaxinf.train.lm import LMTrainConfig
+from jaxinf.train.step import OptimizerConfig
 
 TOK = ByteTokenizer()
 
@@ -52,8 +53,9 @@ class Config(common.StudyConfig):
   mlp_hidden: int = 192
   # 600 steps at seq 96 left the solver at 22% sampled accuracy; 800 at seq 128 reached ~65% in a
   # calibration run: a solver that is right sometimes, not always, is what makes scaling visible
-  train: LMTrainConfig = LMTrainConfig(steps=800, batch_size=32, seq_len=128, learning_rate=3e-3,
-                                       warmup_steps=50, checkpoint_every=100)
+  train: LMTrainConfig = LMTrainConfig(
+      steps=800, batch_size=32, seq_len=128, checkpoint_every=100,
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=50, weight_decay=0.1))
   train_problems: int = 100_000
   scorer_train: train_arith.ScorerTrainConfig = train_arith.ScorerTrainConfig(steps=300)
   scorer_problems: int = 600       # training problems the scorer's labelled samples come from
@@ -72,8 +74,9 @@ class Config(common.StudyConfig):
 def smoke_config(cfg: Config) -> Config:
   return dataclasses.replace(
       cfg, hidden_size=32, num_layers=1, mlp_hidden=64,
-      train=dataclasses.replace(cfg.train, steps=4, batch_size=4, seq_len=48, warmup_steps=2,
-                                checkpoint_every=2),
+      train=dataclasses.replace(cfg.train, steps=4, batch_size=4, seq_len=48, checkpoint_every=2,
+                                optimizer=dataclasses.replace(cfg.train.optimizer,
+                                                              warmup_steps=2)),
       train_problems=500, scorer_train=dataclasses.replace(cfg.scorer_train, steps=3,
                                                            batch_size=8, checkpoint_every=2),
       scorer_problems=6, scorer_samples=2, test_problems=6, ns=(1, 2, 4), pf_ns=(1, 2),

@@ -216,7 +216,8 @@ def run(cfg: Config) -> list[dict]:
 def _notes(cfg: Config, total: float) -> str:
   t = cfg.train
   return (f"Families: {', '.join(cfg.families)}; each trained {t.steps} steps of batch "
-          f"{t.batch_size} x {t.seq_len} bytes on the stdlib corpus (AdamW, lr {t.learning_rate}). "
+          f"{t.batch_size} x {t.seq_len} bytes on the stdlib corpus "
+          f"(AdamW, lr {t.optimizer.learning_rate}). "
           f"Held-out bits per byte over {cfg.eval_windows} windows of {t.seq_len}. Timings are "
           f"medians of {cfg.repeats} repeats after a warm-up (compilation excluded). Whole run "
           f"{total:.0f} s on {jax.default_backend()} ({os.cpu_count()} CPU cores, shared).")

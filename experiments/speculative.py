@@ -45,6 +45,7 @@ from jaxinf.recipes import code_models
 from jaxinf.train.draft import target_text
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
 from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled
+from jaxinf.train.step import OptimizerConfig
 
 EOS = ByteTokenizer.eos_id
 SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temperature=0.7)}
@@ -81,9 +82,9 @@ class Config(common.StudyConfig):
   fastdraft_sequences: int = 512
   fastdraft_prompt: int = 32
   fastdraft_new_tokens: int = 224
-  fastdraft_train: LMTrainConfig = LMTrainConfig(steps=300, batch_size=8, seq_len=128,
-                                                 learning_rate=1e-3, warmup_steps=30,
-                                                 checkpoint_every=100)
+  fastdraft_train: LMTrainConfig = LMTrainConfig(
+      steps=300, batch_size=8, seq_len=128, checkpoint_every=100,
+      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=30, weight_decay=0.1))
   eval_windows: int = 32
 
 
@@ -95,8 +96,9 @@ def smoke_config(cfg: Config) -> Config:
       adaptive_gamma=3, lookup_draft_len=3, jacobi_window=3, lookahead_window=2,
       lookahead_ngram=2, lookahead_candidates=2, trie_branches=2, fastdraft_sequences=4,
       fastdraft_prompt=8, fastdraft_new_tokens=24,
-      fastdraft_train=LMTrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1,
-                                    checkpoint_every=1),
+      fastdraft_train=LMTrainConfig(steps=2, batch_size=2, seq_len=16, checkpoint_every=1,
+                                    optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=1,
+                                                              weight_decay=0.1)),
       medusa_train=MedusaTrainConfig(steps=2, batch_size=2, seq_len=16,
                                      checkpoint_every=1),
       medusa_prompts=2, medusa_prompt_len=8, medusa_new_tokens=16,

@@ -33,6 +33,7 @@ from jaxinf.models import rwkv as rwkv_lib
 from jaxinf.models import transformer as transformer_lib
 from jaxinf.models import transnormer as transnormer_lib
 from jaxinf.train.lm import LMTrainConfig, train_lm
+from jaxinf.train.step import OptimizerConfig
 
 FAMILIES = ("transformer", "transnormer", "rwkv7", "mamba")
 FAMILY_MODELS = {f"{family}-1m": family for family in FAMILIES}
@@ -42,22 +43,27 @@ SMOKE_BYTES = 200_000
 # the longest context any study asks for (lm_families prefills 2048-byte prompts)
 MAX_LEN = 2048
 
-TARGET_TRAIN = LMTrainConfig(steps=900, batch_size=8, seq_len=128, learning_rate=2e-3,
-                             warmup_steps=60, checkpoint_every=50)
+TARGET_TRAIN = LMTrainConfig(steps=900, batch_size=8, seq_len=128, checkpoint_every=50,
+                             optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=60,
+                                                       weight_decay=0.1))
 DRAFT_TINY = transformer_lib.TransformerConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_layers=2,
                                                num_heads=4, num_kv_heads=2, mlp_hidden=172,
                                                tie_embeddings=True, max_len=1024)
-DRAFT_TINY_TRAIN = LMTrainConfig(steps=500, batch_size=8, seq_len=128, learning_rate=3e-3,
-                                 warmup_steps=50, checkpoint_every=100)
-SMOKE_TRAIN = LMTrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=2, checkpoint_every=2)
+DRAFT_TINY_TRAIN = LMTrainConfig(steps=500, batch_size=8, seq_len=128, checkpoint_every=100,
+                                 optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=50,
+                                                           weight_decay=0.1))
+SMOKE_TRAIN = LMTrainConfig(steps=4, batch_size=2, seq_len=32, checkpoint_every=2,
+                            optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2,
+                                                      weight_decay=0.1))
 
 
 @dataclasses.dataclass(frozen=True)
 class FamilyTraining:
   """The one training budget of the ~1M family models, and where their checkpoints live
   (`<out_dir>/train/<family>/`). Studies that reuse a family model pass the same value."""
-  train: LMTrainConfig = LMTrainConfig(steps=500, batch_size=8, seq_len=128, warmup_steps=50,
-                                       checkpoint_every=100)
+  train: LMTrainConfig = LMTrainConfig(
+      steps=500, batch_size=8, seq_len=128, checkpoint_every=100,
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=50, weight_decay=0.1))
   # Mamba trains with the sequential selective scan: on a 2-core CPU it ran 371 ms/step against
   # 992 ms/step for the chunked XLA form at batch 8 x 128 (the same math, held equal by the tests).
   # Trained models come back with every family's default kernels ("auto").
@@ -79,8 +85,9 @@ class FamilyTraining:
 def smoke_training(training: FamilyTraining, out_dir: str) -> FamilyTraining:
   """`training` cut to a smoke run: tiny models, a few steps on a 200 KB corpus, in `out_dir`."""
   return dataclasses.replace(
-      training, train=dataclasses.replace(training.train, steps=6, batch_size=2, seq_len=32,
-                                          warmup_steps=2, checkpoint_every=3),
+      training, train=dataclasses.replace(
+          training.train, steps=6, batch_size=2, seq_len=32, checkpoint_every=3,
+          optimizer=dataclasses.replace(training.train.optimizer, warmup_steps=2)),
       corpus_bytes=SMOKE_BYTES, tiny=True, out_dir=out_dir)
 
 

@@ -11,7 +11,8 @@ its logit of the token `yes_id` minus that of `no_id` at the last position is th
 every step so far is correct. Labels come from the exact step verifier (`step_labels`) applied to
 the solver's own samples on training problems, so the scorer learns the solver's actual mistakes.
 It starts from the solver's weights (a fine-tune, as PRMs usually start from the policy) and is
-trained with the logistic loss; `run_training` gives it checkpoints and exact resume.
+trained with the logistic loss by the shared step of `jaxinf.train.step`; `run_training` gives it
+checkpoints and exact resume.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import optax
 from jaxinf.data import arithmetic
 from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.train.lm import LMTrainConfig, train_lm
-from jaxinf.train.loop import adamw_with_warmup, run_training
+from jaxinf.train.loop import run_training
+from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
+                               init_train_state, make_train_step)
 
 YES_ID = ord("Y")
 NO_ID = ord("N")
@@ -47,19 +50,14 @@ def train_solver(model, params, problems: list[arithmetic.Problem], *, cfg: LMTr
 class ScorerTrainConfig:
   steps: int = 600
   batch_size: int = 64
-  learning_rate: float = 1e-3
-  warmup_steps: int = 50
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=50,
+                                               weight_decay=0.0)
   seed: int = 0
   checkpoint_every: int = 200
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "checkpoint_every"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+    check_positive_ints(self, "steps", "batch_size", "checkpoint_every")
+    check_optimizer(self.optimizer)
 
 
 def scorer_log_odds(model, params, tokens, lengths, yes_id: int = YES_ID, no_id: int = NO_ID):
@@ -120,25 +118,18 @@ def scorer_examples(problems: list[arithmetic.Problem], completions, *,
           "problem": np.array(which, np.int32)}
 
 
-def make_scorer_train_step(model, cfg: ScorerTrainConfig):
-  opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
-  base_key = jax.random.key(cfg.seed)
+def scorer_train_loss(model, cfg: ScorerTrainConfig):
+  """The loss `loss_fn(params, key, ctx, tokens, lengths, labels)` of
+  `jaxinf.train.step.make_train_step`: the logistic loss of `scorer_log_odds` on `cfg.batch_size`
+  examples drawn with replacement."""
 
-  def loss_fn(params, tokens, lengths, labels):
-    s = scorer_log_odds(model, params, tokens, lengths)
-    return optax.sigmoid_binary_cross_entropy(s, labels.astype(jnp.float32)).mean()
+  def loss_fn(params, key, ctx, tokens, lengths, labels):
+    del ctx
+    idx = jax.random.randint(key, (cfg.batch_size,), 0, tokens.shape[0])
+    s = scorer_log_odds(model, params, tokens[idx], lengths[idx])
+    return optax.sigmoid_binary_cross_entropy(s, labels[idx].astype(jnp.float32)).mean()
 
-  @jax.jit
-  def step(state, tokens, lengths, labels):
-    idx = jax.random.randint(jax.random.fold_in(base_key, state["step"]), (cfg.batch_size,), 0,
-                             tokens.shape[0])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens[idx], lengths[idx],
-                                              labels[idx])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1}, loss
-
-  return step, opt
+  return loss_fn
 
 
 def train_scorer(model, params, data: dict[str, np.ndarray], *, cfg: ScorerTrainConfig,
@@ -154,12 +145,11 @@ def train_scorer(model, params, data: dict[str, np.ndarray], *, cfg: ScorerTrain
                      f"{tokens.shape}, {lengths.shape}, {labels.shape}")
   if tokens.shape[0] < 1:
     raise ValueError("data: no examples")
-  step_fn, opt = make_scorer_train_step(model, cfg)
-  state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
-  return run_training(step_fn, state, (jnp.asarray(tokens), jnp.asarray(lengths),
-                                       jnp.asarray(labels)), steps=cfg.steps, out_dir=out_dir,
-                      checkpoint_every=cfg.checkpoint_every, progress=progress,
-                      desc="train-scorer")
+  step = make_train_step(scorer_train_loss(model, cfg), cfg.optimizer, seed=cfg.seed)
+  return run_training(step, init_train_state(params, cfg.optimizer),
+                      (jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(labels)),
+                      steps=cfg.steps, out_dir=out_dir, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="train-scorer")
 
 
 def scorer_accuracy(model, params, data: dict[str, np.ndarray], batch_size: int = 512

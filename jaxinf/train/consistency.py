@@ -36,7 +36,7 @@ import numpy as np
 from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec
 from jaxinf.diffusion.solvers import LCM, _consistency_scalings
-from jaxinf.train.flow import StepContext
+from jaxinf.train.step import StepContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +148,16 @@ def skip_grid_pair(key: jax.Array, n: int, num_train_timesteps: int, num_ddim_ti
 def consistency_distillation_loss(student_apply: Callable, teacher_apply: Callable, *,
                                   schedule: schedules.NoiseSchedule, cfg: LCMConfig,
                                   null_cond: int | None):
-  """LCM's loss (module docstring), batch = (x0, y), ctx.frozen = the teacher's params, ctx.ema =
-  the target network. `*_apply` are x0-predictors on `schedule` (e.g. `FlowAsVP`)."""
+  """LCM's loss (module docstring) for `jaxinf.train.flow.train_regression`: batch = (x0, y),
+  frozen = the teacher's params, ctx.ema = the target network. `*_apply` are x0-predictors on
+  `schedule` (e.g. `FlowAsVP`)."""
   if schedule.num_train_timesteps // cfg.num_ddim_timesteps < 1:
     raise ValueError(f"num_ddim_timesteps: at most {schedule.num_train_timesteps}, got "
                      f"{cfg.num_ddim_timesteps}")
   f = lambda p, x, t, y: consistency_function(student_apply, p, x, t, y, schedule=schedule,
                                               timestep_scaling=cfg.timestep_scaling)
 
-  def loss_fn(params, batch, key, ctx: StepContext):
+  def loss_fn(params, key, ctx: StepContext, batch, frozen):
     x0, y = batch
     k_t, k_eps = jax.random.split(key)
     t, t_prev = skip_grid_pair(k_t, x0.shape[0], schedule.num_train_timesteps,
@@ -164,7 +165,7 @@ def consistency_distillation_loss(student_apply: Callable, teacher_apply: Callab
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t].reshape(
         (-1,) + (1,) * (x0.ndim - 1))
     x_t = schedules.add_noise(x0, jax.random.normal(k_eps, x0.shape), abar)
-    x_prev = guided_ddim_step(teacher_apply, ctx.frozen, x_t, t, t_prev, y, schedule=schedule,
+    x_prev = guided_ddim_step(teacher_apply, frozen, x_t, t, t_prev, y, schedule=schedule,
                               guidance_scale=cfg.guidance_scale, null_cond=null_cond)
     target = jax.lax.stop_gradient(f(ctx.ema, jax.lax.stop_gradient(x_prev), t_prev, y))
     pred = f(params, x_t, t, y)
@@ -224,7 +225,7 @@ def multistep_consistency_loss(student_apply: Callable, teacher_apply: Callable,
     x0 = student_apply(p, x, t.astype(jnp.float32), y).astype(jnp.float32)
     return ddim_to(x, x0, t, edge, schedule=schedule)
 
-  def loss_fn(params, batch, key, ctx: StepContext):
+  def loss_fn(params, key, ctx: StepContext, batch, frozen):
     x0, y = batch
     k_t, k_eps = jax.random.split(key)
     t, t_prev = skip_grid_pair(k_t, x0.shape[0], t_max, cfg.num_ddim_timesteps)
@@ -233,7 +234,7 @@ def multistep_consistency_loss(student_apply: Callable, teacher_apply: Callable,
     abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t].reshape(
         (-1,) + (1,) * (x0.ndim - 1))
     x_t = schedules.add_noise(x0, jax.random.normal(k_eps, x0.shape), abar)
-    x_prev = guided_ddim_step(teacher_apply, ctx.frozen, x_t, t, t_prev, y, schedule=schedule,
+    x_prev = guided_ddim_step(teacher_apply, frozen, x_t, t, t_prev, y, schedule=schedule,
                               guidance_scale=cfg.guidance_scale, null_cond=null_cond)
     target = jax.lax.stop_gradient(g(ctx.ema, jax.lax.stop_gradient(x_prev), t_prev, edge, y))
     pred = g(params, x_t, t, edge, y)

@@ -8,7 +8,8 @@ fixed (stop-gradient) so that L_vlb trains only the variance, as DiT does.
 
 Everything a step needs is derived from (seed, step): the batch indices, the timesteps, the noise
 and the label dropout come from `fold_in(key, step)`. A run resumed from a checkpoint at step k
-therefore produces exactly the losses an uninterrupted run produces after step k.
+therefore produces exactly the losses an uninterrupted run produces after step k. The optimizer,
+the update and the EMA are those of `jaxinf.train.step`; this module supplies the loss.
 """
 
 from __future__ import annotations
@@ -22,33 +23,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxinf.diffusion import schedules
-from jaxinf.train.loop import adamw_with_warmup, run_training
+from jaxinf.train.loop import run_training
+from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
+                               init_train_state, make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionTrainConfig:
+  """Sampling reads the EMA weights, so the optimizer must keep one (`optimizer.ema_decay`)."""
+
   steps: int = 1500
   batch_size: int = 64
-  learning_rate: float = 2e-3
-  warmup_steps: int = 50
-  weight_decay: float = 0.0
-  ema_decay: float = 0.995
-  grad_clip: float = 1.0
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=50,
+                                               weight_decay=0.0, ema_decay=0.995)
   prediction_type: str = "epsilon"
   seed: int = 0
   checkpoint_every: int = 250
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "checkpoint_every"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise ValueError(f"ema_decay: expected in [0, 1), got {self.ema_decay}")
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+    check_positive_ints(self, "steps", "batch_size", "checkpoint_every")
+    check_optimizer(self.optimizer, needs_ema=True)
     schedules.check_prediction_type(self.prediction_type)
 
 
@@ -123,41 +119,24 @@ def diffusion_loss(apply: Callable, params, x0, y, key, *, schedule: schedules.N
   return loss
 
 
-def make_optimizer(cfg: DiffusionTrainConfig) -> optax.GradientTransformation:
-  return adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
+def diffusion_train_loss(apply: Callable, cfg: DiffusionTrainConfig,
+                         schedule: schedules.NoiseSchedule, *, learned_sigma: bool,
+                         drop_labels: Callable | None = None) -> Callable:
+  """The loss `loss_fn(params, key, ctx, images, labels)` of `jaxinf.train.step.make_train_step`:
+  a batch of `cfg.batch_size` rows drawn with replacement, labels dropped by `drop_labels(y, key)`
+  (classifier-free guidance), then `diffusion_loss`."""
 
-
-def make_train_step(apply: Callable, cfg: DiffusionTrainConfig, schedule: schedules.NoiseSchedule,
-                    *, learned_sigma: bool, drop_labels: Callable | None = None):
-  """A jitted `step(state, images, labels) -> (state, loss)`; the batch is drawn inside."""
-  opt = make_optimizer(cfg)
-  base_key = jax.random.key(cfg.seed)
-
-  @jax.jit
-  def step(state, images, labels):
-    key = jax.random.fold_in(base_key, state["step"])
+  def loss_fn(params, key, ctx, images, labels):
+    del ctx
     k_idx, k_drop, k_loss = jax.random.split(key, 3)
     idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, images.shape[0])
     x0, y = images[idx], labels[idx]
     if drop_labels is not None:
       y = drop_labels(y, k_drop)
-    loss, grads = jax.value_and_grad(
-        lambda p: diffusion_loss(apply, p, x0, y, k_loss, schedule=schedule,
-                                 prediction_type=cfg.prediction_type,
-                                 learned_sigma=learned_sigma))(state["params"])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p,
-                       state["ema"], params)
-    return {"params": params, "ema": ema, "opt_state": opt_state,
-            "step": state["step"] + 1}, loss
+    return diffusion_loss(apply, params, x0, y, k_loss, schedule=schedule,
+                          prediction_type=cfg.prediction_type, learned_sigma=learned_sigma)
 
-  return step
-
-
-def init_train_state(params, cfg: DiffusionTrainConfig) -> dict[str, Any]:
-  return {"params": params, "ema": jax.tree.map(jnp.copy, params),
-          "opt_state": make_optimizer(cfg).init(params), "step": jnp.zeros((), jnp.int32)}
+  return loss_fn
 
 
 def train_diffusion(apply: Callable, params, images, labels, *, cfg: DiffusionTrainConfig,
@@ -173,7 +152,8 @@ def train_diffusion(apply: Callable, params, images, labels, *, cfg: DiffusionTr
   labels = jnp.asarray(labels, jnp.int32)
   if images.shape[0] != labels.shape[0]:
     raise ValueError(f"labels: expected {images.shape[0]} labels for the images, got {labels.shape}")
-  step_fn = make_train_step(apply, cfg, schedule, learned_sigma=learned_sigma,
-                            drop_labels=drop_labels)
-  return run_training(step_fn, init_train_state(params, cfg), (images, labels), steps=cfg.steps,
+  loss_fn = diffusion_train_loss(apply, cfg, schedule, learned_sigma=learned_sigma,
+                                 drop_labels=drop_labels)
+  return run_training(make_train_step(loss_fn, cfg.optimizer, seed=cfg.seed),
+                      init_train_state(params, cfg.optimizer), (images, labels), steps=cfg.steps,
                       out_dir=out_dir, checkpoint_every=cfg.checkpoint_every, progress=progress)

@@ -21,7 +21,8 @@ s = 1 (noise) to s = 0 (data). A one-step model is a velocity model sampled by `
   regulariser that matches the one-step output on fresh noise to the 2-RF's own 2-step Euler
   sample (computed online), which covers noise outside the finite pair set.
 
-Every trainer here runs `jaxinf.train.flow.make_regression_step` in the shared loop.
+Every loss here is a `loss_fn(params, key, ctx, batch, frozen)` of
+`jaxinf.train.flow.train_regression` (the shared step of `jaxinf.train.step` in the shared loop).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import Denoiser
 from jaxinf.diffusion.sample import sample
 from jaxinf.diffusion.solvers import FlowEuler
-from jaxinf.train.flow import FlowTrainConfig, StepContext, flow_matching_loss
+from jaxinf.train.flow import FlowTrainConfig, flow_matching_loss
+from jaxinf.train.step import StepContext
 
 
 def _check_flow(denoiser: Denoiser, schedule) -> None:
@@ -96,7 +98,7 @@ def straightness(denoiser: Denoiser, schedule: schedules.FlowSchedule, x_init: j
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses. Each has the `loss_fn(params, batch, key, ctx)` signature of `make_regression_step`.
+# Losses. Each has the `loss_fn(params, key, ctx, batch, frozen)` signature of `train_regression`.
 
 
 def reflow_loss(apply: Callable, *, schedule: schedules.FlowSchedule, cfg: FlowTrainConfig):
@@ -104,8 +106,8 @@ def reflow_loss(apply: Callable, *, schedule: schedules.FlowSchedule, cfg: FlowT
   2023, eq. 1 with (X0, X1) drawn from the teacher's coupling). No label dropout: the coupling
   was drawn with the teacher's guidance, which the reflowed model inherits and is sampled without."""
 
-  def loss_fn(params, batch, key, ctx: StepContext):
-    del ctx
+  def loss_fn(params, key, ctx: StepContext, batch, frozen):
+    del ctx, frozen
     z, x, y = batch
     return flow_matching_loss(apply, params, x, y, key, schedule=schedule, cfg=cfg, eps=z)
 
@@ -122,8 +124,8 @@ def one_step_loss(apply: Callable, *, schedule: schedules.FlowSchedule):
   """InstaFlow's distillation loss (Liu et al. 2024, eq. 4) with d = L2: batch = (z, x, y),
   || z - v(z, 1) - x ||^2 / d."""
 
-  def loss_fn(params, batch, key, ctx: StepContext):
-    del key, ctx
+  def loss_fn(params, key, ctx: StepContext, batch, frozen):
+    del key, ctx, frozen
     z, x, y = batch
     return jnp.mean(jnp.square(one_step_prediction(apply, params, z, y, schedule) - x))
 
@@ -143,7 +145,8 @@ def annealing_reflow_loss(apply: Callable, *, schedule: schedules.FlowSchedule,
   if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 1:
     raise ValueError(f"anneal_steps: expected a positive int, got {anneal_steps!r}")
 
-  def loss_fn(params, batch, key, ctx: StepContext):
+  def loss_fn(params, key, ctx: StepContext, batch, frozen):
+    del frozen
     z, x, y = batch
     k_eps, k_loss = jax.random.split(key)
     beta = annealing_beta(ctx.step, anneal_steps)
@@ -165,16 +168,17 @@ def two_step_euler(apply: Callable, params, z: jax.Array, y, schedule) -> jax.Ar
 def flow_guided_distillation_loss(apply: Callable, *, schedule: schedules.FlowSchedule,
                                   guide_weight: float = 1.0):
   """SlimFlow's flow-guided distillation (Zhu et al. 2024, Sec. 4.2), batch = (z, x, y) from the
-  small 2-RF's ODE, ctx.frozen = the 2-RF's weights:
+  small 2-RF's ODE, frozen = the 2-RF's weights:
   || G(z) - x ||^2 + guide_weight || G(eps) - sg(Euler_2(eps)) ||^2, G the one-step model, eps
   fresh noise, Euler_2 the 2-RF's 2-step sample."""
   if not guide_weight >= 0:
     raise ValueError(f"guide_weight: expected >= 0, got {guide_weight}")
 
-  def loss_fn(params, batch, key, ctx: StepContext):
+  def loss_fn(params, key, ctx: StepContext, batch, frozen):
+    del ctx
     z, x, y = batch
     eps = jax.random.normal(key, z.shape)
-    target = jax.lax.stop_gradient(two_step_euler(apply, ctx.frozen, eps, y, schedule))
+    target = jax.lax.stop_gradient(two_step_euler(apply, frozen, eps, y, schedule))
     distill = jnp.mean(jnp.square(one_step_prediction(apply, params, z, y, schedule) - x))
     guide = jnp.mean(jnp.square(one_step_prediction(apply, params, eps, y, schedule) - target))
     return distill + guide_weight * guide

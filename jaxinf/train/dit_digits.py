@@ -8,6 +8,7 @@ trains (or resumes, or reuses when finished) and returns the functional model an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -35,7 +36,8 @@ def train_dit_on_digits(out_dir: str | os.PathLike, *,
                      f"{model_cfg.sample_shape} and {model_cfg.num_classes}")
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  config = {"model": model_cfg.__dict__, "train": train_cfg.__dict__, "schedule": schedule.__dict__}
+  config = {"model": model_cfg.__dict__, "train": dataclasses.asdict(train_cfg),
+            "schedule": schedule.__dict__}
   config_path = out_dir / "config.json"
   if config_path.exists() and json.loads(config_path.read_text()) != json.loads(json.dumps(config)):
     raise ValueError(f"out_dir: {out_dir} holds a run with another configuration; use a new folder")

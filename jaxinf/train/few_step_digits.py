@@ -136,8 +136,11 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
   pairs1 = _coupling(out / "pairs_teacher.npz", jax.random.key(budget.coupling.seed), teacher,
                      budget.coupling, guidance)
   lap("teacher coupling")
-  ft = FlowTrainConfig(steps=budget.reflow_steps, learning_rate=budget.finetune_learning_rate)
-  rdir = claim_out_dir(out / "reflow", {"train": ft.__dict__, "coupling": coupling, "stage": "reflow"})
+  finetune = dataclasses.replace(FlowTrainConfig().optimizer,
+                                 learning_rate=budget.finetune_learning_rate)
+  ft = FlowTrainConfig(steps=budget.reflow_steps, optimizer=finetune)
+  rdir = claim_out_dir(out / "reflow", {"train": dataclasses.asdict(ft), "coupling": coupling,
+                                        "stage": "reflow"})
   state, _ = train_regression(distill.reflow_loss(apply, schedule=fs, cfg=ft), teacher_params,
                               pairs1, cfg=ft, out_dir=rdir, progress=progress, desc="reflow")
   reflow_params = state["ema"]
@@ -148,8 +151,8 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
   pairs2 = _coupling(out / "pairs_reflow.npz", jax.random.key(budget.coupling.seed + 1), reflow,
                      budget.coupling, None)
   lap("reflow coupling")
-  ft = FlowTrainConfig(steps=budget.instaflow_steps, learning_rate=budget.finetune_learning_rate)
-  idir = claim_out_dir(out / "instaflow", {"train": ft.__dict__, "coupling": coupling,
+  ft = FlowTrainConfig(steps=budget.instaflow_steps, optimizer=finetune)
+  idir = claim_out_dir(out / "instaflow", {"train": dataclasses.asdict(ft), "coupling": coupling,
                                            "stage": "instaflow"})
   state, _ = train_regression(distill.one_step_loss(apply, schedule=fs), reflow_params, pairs2,
                               cfg=ft, out_dir=idir, progress=progress, desc="instaflow")
@@ -162,8 +165,9 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
                                  num_heads=budget.slim_num_heads)
   slim_apply, slim_init = to_functional(DiT(slim_cfg, rngs=nnx.Rngs(1)))
   sr = FlowTrainConfig(steps=budget.slimflow_reflow_steps)
-  sdir = claim_out_dir(out / "slimflow_reflow", {"train": sr.__dict__, "coupling": coupling,
-                                                 "model": slim_cfg.__dict__, "stage": "slim_reflow"})
+  sdir = claim_out_dir(out / "slimflow_reflow", {"train": dataclasses.asdict(sr),
+                                                 "coupling": coupling, "model": slim_cfg.__dict__,
+                                                 "stage": "slim_reflow"})
   state, _ = train_regression(
       distill.annealing_reflow_loss(slim_apply, schedule=fs, cfg=sr,
                                     anneal_steps=max(budget.slimflow_reflow_steps // 2, 1)),
@@ -174,9 +178,8 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
   pairs3 = _coupling(out / "pairs_slim_reflow.npz", jax.random.key(budget.coupling.seed + 2),
                      slim_reflow, budget.coupling, None)
   lap("slimflow coupling")
-  sd = FlowTrainConfig(steps=budget.slimflow_distill_steps,
-                       learning_rate=budget.finetune_learning_rate)
-  ddir = claim_out_dir(out / "slimflow", {"train": sd.__dict__, "coupling": coupling,
+  sd = FlowTrainConfig(steps=budget.slimflow_distill_steps, optimizer=finetune)
+  ddir = claim_out_dir(out / "slimflow", {"train": dataclasses.asdict(sd), "coupling": coupling,
                                           "model": slim_cfg.__dict__, "stage": "slim_distill"})
   state, _ = train_regression(distill.flow_guided_distillation_loss(slim_apply, schedule=fs),
                               slim_reflow_params, pairs3, cfg=sd, out_dir=ddir,
@@ -187,9 +190,9 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
   # 5. LCM: consistency distillation of the (guided) teacher on the VP view of the flow
   vp = schedules.NoiseSchedule()
   x0_apply = consistency.FlowAsVP(apply, fs.num_train_timesteps, vp)
-  lc = FlowTrainConfig(steps=budget.lcm_steps, learning_rate=budget.finetune_learning_rate,
-                       ema_decay=0.95)  # LCM's target-network EMA
-  ldir = claim_out_dir(out / "lcm", {"train": lc.__dict__, "lcm": budget.lcm.__dict__,
+  lc = FlowTrainConfig(steps=budget.lcm_steps,  # LCM's target-network EMA
+                       optimizer=dataclasses.replace(finetune, ema_decay=0.95))
+  ldir = claim_out_dir(out / "lcm", {"train": dataclasses.asdict(lc), "lcm": budget.lcm.__dict__,
                                        "stage": "lcm"})
   images, labels = digits.load_digits_images()
   state, _ = train_regression(
@@ -202,7 +205,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
 
   # 6. MLCM: multistep consistency distillation over segments, sampled by trailing DDIM
   mc = dataclasses.replace(lc, steps=budget.mlcm_steps)
-  mdir = claim_out_dir(out / "mlcm", {"train": mc.__dict__, "lcm": budget.lcm.__dict__,
+  mdir = claim_out_dir(out / "mlcm", {"train": dataclasses.asdict(mc), "lcm": budget.lcm.__dict__,
                                       "segments": budget.mlcm_segments, "stage": "mlcm"})
   state, _ = train_regression(
       consistency.multistep_consistency_loss(x0_apply, x0_apply, schedule=vp, cfg=budget.lcm,

@@ -12,10 +12,12 @@ s is drawn uniformly (Liu et al.) or from SD3's logit-normal density (Esser et a
 s = sigmoid(m + std * n), n ~ N(0, 1)). With independent eps this is flow matching; with eps
 *coupled* to x0 by a teacher's ODE it is reflow (`jaxinf.train.distill`), the same loss.
 
-`make_regression_step(loss_fn, cfg)` is the one jitted AdamW + EMA step that every method here
-(flow matching, reflow, InstaFlow/SlimFlow distillation, consistency distillation) runs inside
-`jaxinf.train.loop.run_training`. As in `jaxinf.train.diffusion`, all randomness of a step is
-`fold_in(key(seed), step)`, so a resumed run reproduces the uninterrupted run's losses exactly.
+`train_regression(loss_fn, params, arrays, cfg=...)` trains every method here (flow matching,
+reflow, InstaFlow/SlimFlow distillation, consistency distillation) with the shared step of
+`jaxinf.train.step` inside `jaxinf.train.loop.run_training`: `regression_loss` draws the batch and
+the method supplies `loss_fn(params, key, ctx, batch, frozen)`. As in `jaxinf.train.diffusion`, all
+randomness of a step is `fold_in(key(seed), step)`, so a resumed run reproduces the uninterrupted
+run's losses exactly.
 
     model_cfg, apply, state, records = train_flow_dit_on_digits("results/flow-digits")
     den = flow_denoiser(model_cfg, apply, state["ema"])  # sample(..., FlowSchedule(), FlowEuler(), ...)
@@ -28,11 +30,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxinf.data import digits
@@ -40,23 +41,23 @@ from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import Denoiser, dit_denoiser
 from jaxinf.models.dit import DiT, DiTConfig, dit_config, drop_labels
 from jaxinf.models.functional import to_functional
-from jaxinf.train.loop import adamw_with_warmup, run_training
+from jaxinf.train.loop import run_training
+from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
+                               init_train_state, make_train_step)
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclasses.dataclass(frozen=True)
 class FlowTrainConfig:
-  """Optimisation settings shared by the few-step trainers (the digits quickstart's values:
-  lr 2e-3 with 50 warm-up steps, batch 64, EMA 0.995 — see shared/quickstart-budget.md)."""
+  """Settings shared by the few-step trainers (the digits quickstart's values: lr 2e-3 with 50
+  warm-up steps, batch 64, EMA 0.995 — see shared/quickstart-budget.md). The optimizer must keep
+  an EMA (`optimizer.ema_decay`): it holds the sampling weights and consistency's target network."""
 
   steps: int = 2500
   batch_size: int = 64
-  learning_rate: float = 2e-3
-  warmup_steps: int = 50
-  weight_decay: float = 0.0
-  ema_decay: float = 0.995
-  grad_clip: float = 1.0
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-3, warmup_steps=50,
+                                               weight_decay=0.0, ema_decay=0.995)
   time_sampling: str = "uniform"
   logit_mean: float = 0.0
   logit_std: float = 1.0
@@ -64,14 +65,8 @@ class FlowTrainConfig:
   checkpoint_every: int = 250
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "checkpoint_every"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise ValueError(f"ema_decay: expected in [0, 1), got {self.ema_decay}")
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+    check_positive_ints(self, "steps", "batch_size", "checkpoint_every")
+    check_optimizer(self.optimizer, needs_ema=True)
     if self.time_sampling not in TIME_SAMPLINGS:
       raise ValueError(f"time_sampling: expected one of {list(TIME_SAMPLINGS)}, got "
                        f"{self.time_sampling!r}")
@@ -106,67 +101,38 @@ def flow_matching_loss(apply: Callable, params, x0: jax.Array, y, key: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
-# The shared step.
+# Regression on a fixed set of arrays.
 
 
-class StepContext(NamedTuple):
-  """What a loss may read besides its params, batch and key (see `make_regression_step`)."""
+def regression_loss(loss_fn: Callable, batch_size: int) -> Callable:
+  """The loss `(params, key, ctx, arrays, frozen)` of `jaxinf.train.step.make_train_step` that
+  draws `batch_size` rows of `arrays` (a tuple with a common leading axis) with replacement and
+  returns `loss_fn(params, key, ctx, batch, frozen)`. frozen: a pytree the loss reads but does not
+  train (a teacher's weights); ctx: the step's `StepContext` (the EMA: consistency distillation's
+  target network; the step: annealed losses)."""
 
-  frozen: Any
-  ema: Any
-  step: jax.Array
-
-
-def make_regression_step(loss_fn: Callable, cfg: FlowTrainConfig):
-  """A jitted `step(state, arrays, frozen) -> (state, loss)`.
-
-  arrays: a tuple of arrays with a common leading (example) axis; each step draws `batch_size`
-    rows with replacement. frozen: a pytree the loss reads but does not train (a teacher's
-    weights) — passed as an argument so that it is not baked into the compiled step.
-  loss_fn(params, batch, key, ctx) -> scalar, with `ctx` a `StepContext`: the frozen pytree, the
-    EMA of the trained weights (consistency distillation's target network) and the step number
-    (for annealed losses).
-  """
-  opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
-  base_key = jax.random.key(cfg.seed)
-
-  @jax.jit
-  def step(state, arrays, frozen):
-    key = jax.random.fold_in(base_key, state["step"])
+  def loss(params, key, ctx, arrays, frozen):
     k_idx, k_loss = jax.random.split(key)
-    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, arrays[0].shape[0])
-    batch = tuple(a[idx] for a in arrays)
-    loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batch, k_loss, StepContext(frozen, state["ema"], state["step"])))(
-            state["params"])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p,
-                       state["ema"], params)
-    return {"params": params, "ema": ema, "opt_state": opt_state,
-            "step": state["step"] + 1}, loss
+    idx = jax.random.randint(k_idx, (batch_size,), 0, arrays[0].shape[0])
+    return loss_fn(params, k_loss, ctx, tuple(a[idx] for a in arrays), frozen)
 
-  return step
-
-
-def init_train_state(params, cfg: FlowTrainConfig) -> dict[str, Any]:
-  opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
-  return {"params": params, "ema": jax.tree.map(jnp.copy, params), "opt_state": opt.init(params),
-          "step": jnp.zeros((), jnp.int32)}
+  return loss
 
 
 def train_regression(loss_fn: Callable, params, arrays: tuple, *, cfg: FlowTrainConfig,
                      out_dir: str | os.PathLike, frozen: Any = None, progress: bool = True,
                      desc: str = "train") -> tuple[dict[str, Any], list[dict]]:
-  """`make_regression_step` run by the shared loop (checkpoints, loss log, exact resume)."""
+  """`regression_loss(loss_fn)` trained by the shared step and loop (checkpoints, loss log, exact
+  resume). Returns (train state, loss records); `state["ema"]` holds the EMA weights."""
   arrays = tuple(jnp.asarray(a) for a in arrays)
   n = arrays[0].shape[0]
   if any(a.shape[0] != n for a in arrays):
     raise ValueError(f"arrays: expected a common leading axis, got shapes "
                      f"{[tuple(a.shape) for a in arrays]}")
-  return run_training(make_regression_step(loss_fn, cfg), init_train_state(params, cfg),
-                      (arrays, frozen), steps=cfg.steps, out_dir=out_dir,
-                      checkpoint_every=cfg.checkpoint_every, progress=progress, desc=desc)
+  step = make_train_step(regression_loss(loss_fn, cfg.batch_size), cfg.optimizer, seed=cfg.seed)
+  return run_training(step, init_train_state(params, cfg.optimizer), (arrays, frozen),
+                      steps=cfg.steps, out_dir=out_dir, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc=desc)
 
 
 def claim_out_dir(out_dir: str | os.PathLike, config: dict) -> Path:
@@ -207,13 +173,14 @@ def train_flow_dit_on_digits(out_dir: str | os.PathLike, *, model_cfg: DiTConfig
   check_digits_model(model_cfg)
   if not isinstance(schedule, schedules.FlowSchedule):
     raise TypeError(f"schedule: expected a FlowSchedule, got {type(schedule).__name__}")
-  out_dir = claim_out_dir(out_dir, {"model": model_cfg.__dict__, "train": train_cfg.__dict__,
+  out_dir = claim_out_dir(out_dir, {"model": model_cfg.__dict__,
+                                    "train": dataclasses.asdict(train_cfg),
                                     "schedule": schedule.__dict__, "method": "flow_matching"})
   apply, params = to_functional(DiT(model_cfg, rngs=nnx.Rngs(train_cfg.seed)))
   images, labels = digits.load_digits_images()
 
-  def loss_fn(p, batch, key, ctx):
-    del ctx
+  def loss_fn(p, key, ctx, batch, frozen):
+    del ctx, frozen
     x0, y = batch
     k_drop, k_loss = jax.random.split(key)
     return flow_matching_loss(apply, p, x0, drop_labels(model_cfg, y, k_drop), k_loss,

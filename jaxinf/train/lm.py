@@ -2,7 +2,7 @@
 
 Training runs the model's parallel form (`prefill` on a fresh cache with full lengths); batches are
 random windows of `seq_len + 1` tokens drawn with `fold_in(seed, step)`, so resume is exact (see
-`jaxinf.train.loop`).
+`jaxinf.train.loop`). The optimizer and the update are those of `jaxinf.train.step`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinf.train.loop import adamw_with_warmup, run_training
+from jaxinf.train.loop import run_training
+from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
+                               init_train_state, make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,19 +27,14 @@ class LMTrainConfig:
   steps: int = 2000
   batch_size: int = 16
   seq_len: int = 256
-  learning_rate: float = 3e-3
-  warmup_steps: int = 100
-  weight_decay: float = 0.1
-  grad_clip: float = 1.0
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-3, warmup_steps=100,
+                                               weight_decay=0.1)
   seed: int = 0
   checkpoint_every: int = 250
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "checkpoint_every"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+    check_positive_ints(self, "steps", "batch_size", "seq_len", "checkpoint_every")
+    check_optimizer(self.optimizer)
 
 
 def forward_logits(model, params, tokens: jax.Array) -> jax.Array:
@@ -53,21 +50,17 @@ def next_token_nll(model, params, windows: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
 
-def make_lm_train_step(model, cfg: LMTrainConfig):
-  opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
-  base_key = jax.random.key(cfg.seed)
+def lm_train_loss(model, cfg: LMTrainConfig):
+  """The loss `loss_fn(params, key, ctx, corpus)` of `jaxinf.train.step.make_train_step`:
+  `next_token_nll` over `cfg.batch_size` random windows of `seq_len + 1` tokens of `corpus`."""
 
-  @jax.jit
-  def step(state, corpus):
-    key = jax.random.fold_in(base_key, state["step"])
+  def loss_fn(params, key, ctx, corpus):
+    del ctx
     starts = jax.random.randint(key, (cfg.batch_size,), 0, corpus.shape[0] - cfg.seq_len - 1)
     windows = jax.vmap(lambda s: jax.lax.dynamic_slice(corpus, (s,), (cfg.seq_len + 1,)))(starts)
-    loss, grads = jax.value_and_grad(lambda p: next_token_nll(model, p, windows))(state["params"])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1}, loss
+    return next_token_nll(model, params, windows)
 
-  return step, opt
+  return loss_fn
 
 
 def train_lm(model, params, corpus, *, cfg: LMTrainConfig, out_dir: str | os.PathLike,
@@ -79,11 +72,10 @@ def train_lm(model, params, corpus, *, cfg: LMTrainConfig, out_dir: str | os.Pat
                      f"got shape {corpus.shape}")
   if corpus.min() < 0 or corpus.max() >= model.vocab_size:
     raise ValueError(f"corpus: token ids must lie in [0, {model.vocab_size})")
-  step_fn, opt = make_lm_train_step(model, cfg)
-  state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
-  return run_training(step_fn, state, (jnp.asarray(corpus, jnp.int32),), steps=cfg.steps,
-                      out_dir=out_dir, checkpoint_every=cfg.checkpoint_every, progress=progress,
-                      desc="train-lm")
+  step = make_train_step(lm_train_loss(model, cfg), cfg.optimizer, seed=cfg.seed)
+  return run_training(step, init_train_state(params, cfg.optimizer),
+                      (jnp.asarray(corpus, jnp.int32),), steps=cfg.steps, out_dir=out_dir,
+                      checkpoint_every=cfg.checkpoint_every, progress=progress, desc="train-lm")
 
 
 def bits_per_byte(model, params, stream, *, seq_len: int = 256, batch_size: int = 16,

@@ -3,7 +3,8 @@
 `step_fn(state, *data) -> (state, loss)` must derive all its randomness from `state["step"]`
 (fold_in), so a run restored from the checkpoint at step k continues with exactly the losses an
 uninterrupted run has after step k. Loss records past the restored checkpoint (written before a
-kill) are dropped and recomputed identically: nothing is lost, nothing duplicated.
+kill) are dropped and recomputed identically: nothing is lost, nothing duplicated. The step every
+trainer runs here is `jaxinf.train.step.make_train_step`.
 """
 
 from __future__ import annotations
@@ -15,19 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from jaxinf.checkpoints.native import CheckpointStore
-
-
-def adamw_with_warmup(learning_rate: float, warmup_steps: int, weight_decay: float,
-                      grad_clip: float) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW at a linearly warmed-up constant learning rate."""
-  warm = max(warmup_steps, 1)
-  lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warm),
-                             optax.constant_schedule(learning_rate)], [warm])
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(lr, weight_decay=weight_decay))
 
 
 def _read_losses(path: Path, upto: int) -> list[dict]:

@@ -12,8 +12,9 @@ tokens (`labels="corpus"`, the paper's Medusa-1 on the training data) or the tar
 predictive distribution at the same position, teacher-forced on the corpus
 (`labels="target"`: the cross-entropy against softmax(target logits at t + k), the
 self-distillation labels of §2.3.2 computed without generating text) — what a head must match to
-be accepted. Only the heads' parameters are trained (the target's are data, not state); batches
-come from `fold_in(seed, step)`, so `run_training` resumes exactly.
+be accepted. Only the heads' parameters are trained (the target's are data, not state), by the
+shared step of `jaxinf.train.step`; batches come from `fold_in(seed, step)`, so `run_training`
+resumes exactly.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxinf.models.medusa import MedusaHeads, medusa_heads
 from jaxinf.train.draft import target_text
-from jaxinf.train.loop import adamw_with_warmup, run_training
+from jaxinf.train.loop import run_training
+from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
+                               init_train_state, make_train_step)
 
 LABELS = ("corpus", "target")
 
@@ -42,23 +44,17 @@ class MedusaTrainConfig:
   steps: int = 600
   batch_size: int = 16
   seq_len: int = 128
-  learning_rate: float = 1e-3
-  warmup_steps: int = 50
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0
+  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=50,
+                                               weight_decay=0.0)
   decay: float = 0.8  # λ_k = decay^k
   labels: str = "corpus"
   seed: int = 0
   checkpoint_every: int = 200
 
   def __post_init__(self):
-    for name in ("num_heads", "num_layers", "steps", "batch_size", "seq_len",
-                 "checkpoint_every"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate!r}")
+    check_positive_ints(self, "num_heads", "num_layers", "steps", "batch_size", "seq_len",
+                        "checkpoint_every")
+    check_optimizer(self.optimizer)
     if not 0 < self.decay <= 1:
       raise ValueError(f"decay: expected in (0, 1], got {self.decay!r}")
     if self.labels not in LABELS:
@@ -104,26 +100,20 @@ def _windows(corpus, key, batch: int, width: int):
   return jax.vmap(lambda s: jax.lax.dynamic_slice(corpus, (s,), (width,)))(starts)
 
 
-def make_medusa_train_step(model, heads: MedusaHeads, cfg: MedusaTrainConfig):
-  opt = adamw_with_warmup(cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip)
-  base_key = jax.random.key(cfg.seed)
+def medusa_train_loss(model, heads: MedusaHeads, cfg: MedusaTrainConfig):
+  """The loss `loss_fn(head_params, key, ctx, corpus, target_params)` of
+  `jaxinf.train.step.make_train_step`: L_Medusa-1 over `cfg.batch_size` random windows of
+  `corpus`, on the frozen target's features (no gradient reaches `target_params`)."""
   width = cfg.seq_len + cfg.num_heads + 1
 
-  @jax.jit
-  def step(state, corpus, target_params):
-    windows = _windows(corpus, jax.random.fold_in(base_key, state["step"]), cfg.batch_size, width)
+  def loss_fn(head_params, key, ctx, corpus, target_params):
+    del ctx
+    windows = _windows(corpus, key, cfg.batch_size, width)
     hidden, logits = target_features(model, target_params, windows, cfg.num_heads)
+    return medusa_loss(heads, head_params, hidden, windows, logits, decay=cfg.decay,
+                       labels=cfg.labels)[0]
 
-    def loss_fn(hp):
-      return medusa_loss(heads, hp, hidden, windows, logits, decay=cfg.decay,
-                         labels=cfg.labels)[0]
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1}, loss
-
-  return step, opt
+  return loss_fn
 
 
 def train_medusa(model, params, corpus, cfg: MedusaTrainConfig, out_dir: str | os.PathLike, *,
@@ -147,10 +137,9 @@ def train_medusa(model, params, corpus, cfg: MedusaTrainConfig, out_dir: str | o
                      f"{model.max_len}")
   heads, head_params = medusa_heads(model, params, num_heads=cfg.num_heads,
                                     num_layers=cfg.num_layers, seed=cfg.seed)
-  step_fn, opt = make_medusa_train_step(model, heads, cfg)
-  state = {"params": head_params, "opt_state": opt.init(head_params),
-           "step": jnp.zeros((), jnp.int32)}
-  state, records = run_training(step_fn, state, (jnp.asarray(corpus, jnp.int32), params),
+  step = make_train_step(medusa_train_loss(model, heads, cfg), cfg.optimizer, seed=cfg.seed)
+  state, records = run_training(step, init_train_state(head_params, cfg.optimizer),
+                                (jnp.asarray(corpus, jnp.int32), params),
                                 steps=cfg.steps, out_dir=out_dir,
                                 checkpoint_every=cfg.checkpoint_every, progress=progress,
                                 desc="train-medusa")

@@ -13,7 +13,7 @@ from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec, gaussian_denoiser
 from jaxinf.diffusion.sample import sample
 from jaxinf.diffusion.solvers import _consistency_scalings
 from jaxinf.train import consistency as cd
-from jaxinf.train.flow import StepContext
+from jaxinf.train.step import StepContext
 
 VP = schedules.NoiseSchedule()
 FLOW = schedules.FlowSchedule()
@@ -90,8 +90,8 @@ def test_consistency_loss_of_the_exact_consistency_function():
                               ("posterior_mean", teacher.spec.apply, teacher.params)):
     loss_fn = cd.consistency_distillation_loss(apply, teacher.spec.apply, schedule=VP, cfg=cfg,
                                                null_cond=None)
-    losses[name] = float(loss_fn(params, (x0, None), jax.random.key(1),
-                                 StepContext(teacher.params, params, jnp.int32(0))))
+    losses[name] = float(loss_fn(params, jax.random.key(1), StepContext(params, jnp.int32(0)),
+                                 (x0, None), teacher.params))
   assert losses["exact"] < 0.1 * losses["posterior_mean"], losses
   assert losses["exact"] < 5e-3, losses
 
@@ -174,8 +174,8 @@ def test_multistep_consistency_of_the_exact_segment_map():
                               ("posterior_mean", teacher.spec.apply, teacher.params)):
     loss_fn = cd.multistep_consistency_loss(apply, teacher.spec.apply, schedule=VP, cfg=cfg,
                                             segments=4, null_cond=None)
-    losses[name] = float(loss_fn(params, (x0, None), jax.random.key(1),
-                                 StepContext(teacher.params, params, jnp.int32(0))))
+    losses[name] = float(loss_fn(params, jax.random.key(1), StepContext(params, jnp.int32(0)),
+                                 (x0, None), teacher.params))
   assert losses["exact"] < 0.1 * losses["posterior_mean"], losses
   den = Denoiser(None, DenoiserSpec(apply=exact, prediction_type="sample"))
   x = np.asarray(sample(jax.random.key(0), den, VP, DDIM(spacing="trailing"), (40_000, 2),

@@ -12,7 +12,8 @@ from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec, gaussian_denoiser
 from jaxinf.diffusion.solvers import FlowEuler, FlowHeun
 from jaxinf.train import distill
-from jaxinf.train.flow import FlowTrainConfig, StepContext, flow_matching_loss, train_regression
+from jaxinf.train.flow import FlowTrainConfig, flow_matching_loss, train_regression
+from jaxinf.train.step import OptimizerConfig, StepContext
 
 SCHED = schedules.FlowSchedule()
 MU = np.array([0.5, -1.0])
@@ -97,8 +98,9 @@ def test_reflow_straightens_a_toy_flow(tmp_path):
   teacher = Denoiser(None, DenoiserSpec(apply=_TwoAtomsFlow(), prediction_type="flow"))
   z, x = distill.ode_coupling(jax.random.key(0), teacher, SCHED, (4096, 2), steps=50,
                               solver=FlowHeun(), chunk=4096)
-  cfg = FlowTrainConfig(steps=600, batch_size=256, learning_rate=1e-2, checkpoint_every=600,
-                        ema_decay=0.9)
+  cfg = FlowTrainConfig(steps=600, batch_size=256, checkpoint_every=600,
+                        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=50,
+                                                  weight_decay=0.0, ema_decay=0.9))
   state, _ = train_regression(distill.reflow_loss(_mlp_apply, schedule=SCHED, cfg=cfg),
                               _mlp_init(jax.random.key(1)), (z, x, np.zeros(len(z), np.int32)),
                               cfg=cfg, out_dir=tmp_path, progress=False)
@@ -116,8 +118,9 @@ def test_one_step_distillation_recovers_the_ode_map(tmp_path):
   z, x = distill.ode_coupling(jax.random.key(0), den, SCHED, (4096, 2), steps=50,
                               solver=FlowHeun(), chunk=4096)
   apply = lambda p, x_, t, y: x_ @ p["w"] + p["b"]
-  cfg = FlowTrainConfig(steps=400, batch_size=256, learning_rate=2e-2, ema_decay=0.0,
-                        checkpoint_every=400, warmup_steps=10)
+  cfg = FlowTrainConfig(steps=400, batch_size=256, checkpoint_every=400,
+                        optimizer=OptimizerConfig(learning_rate=2e-2, warmup_steps=10,
+                                                  weight_decay=0.0, ema_decay=0.0))
   state, rec = train_regression(distill.one_step_loss(apply, schedule=SCHED),
                                 {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}, (z, x, z[:, 0]),
                                 cfg=cfg, out_dir=tmp_path, progress=False)
@@ -144,8 +147,8 @@ def test_annealing_reflow_ends():
   loss = distill.annealing_reflow_loss(apply, schedule=SCHED, cfg=cfg, anneal_steps=100)
   kz, kx, key = jax.random.split(jax.random.key(0), 3)
   z, x = jax.random.normal(kz, (32, 2)), jax.random.normal(kx, (32, 2))
-  at = lambda step, zz: float(loss(0.3, (zz, x, None), key, StepContext(None, None,
-                                                                         jnp.int32(step))))
+  at = lambda step, zz: float(loss(0.3, key, StepContext(None, jnp.int32(step)), (zz, x, None),
+                                   None))
   assert at(0, z) == at(0, -3.0 * z)
   expected = flow_matching_loss(apply, 0.3, x, None, jax.random.split(key)[1], schedule=SCHED,
                                 cfg=cfg, eps=z)

@@ -84,7 +84,7 @@ def _small_flow_loss():
   def apply(p, x, t, y):
     return p["w"] * x * (t / 1000.0)[:, None, None, None] + p["b"][y]
 
-  def loss_fn(p, batch, key, ctx):
+  def loss_fn(p, key, ctx, batch, frozen):
     x0, y = batch
     return flow_matching_loss(apply, p, x0, y, key, schedule=sched, cfg=cfg)
 

@@ -10,6 +10,7 @@ import pytest
 
 from jaxinf.data.stdlib_code import is_heldout, load_corpus, stdlib_files
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
+from jaxinf.train.step import OptimizerConfig
 from tests.decoding.bigram import BigramModel
 
 V = 8
@@ -50,8 +51,9 @@ def test_training_reaches_the_entropy_rate_of_the_chain(tmp_path):
   heldout, _ = markov_stream(20_001, trans, seed=7)
   true_ce = -np.mean(np.log2(trans[heldout[:-1], heldout[1:]]))
   model = BigramModel(vocab_size=V)
-  cfg = LMTrainConfig(steps=300, batch_size=16, seq_len=64, learning_rate=0.1, warmup_steps=10,
-                      weight_decay=0.0, checkpoint_every=300)
+  cfg = LMTrainConfig(steps=300, batch_size=16, seq_len=64, checkpoint_every=300,
+                      optimizer=OptimizerConfig(learning_rate=0.1, warmup_steps=10,
+                                                weight_decay=0.0))
   state, records = train_lm(model, model.init_params(jax.random.key(1), 0.0), stream, cfg=cfg,
                             out_dir=tmp_path, progress=False)
   assert records[0]["loss"] == pytest.approx(math.log(V), rel=1e-5)  # uniform start

@@ -17,9 +17,11 @@ from jaxinf.train.medusa import (MedusaTrainConfig, head_accuracy, medusa_loss,
                                  target_features, train_medusa,
                                  train_medusa_self_distilled)
 from jaxinf.train.draft import target_text
+from jaxinf.train.step import OptimizerConfig
 
-CFG = MedusaTrainConfig(num_heads=3, steps=40, batch_size=8, seq_len=16, learning_rate=1e-2,
-                        warmup_steps=5, checkpoint_every=20)
+CFG = MedusaTrainConfig(num_heads=3, steps=40, batch_size=8, seq_len=16, checkpoint_every=20,
+                        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=5,
+                                                  weight_decay=0.0))
 
 
 @pytest.fixture(scope="module")
