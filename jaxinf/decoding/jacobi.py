@@ -1,5 +1,5 @@
 """Parallel decoding from the target's own guesses: Jacobi decoding, lookahead decoding and
-Speculative Jacobi Decoding. All run in `lookup.draft_verify_loop` (one target `step` over the
+Speculative Jacobi Decoding. All run in `draft_verify.draft_verify_loop` (one target `step` over the
 pending token and a fixed window of guesses per round, exact `rollback`, fixed buffers) and return
 `SpeculativeOutput`.
 
@@ -23,7 +23,7 @@ pending token and a fixed window of guesses per round, exact `rollback`, fixed b
   fixed [V, P, N-1] table per row (keyed by the first token; duplicates skipped; a ring of P per
   key). Rows 1..G are the verification branch: the G most recent pool n-grams whose first token is
   the pending token c, their N-1 tokens as drafts. Row 0's window is itself a candidate (plain
-  Jacobi). All 1 + G candidates are verified together by `lookup.verify_branches` (exact: the
+  Jacobi). All 1 + G candidates are verified together by `verify.verify_branches` (exact: the
   paper's greedy rule, and its sampling verification as the coupled point-mass rule). Not
   implemented: the paper's initial-level warm-up from the prompt and its multi-GPU lookahead
   parallelism.
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.decoding import sampling
-from jaxinf.decoding.lookup import check_inputs, run_checked
+from jaxinf.decoding.draft_verify import check_inputs, run_checked
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import SpeculativeOutput
 from jaxinf.models.functional import check_int
@@ -82,11 +82,11 @@ class JacobiDrafter:
   def init(self, key, ctx, ctx_len, prompt_lengths):
     return _random_prompt_tokens(key, ctx, prompt_lengths, self.window)
 
-  def propose(self, window, ctx, ctx_len):
-    b = window.shape[0]
-    return window[:, None], jnp.full((b, 1), self.window, jnp.int32), None
+  def propose(self, state, ctx, ctx_len):
+    b = state.shape[0]  # the state is the window of guesses [B, W]
+    return state[:, None], jnp.full((b, 1), self.window, jnp.int32), None
 
-  def update(self, window, key, logits, p, best, n_accept, next_token):
+  def update(self, state, key, logits, p, best, n_accept, next_token):
     guess = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)   # [B, W+1]
     src, _ = _shift(n_accept, self.window)
     return guess[jnp.arange(guess.shape[0])[:, None], src]

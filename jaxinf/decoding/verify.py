@@ -13,6 +13,14 @@ q = δ_x: acceptance is u < p(x) and the residual is p with x removed — the sa
 also "draw y ~ p and keep the draft while y = x". Greedy targets (temperature 0) make p one-hot
 at the argmax: a draft is accepted iff it is the argmax, and the next token is the argmax.
 
+K branches of point-mass drafts (trie Lookahead, lookahead decoding): `verify_branches`, the rule
+"draw y ~ p and keep the draft while y = x" taken over a tree: at depth i all branches share one
+Gumbel noise vector, so branches with the same prefix draw the same y_i (Gumbel-max: y =
+argmax(log p + g) is an exact draw from p); the accepted path is the one the draws follow, and the
+emitted tokens are exact draws from p along it. Verifying each branch with its own coins and
+keeping the longest is *not* exact (it favours drafted tokens); tests/decoding/test_lookup.py
+shows the chi-square test rejecting it.
+
 Sampler rules apply to both sides: p = softmax(process_logits(sampler, target logits)) — the very
 distribution `generate` draws from — and q likewise with the draft's sampler. Stateful rules
 (Mirostat's feedback, the repetition penalty's growing seen-set) change p within a block of drafts
@@ -79,6 +87,33 @@ def verify(key, p: jax.Array, drafts: jax.Array, q: jax.Array | None = None,
   logits = jnp.where(dist > 0, jnp.log(jnp.where(dist > 0, dist, 1.0)), -jnp.inf)
   next_token = jax.random.categorical(k_next, logits, axis=-1).astype(jnp.int32)
   return n_accept.astype(jnp.int32), next_token
+
+
+
+def verify_branches(key, p: jax.Array, drafts: jax.Array,
+                    n_draft: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Exact acceptance of K deterministic draft branches at once.
+
+  p: `[B, K, γ+1, V]` target probabilities of each branch's verified block (as in `verify`).
+  drafts: `[B, K, γ]` ids; n_draft: `[B, K]` real drafts per branch (the rest never accepted).
+
+  At depth i every branch draws y_i = argmax(log p_i + g_i) with the same Gumbel noise g_i, so
+  branches that agree up to depth i draw the same token there; a branch is accepted while its
+  drafts equal the draws. The longest accepted branch wins. Every emitted token is an exact draw
+  from p given the tokens before it, whatever the branches are (the branches only decide where
+  the round stops). Returns (best [B], n_accept [B], next_token [B]).
+  """
+  b, k, g1, v = p.shape
+  g = g1 - 1
+  noise = jax.random.gumbel(key, (b, 1, g1, v), jnp.float32)
+  logp = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
+  draws = jnp.argmax(logp + noise, axis=-1).astype(jnp.int32)          # [B, K, γ+1]
+  match = (draws[..., :g] == drafts) & (jnp.arange(g) < n_draft[..., None])
+  n = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1)  # [B, K]
+  best = jnp.argmax(n, axis=-1).astype(jnp.int32)
+  rows = jnp.arange(b)
+  n_accept = n[rows, best].astype(jnp.int32)
+  return best, n_accept, draws[rows, best, n_accept]
 
 
 class SpeculativeOutput(NamedTuple):

@@ -9,7 +9,7 @@ import functools
 import jax
 import numpy as np
 
-from jaxinf.decoding import lookup
+from jaxinf.decoding import draft_verify
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import probs
@@ -101,9 +101,10 @@ def sample_rows(drafter, prompt: list[int], key: int, rule=None):
   """`ROWS` copies of `prompt` decoded 4 tokens by `drafter` (and an optional acceptance `rule`)
   in one call; the output and the chi-square p-values of tokens 1-3 and 2-4 (`pvalues`)."""
   model, params = bigram()
-  checked = lookup.check_inputs(model, np.tile(prompt, (ROWS, 1)), None, max_new_tokens=4,
-                                sampler=SAMPLER, eos_id=None, pad_id=0, max_len=None,
-                                step_tokens=drafter.draft_len + 1)
-  out = lookup.run_checked(model, params, checked, jax.random.key(key), drafter, sampler=SAMPLER,
-                           max_new_tokens=4, eos_id=None, pad_id=0, rule=rule)
+  checked = draft_verify.check_inputs(model, np.tile(prompt, (ROWS, 1)), None, max_new_tokens=4,
+                                      sampler=SAMPLER, eos_id=None, pad_id=0, max_len=None,
+                                      step_tokens=drafter.draft_len + 1)
+  out = draft_verify.run_checked(model, params, checked, jax.random.key(key), drafter,
+                                 sampler=SAMPLER, max_new_tokens=4, eos_id=None, pad_id=0,
+                                 rule=rule)
   return out, pvalues(out.tokens, prompt[-1], params)
