@@ -36,7 +36,7 @@ from jaxinf.data import arithmetic
 from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import scaling
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.models import transformer as transformer_lib
+from jaxinf.models import families
 from jaxinf.train import arithmetic as train_arith
 from jaxinf.train.lm import LMTrainConfig
 from jaxinf.train.step import OptimizerConfig
@@ -85,10 +85,10 @@ def smoke_config(cfg: Config) -> Config:
 
 
 def build_model(cfg: Config):
-  mcfg = transformer_lib.transformer_config(
+  """(solver model, random params): transformer-1m narrowed to the config's width and depth."""
+  return families.build(families.named_config(
       "transformer-1m", hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=4,
-      num_kv_heads=2, mlp_hidden=cfg.mlp_hidden, max_len=128)
-  return transformer_lib.TransformerLM(mcfg)
+      num_kv_heads=2, mlp_hidden=cfg.mlp_hidden, max_len=128), seed=cfg.seed)
 
 
 def split_problems(cfg: Config):
@@ -245,10 +245,10 @@ def run(cfg: Config) -> list[dict]:
   out = common.study_dir(cfg.out_dir)
   key = jax.random.key(cfg.seed)
   train, scorer_probs, test = split_problems(cfg)
-  model = build_model(cfg)
+  model, init_params = build_model(cfg)
 
   # 1. the solver
-  state, _ = train_arith.train_solver(model, model.init_params(cfg.seed), train, cfg=cfg.train,
+  state, _ = train_arith.train_solver(model, init_params, train, cfg=cfg.train,
                                       out_dir=out / "solver", progress=cfg.progress)
   params = state["params"]
 

@@ -45,8 +45,6 @@ from jaxinf.recipes import code_models, lm_peers
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte
 
 _TRAINING = code_models.FamilyTraining()
-# cache entries that only exist for rollback (the per-position states `step` keeps)
-ROLLBACK_KEYS = ("history", "conv_window", "ssm_history", "last_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +53,7 @@ class Config(common.StudyConfig):
   families: tuple[str, ...] = code_models.FAMILIES
   # the family models' budget: `code_models.FamilyTraining` (other studies reuse the checkpoints)
   train: LMTrainConfig = _TRAINING.train
-  mamba_train_impl: str = _TRAINING.mamba_train_impl
+  mamba_train_impl: str = _TRAINING.mamba_train_impl  # the selective scan Mamba trains with
   corpus_bytes: int | None = None  # None: the whole stdlib corpus
   eval_windows: int = 128          # held-out windows of seq_len bytes for bits per byte
   prefill_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
@@ -88,11 +86,12 @@ def smoke_config(cfg: Config) -> Config:
 
 
 def cache_bytes(model, batch: int, context: int) -> tuple[int, int]:
-  """(state bytes, whole-cache bytes) of `init_cache(batch, context)`, from shapes alone."""
+  """(state bytes, whole-cache bytes) of `init_cache(batch, context)`, from shapes alone; the
+  state leaves out the entries that only serve rollback (`model.rollback_keys`)."""
   shapes = jax.eval_shape(lambda: model.init_cache(batch, context))
   nbytes = lambda tree: int(sum(math.prod(x.shape) * x.dtype.itemsize
                                 for x in jax.tree.leaves(tree)))
-  state = {k: v for k, v in shapes.items() if k not in ROLLBACK_KEYS + ("length",)}
+  state = {k: v for k, v in shapes.items() if k not in model.rollback_keys + ("length",)}
   return nbytes(state), nbytes(shapes)
 
 
@@ -190,7 +189,7 @@ def run(cfg: Config) -> list[dict]:
                        tok_s=b * cfg.decode_tokens / secs))
     for ctx in cfg.memory_contexts:
       shape_model = model
-      if name == "transformer":  # only to read shapes: a cache this long is never allocated
+      if model.max_len is not None:  # only to read shapes: a cache this long is never allocated
         shape_model = dataclasses.replace(model, config=dataclasses.replace(model.config,
                                                                             max_len=ctx))
       state_b, total_b = cache_bytes(shape_model, 1, ctx)

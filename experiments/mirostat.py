@@ -38,12 +38,12 @@ class Config(common.StudyConfig):
   out_dir: str = "results/mirostat"  # where results go
   # the family models' training: the same value as lm_families' reuses its checkpoints
   families: code_models.FamilyTraining = code_models.FamilyTraining()
-  family: str = "rwkv7"
-  tokens: int = 1024
-  batch: int = 8
+  family: str = "rwkv7"            # one of code_models.FAMILIES
+  tokens: int = 1024               # new bytes per prompt
+  batch: int = 8                   # held-out prompts, generated together
   prompt: int = 64                 # held-out prompt bytes
-  taus: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
-  v1_tau: float = 1.5
+  taus: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)   # Mirostat v2's target surprises, bits
+  v1_tau: float = 1.5              # Mirostat v1's
   top_k: int = 5
   top_p: float = 0.9
   window: int = 64                 # moving-average window of the surprise plot and its spread

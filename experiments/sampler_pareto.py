@@ -67,10 +67,10 @@ SOLVER_GRID = (
 @dataclasses.dataclass(frozen=True)
 class Config(common.StudyConfig):
   out_dir: str = "results/sampler_pareto"  # where results go
-  # the quickstart's DiT, reused from (or trained in) `<quickstart_dir>/dit/`
-  dit: quickstart_dit.QuickstartDiT = quickstart_dit.QuickstartDiT()
+  dit: quickstart_dit.QuickstartDiT = quickstart_dit.QuickstartDiT()  # the quickstart's DiT
+  # the quickstart's results folder: the DiT is reused from (or trained in) its `dit/`
   quickstart_dir: str = quickstart_dit.QUICKSTART_RESULTS
-  samples_per_class: int = 20
+  samples_per_class: int = 20     # samples of each digit per sampler
   cache_steps: int = 50
   cache_intervals: tuple[int, ...] = (2, 3)
   calibration_batch: int = 10

@@ -28,13 +28,12 @@ import numpy as np
 
 from jaxinf.checkpoints.native import CheckpointStore
 from jaxinf.data.stdlib_code import load_corpus
-from jaxinf.models import mamba as mamba_lib
-from jaxinf.models import rwkv as rwkv_lib
+from jaxinf.models import families
 from jaxinf.models import transformer as transformer_lib
-from jaxinf.models import transnormer as transnormer_lib
 from jaxinf.train.lm import LMTrainConfig, train_lm
 from jaxinf.train.step import OptimizerConfig
 
+# the families of `jaxinf.models.families` the studies compare, in the order they report them
 FAMILIES = ("transformer", "transnormer", "rwkv7", "mamba")
 FAMILY_MODELS = {f"{family}-1m": family for family in FAMILIES}
 NAMES = ("target", "draft-tiny") + tuple(FAMILY_MODELS)
@@ -69,8 +68,8 @@ class FamilyTraining:
   # Trained models come back with every family's default kernels ("auto").
   mamba_train_impl: str = "reference"
   corpus_bytes: int | None = None  # None: the whole stdlib corpus
-  seed: int = 0
-  out_dir: str = "results/lm_families"
+  seed: int = 0                    # parameter initialisation
+  out_dir: str = "results/lm_families"  # checkpoints in <out_dir>/train/<family>/
   tiny: bool = False               # the "-tiny" sizes instead of "-1m" (smoke runs)
 
   def folder(self, family: str) -> Path:
@@ -92,45 +91,14 @@ def smoke_training(training: FamilyTraining, out_dir: str) -> FamilyTraining:
 
 
 def family_config(family: str, tiny: bool, max_len: int):
-  """Each family's ~1M-parameter byte-vocab config (`tiny`: the smoke sizes)."""
+  """`family`'s registered "-1m" size over the byte vocabulary (`tiny`: its "-tiny" size)."""
+  families.get_family(family)  # a ValueError naming the known families
+  overrides = dict(vocab_size=VOCAB_SIZE)
   if family == "transformer":
-    # RoPE has no parameter tied to the context: max_len only sizes the longest cache
-    base = "transformer-tiny" if tiny else "transformer-1m"
-    return transformer_lib.transformer_config(base, vocab_size=VOCAB_SIZE, max_len=max_len)
-  if family == "mamba":
-    return mamba_lib.mamba_config("mamba-tiny" if tiny else "mamba-1m", vocab_size=VOCAB_SIZE)
-  if family == "rwkv7":
-    if tiny:
-      return rwkv_lib.RWKV7Config(vocab_size=VOCAB_SIZE, d_model=32, n_layers=2, head_size=16,
-                                  decay_lora=4, a_lora=4, v_lora=4, gate_lora=8)
-    return rwkv_lib.RWKV7_1M
-  if family == "transnormer":
-    if tiny:
-      return transnormer_lib.TransNormerConfig(vocab_size=VOCAB_SIZE, d_model=32, n_layers=2,
-                                               n_heads=2, glu_dim=64, lrpe=(True, False))
-    return transnormer_lib.TRANSNORMER_1M
-  raise ValueError(f"family: unknown family {family!r}; known: {list(FAMILIES)}")
-
-
-def build_model(family: str, cfg, impl: str = "auto", seed: int = 0):
-  """(model, random params) of `family` with kernel implementation `impl`."""
-  key = jax.random.key(seed)
-  if family == "transformer":
-    model = transformer_lib.TransformerLM(cfg, impl=impl)
-    return model, model.init_params(seed)
-  if family == "mamba":
-    model = mamba_lib.MambaLM(cfg, impl=impl)
-    return model, model.init_params(seed)
-  if family == "rwkv7":
-    return rwkv_lib.rwkv7_model(dataclasses.replace(cfg, impl=impl), key)
-  return transnormer_lib.transnormer_model(dataclasses.replace(cfg, impl=impl), key)
-
-
-def with_impl(family: str, model, impl: str):
-  """The same model (same params tree) with another kernel implementation."""
-  if family in ("transformer", "mamba"):
-    return dataclasses.replace(model, impl=impl)
-  return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, impl=impl))
+    # RoPE has no parameter tied to the context: max_len only sizes the longest KV cache (the
+    # recurrent families keep max_len None: their state does not grow)
+    overrides["max_len"] = max_len
+  return families.named_config(f"{family}-{'tiny' if tiny else '1m'}", **overrides)
 
 
 def family_model(family: str, training: FamilyTraining, train_stream: np.ndarray | None = None,
@@ -140,13 +108,13 @@ def family_model(family: str, training: FamilyTraining, train_stream: np.ndarray
   transformer's longest KV cache (no parameter depends on it); `train_stream` defaults to the
   stdlib corpus capped at `training.corpus_bytes`."""
   impl = training.mamba_train_impl if family == "mamba" else "auto"
-  model, params = build_model(family, family_config(family, training.tiny, max_len), impl=impl,
-                              seed=training.seed)
+  model, params = families.build(family_config(family, training.tiny, max_len),
+                                 seed=training.seed, impl=impl)
   if train_stream is None:
     train_stream = _corpus(training.corpus_bytes)[0]
   state, records = train_lm(model, params, train_stream, cfg=training.train,
                             out_dir=training.folder(family), progress=progress)
-  return with_impl(family, model, "auto"), state["params"], records
+  return dataclasses.replace(model, impl="auto"), state["params"], records
 
 
 @functools.cache
@@ -173,9 +141,8 @@ def _transformer_spec(name: str, smoke: bool = False):
   """(untrained model, random params, train config, checkpoint folder) of `target` or
   `draft-tiny`."""
   if name == "target":
-    mcfg = (transformer_lib.transformer_config("transformer-tiny", vocab_size=VOCAB_SIZE,
-                                               max_len=1024)
-            if smoke else transformer_lib.transformer_config("transformer-12m"))
+    mcfg = (families.named_config("transformer-tiny", vocab_size=VOCAB_SIZE, max_len=1024)
+            if smoke else families.named_config("transformer-12m"))
     train = SMOKE_TRAIN if smoke else TARGET_TRAIN
   elif name == "draft-tiny":
     mcfg = (dataclasses.replace(DRAFT_TINY, hidden_size=16, num_layers=1, mlp_hidden=32)
@@ -184,8 +151,7 @@ def _transformer_spec(name: str, smoke: bool = False):
   else:
     raise ValueError(f"name: {name!r} is not a transformer code model; known: "
                      f"['target', 'draft-tiny']")
-  model = transformer_lib.TransformerLM(mcfg)
-  return model, model.init_params(0), train, models_dir(smoke) / "train" / name
+  return (*families.build(mcfg, seed=0), train, models_dir(smoke) / "train" / name)
 
 
 def code_model(name: str, *, smoke: bool = False, progress: bool = True):

@@ -36,11 +36,11 @@ QUICKSTART_RESULTS = "results/quickstart"
 @dataclasses.dataclass(frozen=True)
 class QuickstartDiT:
   """The digits DiT's size (`jaxinf.models.dit.dit_config` name), training and noise schedule."""
-  model: str = "DiT-digits"
+  model: str = "DiT-digits"       # a `jaxinf.models.dit.dit_config` name
   # v-prediction: with epsilon-prediction the x0 implied at t = 999 of the linear schedule is the
   # eps error times 1/sqrt(abar) = 158, and deterministic DDIM keeps that error (see the README).
   train: DiffusionTrainConfig = DiffusionTrainConfig(steps=2500, prediction_type="v_prediction")
-  beta_schedule: str = "linear"
+  beta_schedule: str = "linear"   # the noise schedule's betas
 
   def schedule(self) -> schedules.NoiseSchedule:
     return schedules.NoiseSchedule(self.beta_schedule)
