@@ -1,1 +1,2 @@
-"""Training: diffusion losses, AdamW with EMA, orbax checkpoints that resume exactly."""
+"""Training: one step (`step`: AdamW with an optional EMA) and one loop (`loop`: orbax checkpoints
+that resume exactly); each trainer supplies only its loss."""
