@@ -7,30 +7,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxinf.diffusion import cache as fc
 from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.denoiser import dit_denoiser, dit_feature_apply
 from jaxinf.diffusion.guidance import CFG
 from jaxinf.diffusion.sample import sample
-from jaxinf.models.dit import DiT, dit_config
-from jaxinf.models.functional import to_functional
 
 SHAPE = (4, 8, 8, 1)
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def den():
-  cfg = dit_config("DiT-tiny")
-  model = DiT(cfg, rngs=nnx.Rngs(0))
-  apply, params = to_functional(model)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  # randomise (adaLN-Zero starts at zero); scale 0.05 keeps the random network well-conditioned
-  params = jax.tree.unflatten(tree, [0.05 * jax.random.normal(k, p.shape)
-                                     for k, p in zip(keys, leaves)])
+def den(random_dit):
+  cfg, model, apply, params = random_dit()
   return dit_denoiser(apply, params, cfg, prediction_type="v_prediction",
                       features=dit_feature_apply(model))
 

@@ -6,32 +6,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.denoiser import dit_denoiser
 from jaxinf.diffusion.guidance import (CFG, NoiseLevel, classifier_free_guidance,
                                        expert_denoiser)
 from jaxinf.diffusion.sample import sample
-from jaxinf.models.dit import DiT, dit_config
-from jaxinf.models.functional import to_functional
 
 SCHED = schedules.NoiseSchedule()
 
 
-def random_dit(seed):
-  cfg = dit_config("DiT-tiny")
-  apply, params = to_functional(DiT(cfg, rngs=nnx.Rngs(0)))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  params = jax.tree.unflatten(tree, [0.05 * jax.random.normal(k, p.shape)
-                                     for k, p in zip(keys, leaves)])
-  return dit_denoiser(apply, params, cfg)
+@pytest.fixture(scope="module")
+def random_den(random_dit):
+  """`random_den(seed)`: the random DiT-tiny of `random_dit(seed)` as a denoiser."""
+
+  def make(seed):
+    cfg, _, apply, params = random_dit(seed)
+    return dit_denoiser(apply, params, cfg)
+
+  return make
 
 
 @pytest.fixture(scope="module")
-def den():
-  return random_dit(1)
+def den(random_den):
+  return random_den(1)
 
 
 X = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
@@ -75,8 +73,8 @@ def test_rescale_matches_its_formula(den):
   np.testing.assert_allclose(half, 0.5 * full + 0.5 * plain, atol=1e-5)
 
 
-def test_experts_route_by_noise_level():
-  low, high = random_dit(1), random_dit(2)
+def test_experts_route_by_noise_level(random_den):
+  low, high = random_den(1), random_den(2)
   b = float(NoiseLevel(SCHED)(jnp.array([300.0]))[0])
   ens = expert_denoiser([low, high], [b], SCHED)
   for tv, which in ((100.0, low), (300.0, low), (301.0, high), (900.0, high)):

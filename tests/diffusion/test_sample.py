@@ -19,16 +19,8 @@ from jaxinf.models.functional import to_functional
 
 
 @pytest.fixture(scope="module")
-def tiny_dit():
-  cfg = dit_config("DiT-tiny", learn_sigma=True)
-  model = DiT(cfg, rngs=nnx.Rngs(0))
-  # adaLN-Zero makes a fresh DiT output zeros; randomise every parameter so the test has teeth.
-  # Scale 0.05 keeps the random network well-conditioned: at 0.2 it amplifies one-ulp rounding
-  # differences between two compiled programs to ~2e-6 over 12 guided steps.
-  apply, params = to_functional(model)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+def tiny_dit(random_dit):
+  cfg, _, apply, params = random_dit(learn_sigma=True)
   return cfg, apply, params
 
 
@@ -79,7 +71,8 @@ def test_cfg_is_one_batched_forward_of_cond_and_null(tiny_dit):
   out_u = den(x, t, jnp.full((3,), cfg.null_class))
   guided = classifier_free_guidance(den, 4.0)(x, t, y)
   c = cfg.in_channels
-  np.testing.assert_allclose(guided[..., :c], out_u[..., :c] + 4.0 * (out_c[..., :c] - out_u[..., :c]),
+  np.testing.assert_allclose(guided[..., :c],
+                             out_u[..., :c] + 4.0 * (out_c[..., :c] - out_u[..., :c]),
                              atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(guided[..., c:], out_c[..., c:], atol=1e-6)
   # scale 1 is the conditional model
