@@ -102,23 +102,30 @@ def split_problems(cfg: Config):
   return train, scorer, test
 
 
-def draw_samples(cfg, model, params, problems, n, key, progress):
-  """`n` samples per problem; whole problems per compiled call, every call the same shape."""
+def prompt_chunks(cfg, problems, n, desc, progress):
+  """(start, prompt ids [per, W], prompt lengths [per]) of whole problems, `per` = chunk_rows // n
+  of them a call; the last chunk repeats its first prompt so every call has the same shape (one
+  compilation)."""
   per = max(1, cfg.chunk_rows // n)
   prompts = [arithmetic.encode_prompt(p) for p in problems]
   width = max(len(p) for p in prompts)
-  out = []
-  for start in tqdm(range(0, len(problems), per), disable=not progress, desc=f"sample n={n}"):
+  for start in tqdm(range(0, len(problems), per), disable=not progress, desc=desc):
     chunk = prompts[start:start + per]
-    chunk = chunk + [chunk[0]] * (per - len(chunk))  # same shape every call: one compile
+    chunk = chunk + [chunk[0]] * (per - len(chunk))
     ids = np.full((per, width), TOK.pad_id, np.int32)
     for i, p in enumerate(chunk):
       ids[i, :len(p)] = p
+    yield start, ids, np.array([len(p) for p in chunk], np.int32)
+
+
+def draw_samples(cfg, model, params, problems, n, key, progress):
+  """`n` samples per problem; whole problems per compiled call, every call the same shape."""
+  out = []
+  for start, ids, lengths in prompt_chunks(cfg, problems, n, f"sample n={n}", progress):
     s = scaling.sample_n(model, params, ids, jax.random.fold_in(key, start), n=n,
                          max_new_tokens=cfg.max_new_tokens,
                          sampler=SamplerConfig(temperature=cfg.temperature), eos_id=TOK.eos_id,
-                         prompt_lengths=np.array([len(p) for p in chunk], np.int32),
-                         pad_id=TOK.pad_id)
+                         prompt_lengths=lengths, pad_id=TOK.pad_id)
     out.append(s)
   cat = [np.concatenate(x)[: len(problems)] for x in zip(*out)]
   return scaling.Samples(*cat)
@@ -178,23 +185,15 @@ def group_accuracy(method, n, answers, valid, correct_answer, scores, logprob, l
 
 def run_particle_filter(cfg, model, params, scorer_params, problems, n, key, progress):
   score_fn = _SCORE_FN.setdefault(model, train_arith.process_score(model))
-  per = max(1, cfg.chunk_rows // n)
-  prompts = [arithmetic.encode_prompt(p) for p in problems]
-  width = max(len(p) for p in prompts)
   outs = []
-  for start in tqdm(range(0, len(problems), per), disable=not progress, desc=f"particles n={n}"):
-    chunk = prompts[start:start + per]
-    chunk = chunk + [chunk[0]] * (per - len(chunk))
-    ids = np.full((per, width), TOK.pad_id, np.int32)
-    for i, p in enumerate(chunk):
-      ids[i, :len(p)] = p
+  for start, ids, lengths in prompt_chunks(cfg, problems, n, f"particles n={n}", progress):
     o = scaling.particle_filter(
         model, params, ids, jax.random.fold_in(key, start), n=n, scorer=score_fn,
         scorer_params=scorer_params, delimiter_id=ord(arithmetic.STEP_DELIMITER),
         eos_id=TOK.eos_id, max_new_tokens=cfg.max_new_tokens,
         max_step_tokens=cfg.max_step_tokens, temperature=cfg.pf_temperature,
         resampling=cfg.pf_resampling, sampler=SamplerConfig(temperature=cfg.temperature),
-        prompt_lengths=np.array([len(p) for p in chunk], np.int32), pad_id=TOK.pad_id)
+        prompt_lengths=lengths, pad_id=TOK.pad_id)
     outs.append(jax.tree.map(np.asarray, o))
   tokens = np.concatenate([o.tokens for o in outs])[: len(problems)]
   scores = np.concatenate([o.scores for o in outs])[: len(problems)]
