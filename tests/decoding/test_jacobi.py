@@ -13,7 +13,6 @@ import pytest
 from jaxinf.decoding.jacobi import (JacobiDrafter, LookaheadDrafter, SJDDrafter, jacobi_generate,
                                     lookahead_generate, sjd_generate)
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.verify import verify
 
 from . import training_free_cases as cases
 from .bigram import BigramModel
@@ -92,21 +91,12 @@ def _sample(drafter, rule=None):
   return cases.sample_rows(drafter, PROMPT, 12, rule)
 
 
-def no_residual(key, p, drafts, n_draft, q):
-  """Biased: min(1, p/q) acceptance, but the token after a rejection drawn from p instead of
-  norm(max(0, p - q))."""
-  n_accept, _ = verify(key, p[:, 0], drafts[:, 0], None if q is None else q[:, 0], n_draft[:, 0])
-  p_n = p[jnp.arange(p.shape[0]), 0, n_accept]
-  nxt = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n), axis=-1)
-  return jnp.zeros_like(n_accept), n_accept, nxt.astype(jnp.int32)
-
-
 def test_sjd_is_exact_under_sampling_and_the_test_rejects_no_residual():
   drafter = SJDDrafter(window=3, vocab_size=cases.V)
   out, (p123, p234) = _sample(drafter)
   assert int(out.accepted.sum()) > cases.ROWS // 2
   assert min(p123, p234) > 1e-3, (p123, p234)
-  _, (b123, b234) = _sample(drafter, no_residual)
+  _, (b123, b234) = _sample(drafter, cases.no_residual)
   assert min(b123, b234) < 1e-6, (b123, b234)
 
 

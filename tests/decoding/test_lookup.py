@@ -117,15 +117,6 @@ def _sample(drafter, rule=None):
   return cases.sample_rows(drafter, PROMPT, 11, rule)
 
 
-def no_residual(key, p, drafts, n_draft, q):
-  """Biased: accepts like `verify` but draws the token after a rejection from p, not from the
-  residual (so a rejected draft can come back)."""
-  n_accept, _ = verify(key, p[:, 0], drafts[:, 0], None if q is None else q[:, 0], n_draft[:, 0])
-  p_n = p[jnp.arange(p.shape[0]), 0, n_accept]
-  nxt = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n), axis=-1)
-  return jnp.zeros_like(n_accept), n_accept, nxt.astype(jnp.int32)
-
-
 def independent_branches(key, p, drafts, n_draft, q):
   """Biased: each branch verified with its own coins, the longest kept."""
   b, k, g = drafts.shape
@@ -146,7 +137,7 @@ def test_prompt_lookup_is_exact_under_sampling_and_the_test_rejects_no_residual(
   out, (p123, p234) = _sample(drafter)
   assert int(out.accepted.sum()) > cases.ROWS // 2  # drafts were accepted, so were tested
   assert min(p123, p234) > 1e-3, (p123, p234)
-  _, (b123, b234) = _sample(drafter, no_residual)
+  _, (b123, b234) = _sample(drafter, cases.no_residual)
   assert min(b123, b234) < 1e-6, (b123, b234)
 
 

@@ -1,18 +1,20 @@
 """Shared cases for the training-free decoders' tests (test_lookup.py, test_jacobi.py): greedy
-references from plain `generate` (computed once per process), and the closed-form distribution of
-a bigram model's first tokens for the chi-square tests."""
+references from plain `generate` (computed once per process), the closed-form distribution of
+a bigram model's first tokens for the chi-square tests, and a biased acceptance rule as their
+negative control."""
 
 from __future__ import annotations
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import draft_verify
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.sampling import SamplerConfig
-from jaxinf.decoding.verify import probs
+from jaxinf.decoding.verify import probs, verify
 
 from .bigram import BigramModel
 from .families import tiny_model
@@ -108,3 +110,12 @@ def sample_rows(drafter, prompt: list[int], key: int, rule=None):
                                  sampler=SAMPLER, max_new_tokens=4, eos_id=None, pad_id=0,
                                  rule=rule)
   return out, pvalues(out.tokens, prompt[-1], params)
+
+
+def no_residual(key, p, drafts, n_draft, q):
+  """Biased (K = 1): min(1, p/q) acceptance like `verify`, but the token after a rejection drawn
+  from p instead of the residual norm(max(0, p - q)), so a rejected draft can come back."""
+  n_accept, _ = verify(key, p[:, 0], drafts[:, 0], None if q is None else q[:, 0], n_draft[:, 0])
+  p_n = p[jnp.arange(p.shape[0]), 0, n_accept]
+  nxt = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n), axis=-1)
+  return jnp.zeros_like(n_accept), n_accept, nxt.astype(jnp.int32)
