@@ -1,1 +1,2 @@
-"""Data that ships inside packages: scikit-learn's digits (and, later, the stdlib source corpus)."""
+"""Data that ships inside packages: scikit-learn's digits, the stdlib source corpus, procedural
+arithmetic, and the byte tokenizer that reads text."""

@@ -1,1 +1,2 @@
-"""Decoding: sampling rules, prefill + lax.while_loop generation for any SequenceModel, tokenizers."""
+"""Decoding: sampling rules, prefill + lax.while_loop generation for any SequenceModel, and the
+accelerators that verify drafts against it."""
