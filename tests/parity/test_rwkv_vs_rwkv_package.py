@@ -25,45 +25,19 @@ rwkv_model = pytest.importorskip("rwkv.model")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from jaxinf.checkpoints.rwkv import load_rwkv7, rwkv7_params_from_state_dict  # noqa: E402
+from jaxinf.models.rwkv import RWKV7Config  # noqa: E402
+from jaxinf.recipes.lm_peers import rwkv_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
 V, C, L, H, N, F = 37, 32, 3, 2, 16, 64
-LORA = dict(w=8, a=6, v=4, g=10)
+CFG = RWKV7Config(vocab_size=V, d_model=C, n_layers=L, head_size=N, d_ffn=F, decay_lora=8,
+                  a_lora=6, v_lora=4, gate_lora=10)
 
 
 def random_state_dict(seed: int = 0) -> dict:
   """An RWKV-LM x070 state dict with random weights of the scale real ones have."""
-  g = torch.Generator().manual_seed(seed)
-  rn = lambda *shape, std=1.0: torch.randn(*shape, generator=g) * std
-  ru = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)
-  sd = {"emb.weight": rn(V, C), "blocks.0.ln0.weight": ru(C, lo=0.5, hi=1.5),
-        "blocks.0.ln0.bias": rn(C, std=0.1), "ln_out.weight": ru(C, lo=0.5, hi=1.5),
-        "ln_out.bias": rn(C, std=0.1), "head.weight": rn(V, C, std=C ** -0.5)}
-  for i in range(L):
-    p = f"blocks.{i}."
-    for ln in ("ln1", "ln2"):
-      sd[p + ln + ".weight"] = ru(C, lo=0.5, hi=1.5)
-      sd[p + ln + ".bias"] = rn(C, std=0.1)
-    for m in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
-      sd[p + "att." + m] = ru(1, 1, C)
-    sd[p + "att.w0"] = ru(1, 1, C, lo=-3.0, hi=1.0)
-    sd[p + "att.a0"] = rn(1, 1, C, std=0.5)
-    sd[p + "att.v0"] = rn(1, 1, C, std=0.5)
-    for name, r in (("w", LORA["w"]), ("a", LORA["a"]), ("v", LORA["v"]), ("g", LORA["g"])):
-      sd[p + f"att.{name}1"] = rn(C, r, std=0.3)
-      sd[p + f"att.{name}2"] = rn(r, C, std=0.3)
-    sd[p + "att.k_k"] = ru(1, 1, C, lo=0.5, hi=1.5)
-    sd[p + "att.k_a"] = ru(1, 1, C, lo=0.5, hi=1.5)
-    sd[p + "att.r_k"] = rn(H, N, std=0.3)
-    for lin in ("receptance", "key", "value", "output"):
-      sd[p + f"att.{lin}.weight"] = rn(C, C, std=C ** -0.5)
-    sd[p + "att.ln_x.weight"] = ru(C, lo=0.5, hi=1.5)
-    sd[p + "att.ln_x.bias"] = rn(C, std=0.1)
-    sd[p + "ffn.x_k"] = ru(1, 1, C)
-    sd[p + "ffn.key.weight"] = rn(F, C, std=C ** -0.5)
-    sd[p + "ffn.value.weight"] = rn(C, F, std=F ** -0.5)
-  return sd
+  return rwkv_state_dict(CFG, seed)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +59,7 @@ def test_config_inferred(both):
   cfg = model.config
   assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size, cfg.ffn_dim) == (
       V, C, L, H, N, F)
-  assert (cfg.decay_lora, cfg.a_lora, cfg.v_lora, cfg.gate_lora) == tuple(LORA.values())
+  assert (cfg.decay_lora, cfg.a_lora, cfg.v_lora, cfg.gate_lora) == (8, 6, 4, 10)
 
 
 def test_prefill_matches(both):
