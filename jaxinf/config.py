@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+import numpy as np
+
 C = TypeVar("C")
 
 
@@ -34,3 +36,13 @@ def check_bool_fields(config) -> None:
     value = getattr(config, f.name)
     if isinstance(f.default, bool) and not isinstance(value, bool):
       raise TypeError(f"{f.name}: expected a bool, got {value!r}")
+
+
+def check_int(name: str, value, low: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")

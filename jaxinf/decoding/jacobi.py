@@ -49,7 +49,7 @@ from jaxinf.decoding import sampling
 from jaxinf.decoding.draft_verify import check_inputs, run_checked
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import SpeculativeOutput
-from jaxinf.models.functional import check_int
+from jaxinf.config import check_int
 
 
 def _random_prompt_tokens(key, ctx, prompt_lengths, width):

@@ -40,7 +40,7 @@ from jaxinf.decoding import sampling
 from jaxinf.decoding.draft_verify import check_inputs, run_checked
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import SpeculativeOutput
-from jaxinf.models.functional import check_int
+from jaxinf.config import check_int
 
 # ---------------------------------------------------------------------------------------------
 # Retrieval from the context buffer

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.models.functional import check_cache_batch, check_flag
+from jaxinf.config import check_flag
+from jaxinf.models.functional import check_cache_batch
 from pallas_kernels import dispatch
 
 
