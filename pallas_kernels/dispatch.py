@@ -78,14 +78,33 @@ def check_lengths(name: str, x, batch: int) -> None:
   check_shape(name, x, (batch,))
 
 
+# The most elements of a device array a pre-trace check reads (one small transfer).
+MAX_CHECKED_ELEMENTS = 1 << 16
+
+
 def concrete_value(x) -> np.ndarray | None:
-  """The value of `x` as numpy if it is known now (not a tracer), else None."""
+  """The value of `x` as numpy when a check may read it now, else None (the check is skipped).
+
+  The rule (DESIGN.md, "Scale": checks before tracing never pull sharded arrays to the host):
+  values are read from numpy arrays and Python numbers or lists, and from a `jax.Array` only if it
+  lives on a single addressable device and holds at most `MAX_CHECKED_ELEMENTS` elements (a small
+  copy; on GPU still one sync). Never read: tracers, abstract placeholders such as
+  `jax.ShapeDtypeStruct`, arrays sharded over several devices (on a multi-host mesh they are not
+  even addressable) and large device arrays.
+  """
+  if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+    return None
+  if isinstance(x, jax.Array):
+    if (not x.is_fully_addressable or len(x.sharding.device_set) != 1
+        or x.size > MAX_CHECKED_ELEMENTS):
+      return None
+    x = jax.device_get(x)
   try:
-    value = np.asarray(jax.device_get(x))
+    value = np.asarray(x)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
           TypeError):
     return None
-  # Placeholders such as jax.ShapeDtypeStruct come back as object arrays: no value to check.
+  # Placeholders and other objects come back as object arrays: no value to check.
   return value if value.dtype.kind in "biuf" else None
 
 

@@ -4,11 +4,13 @@ contrastive, inference-time scaling), run on concrete values before tracing: a b
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxinf.data.tokenizer import pad_batch
 from jaxinf.decoding import sampling
 from jaxinf.decoding.sampling import SamplerConfig
+from pallas_kernels import dispatch
 
 
 def _is_int(value) -> bool:
@@ -29,18 +31,29 @@ def check_prompts(model, prompts, prompt_lengths, *, max_new_tokens: int, eos_id
     prompts, prompt_lengths = pad_batch(prompts, pad_id)
   if not hasattr(prompts, "shape") and not isinstance(prompts, (list, tuple)):
     raise TypeError(f"{name}: expected integer ids [B, T], got {type(prompts).__name__}")
-  prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer) or 0 in prompts.shape:
+  # Sharded (or large) device prompts stay where they are: their ids are not read here
+  # (dispatch.concrete_value's rule), only their shape and dtype; the lengths size the cache, so
+  # they must be host-readable.
+  values = dispatch.concrete_value(prompts)
+  if values is not None or not isinstance(prompts, jax.Array):
+    prompts = np.asarray(prompts) if values is None else values
+  if (prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer)
+      or 0 in prompts.shape):
     raise ValueError(f"{name}: expected integer ids of shape [B, T], got {prompts.dtype} "
-                     f"{prompts.shape}")
+                     f"{tuple(prompts.shape)}")
   b, t = prompts.shape
-  lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths)
+  lengths = (np.full((b,), t, np.int32) if prompt_lengths is None
+             else dispatch.concrete_value(prompt_lengths))
+  if lengths is None:
+    raise TypeError(f"{lengths_name}: expected host-readable lengths (numpy, or a small "
+                    f"single-device array): they size the cache")
   if (lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer)
       or lengths.min() < 1 or lengths.max() > t):
     raise ValueError(f"{lengths_name}: expected [{b}] ints in [1, {t}], got {lengths.tolist()}")
   v = model.vocab_size
   valid = np.arange(t)[None] < lengths[:, None]
-  bad = prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= v)]
+  bad = (np.zeros(0) if isinstance(prompts, jax.Array)
+         else prompts[valid][(prompts[valid] < 0) | (prompts[valid] >= v)])
   if bad.size:
     raise ValueError(f"{name}: token ids {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
                      f"[0, {v})")
