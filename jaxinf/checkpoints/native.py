@@ -28,9 +28,16 @@ class CheckpointStore:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, step: int, like: Any) -> Any:
-    """Restores `step` into the structure, shapes and dtypes of `like`."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+  def restore(self, step: int, like: Any, shardings: Any = None) -> Any:
+    """Restores `step` into the structure, shapes and dtypes of `like`. `shardings`: a tree like
+    `like` of `jax.sharding.Sharding`s (e.g. `NamedSharding`s on any mesh, not necessarily the
+    one the checkpoint was saved from): each process then reads only its own shards, straight
+    onto the devices (`jaxinf.parallel.shard.restore_params`)."""
+    if shardings is None:
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    else:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              like, shardings)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def wait(self) -> None:

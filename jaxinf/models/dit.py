@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinf.models import layers
+from jaxinf.parallel.rules import constrain
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros
@@ -133,6 +134,30 @@ DIT_CONFIGS["DiT-tiny"] = DiTConfig(
     num_classes=10, learn_sigma=False)
 
 
+# Logical axis names of every DiT parameter ('/'-joined path regex, names), for the sharding rules
+# of `jaxinf.parallel` (the mechanism of `jaxinf.models.families.param_axes_from_rules`):
+# Megatron-style, attention's fused qkv and the MLP's fc1 are column-parallel ("qkv", "mlp"),
+# their output projections row-parallel; embeddings, modulations and the final layer replicate.
+DIT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"x_embedder/kernel", ("patch", "embed")),
+    (r"(x_embedder|t_embedder/linear_[12]|blocks/\d+/attn/proj|blocks/\d+/mlp/fc2)/bias",
+     ("embed",)),
+    (r"t_embedder/linear_1/kernel", ("frequency", "embed")),
+    (r"t_embedder/linear_2/kernel", ("embed", "embed")),
+    (r"y_embedder/embedding", ("classes", "embed")),
+    (r"blocks/\d+/attn/qkv/kernel", ("embed", "qkv")),
+    (r"blocks/\d+/attn/qkv/bias", ("qkv",)),
+    (r"blocks/\d+/attn/proj/kernel", ("heads", "embed")),
+    (r"blocks/\d+/mlp/fc1/kernel", ("embed", "mlp")),
+    (r"blocks/\d+/mlp/fc1/bias", ("mlp",)),
+    (r"blocks/\d+/mlp/fc2/kernel", ("mlp", "embed")),
+    (r"(blocks/\d+|final_layer)/adaLN_modulation/kernel", ("embed", "modulation")),
+    (r"(blocks/\d+|final_layer)/adaLN_modulation/bias", ("modulation",)),
+    (r"final_layer/linear/kernel", ("embed", "patch")),
+    (r"final_layer/linear/bias", ("patch",)),
+)
+
+
 def dit_config(name: str, **overrides: Any) -> DiTConfig:
   """A named configuration (`DiT-XL/2`, ..., `DiT-digits`), optionally with fields replaced."""
   if name not in DIT_CONFIGS:
@@ -152,6 +177,8 @@ class Attention(nnx.Module):
     b, t, d = x.shape
     qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+    # Megatron (Shoeybi et al. 2019, §3): whole heads per tensor shard (a no-op without a mesh)
+    q, k, v = (constrain(a, ("batch", None, "head_count", None)) for a in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v)
     return self.proj(out.reshape(b, t, d))
 
@@ -293,6 +320,7 @@ class DiT(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     pos = jnp.asarray(layers.sincos_2d(cfg.hidden_size, cfg.grid_size), dtype)
     h = self.x_embedder(layers.patchify(x.astype(dtype), cfg.patch_size)) + pos[None]
+    h = constrain(h, ("batch", None, None))  # data parallel on a mesh; a no-op without one
     return h, self.t_embedder(t) + self.y_embedder(y)
 
   def _head(self, h, c):

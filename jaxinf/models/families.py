@@ -203,16 +203,25 @@ def param_axes(model: FamilyLM, params: dict | None = None) -> dict:
   family = family_of(model)
   if params is None:
     params = model.abstract_params()
-  rules = [(re.compile(pattern), axes) for pattern, axes in family.axis_rules]
+  return param_axes_from_rules(family.axis_rules, params, owner=family.name)
+
+
+def param_axes_from_rules(axis_rules, params, *, owner: str = "model") -> dict:
+  """The one mechanism behind every model's logical axis names (the families above,
+  `dit.DIT_AXIS_RULES`, `vae.VAE_AXIS_RULES`): `axis_rules` is a tuple of (regex over the
+  '/'-joined parameter path, logical axis names), the first full match wins. Returns a tree like
+  `params` of name tuples; ValueError names a parameter no rule covers or one whose rank differs
+  from its rule's."""
+  rules = [(re.compile(pattern), axes) for pattern, axes in axis_rules]
 
   def axes_of(path, leaf):
     name = _path_name(path)
     for pattern, axes in rules:
       if pattern.fullmatch(name):
         if len(axes) != len(leaf.shape):
-          raise ValueError(f"params: {name} has shape {tuple(leaf.shape)} but the {family.name} "
+          raise ValueError(f"params: {name} has shape {tuple(leaf.shape)} but the {owner} "
                            f"axis rule names {len(axes)} axes {axes}")
         return axes
-    raise ValueError(f"params: no {family.name} axis rule covers parameter {name!r}")
+    raise ValueError(f"params: no {owner} axis rule covers parameter {name!r}")
 
   return jax.tree_util.tree_map_with_path(axes_of, params)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.parallel.rules import constrain
 from pallas_kernels import dispatch
 
 
@@ -149,6 +150,14 @@ class FamilyLM(SequenceModel):
     b, t = tokens.shape
     logits, _ = self.prefill(params, tokens, self.init_cache(b, t), jnp.full((b,), t, jnp.int32))
     return logits
+
+  def constrain_cache(self, cache):
+    """`cache` with each leaf's batch axis (`cache_batch_axes`) on the mesh axes of the rule
+    "batch" when a mesh is active (`jaxinf.parallel.rules.constrain`; other axes are left to XLA),
+    so caches and recurrent states follow the batch; the identity without a mesh."""
+    return jax.tree.map(
+        lambda x, axis: constrain(x, tuple("batch" if d == axis else None for d in range(x.ndim))),
+        cache, self.cache_batch_axes(cache))
 
   def init_params(self, seed: int | jax.Array = 0) -> dict:
     """Random parameters (the family's own initialisation) as a nested dict of fp32 arrays;

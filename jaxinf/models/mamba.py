@@ -36,6 +36,7 @@ import pallas_kernels
 from jaxinf.models import layers
 from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
+from jaxinf.parallel import kernels as mesh_kernels
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -163,7 +164,7 @@ class MambaMixer(nnx.Module):
     u, delta, A, B, C, z, window = self._ssm_inputs(h, conv_state)
     valid = jnp.arange(t)[None, :, None] < lengths[:, None, None]
     delta = jnp.where(valid, delta, -jnp.inf)  # softplus(-inf + bias) = 0: state untouched
-    y, ssm_state = pallas_kernels.selective_scan(
+    y, ssm_state = mesh_kernels.selective_scan(
         u, delta, A, B, C, self.D[...], z, self.dt_bias[...], True, initial_state=ssm_state,
         return_final_state=True, impl=impl, interpret=interpret)
     # The window holds [state, x]; row b's last W-1 real inputs are window[len_b : len_b + W-1].
@@ -301,14 +302,14 @@ class MambaLM(FamilyLM):
     cfg = self.config
     l, w, di, n, s = cfg.num_layers, cfg.conv_kernel, cfg.inner_size, cfg.state_size, self.max_step
     act = jnp.dtype(cfg.dtype)
-    return {
+    return self.constrain_cache({
         "conv": jnp.zeros((l, batch, w - 1, di), act),
         "ssm": jnp.zeros((l, batch, di, n), jnp.float32),
         "conv_window": jnp.zeros((l, batch, w - 1 + s, di), act),
         "ssm_history": jnp.zeros((l, batch, s + 1, di, n), jnp.float32),
         "length": jnp.zeros((batch,), jnp.int32),
         "last_k": jnp.zeros((batch,), jnp.int32),
-    }
+    })
 
   def _check_cache(self, cache: dict, batch: int) -> None:
     check_cache_batch(cache, batch)

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinf.models.functional import FamilyLM, check_keep, check_prefill_lengths
-from pallas_kernels import wkv7, wkv7_step
+from jaxinf.parallel.kernels import wkv7
+from pallas_kernels import wkv7_step
 
 _DECAY_SCALE = math.exp(-0.5)  # RWKV-LM: w = exp(-softplus(-z) - 0.5), i.e. e^{-0.5} sigmoid(z)
 
@@ -337,8 +338,8 @@ class RWKV7LM(FamilyLM):
              "wkv": jnp.zeros((l, batch, h, n, n), jnp.float32)}
     history = {k: jnp.zeros((v.shape[0], self.max_step + 1) + v.shape[1:], v.dtype)
                for k, v in state.items()}
-    return {"length": jnp.zeros((batch,), jnp.int32), "state": state, "history": history,
-            "last_k": jnp.zeros((batch,), jnp.int32)}
+    return self.constrain_cache({"length": jnp.zeros((batch,), jnp.int32), "state": state,
+                                 "history": history, "last_k": jnp.zeros((batch,), jnp.int32)})
 
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; positions >= lengths[b] leave row b's state

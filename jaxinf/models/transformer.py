@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
 from jaxinf.models import layers, tree_attention
 from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_flag, check_keep,
                                       check_prefill_lengths, check_token_ids)
+from jaxinf.parallel import kernels as mesh_kernels
+from jaxinf.parallel.rules import constrain
 from pallas_kernels import dispatch
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -131,6 +132,8 @@ class Attention(nnx.Module):
     q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    # Megatron (Shoeybi et al. 2019, §3): whole heads per tensor shard (a no-op without a mesh)
+    q, k, v = (constrain(a, ("batch", None, "head_count", None)) for a in (q, k, v))
     return (layers.apply_rope(q, positions, cfg.rope_theta),
             layers.apply_rope(k, positions, cfg.rope_theta), v)
 
@@ -215,7 +218,7 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens).astype(jnp.float32)
     for block in self.layers:
       q, k, v = block.attention_inputs(x, positions)
-      o = pallas_kernels.attention(q, k, v, causal=True, impl=impl, interpret=interpret)
+      o = mesh_kernels.attention(q, k, v, causal=True, impl=impl, interpret=interpret)
       x = block.finish(x, o)
     out = self._outputs(x, return_hidden)
     return out if return_hidden else out[0]
@@ -232,7 +235,7 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens).astype(jnp.float32)
     for i, block in enumerate(self.layers):
       q, k, v = block.attention_inputs(x, positions)
-      o = pallas_kernels.attention(q, k, v, causal=True, kv_lengths=lengths, impl=impl,
+      o = mesh_kernels.attention(q, k, v, causal=True, kv_lengths=lengths, impl=impl,
                                    interpret=interpret)
       ks = ks.at[i, :, :t].set(jnp.where(keep_new, k, ks[i, :, :t]))
       vs = vs.at[i, :, :t].set(jnp.where(keep_new, v, vs[i, :, :t]))
@@ -253,7 +256,7 @@ class Transformer(nnx.Module):
       q, k, v = block.attention_inputs(x, positions)
       ks = ks.at[i, rows, positions].set(k)
       vs = vs.at[i, rows, positions].set(v)
-      o = pallas_kernels.attention_step(q, ks[i], vs[i], new_length, impl=impl,
+      o = mesh_kernels.attention_step(q, ks[i], vs[i], new_length, impl=impl,
                                         interpret=interpret)
       x = block.finish(x, o)
     cache = dict(cache, k=ks, v=vs, length=new_length,
@@ -277,8 +280,9 @@ class TransformerLM(FamilyLM):
     cfg = self.config
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    return {"k": zeros, "v": zeros, "length": jnp.zeros((batch,), jnp.int32),
-            "last_k": jnp.zeros((batch,), jnp.int32)}
+    return self.constrain_cache({"k": zeros, "v": zeros,
+                                 "length": jnp.zeros((batch,), jnp.int32),
+                                 "last_k": jnp.zeros((batch,), jnp.int32)})
 
   def __call__(self, params: dict, tokens, *, return_hidden: bool = False):
     """Cache-free causal logits `[B, T, V]` (training and scoring); with `return_hidden`,

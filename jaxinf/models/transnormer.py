@@ -35,8 +35,9 @@ import numpy as np
 from flax import nnx
 
 from jaxinf.models.functional import FamilyLM, check_keep, check_prefill_lengths
+from jaxinf.parallel.kernels import lightning_attention  # shard_map on a mesh
 # The contract's argument checks and row gather are shared with the other recurrent family.
-from pallas_kernels import lightning_attention, lightning_attention_step
+from pallas_kernels import lightning_attention_step
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -298,9 +299,10 @@ class TransNormerLM(FamilyLM):
     d = cfg.head_dim
     kv = [jnp.zeros((batch, cfg.n_heads, 2 * d if cfg.use_lrpe(i) else d, d), jnp.float32)
           for i in range(cfg.n_layers)]
-    return {"length": jnp.zeros((batch,), jnp.int32), "state": {"kv": kv},
-            "history": {"kv": [jnp.zeros((self.max_step + 1,) + s.shape, jnp.float32) for s in kv]},
-            "last_k": jnp.zeros((batch,), jnp.int32)}
+    return self.constrain_cache({
+        "length": jnp.zeros((batch,), jnp.int32), "state": {"kv": kv},
+        "history": {"kv": [jnp.zeros((self.max_step + 1,) + s.shape, jnp.float32) for s in kv]},
+        "last_k": jnp.zeros((batch,), jnp.int32)})
 
   def _positions(self, cache, t):
     return cache["length"][:, None] + jnp.arange(t)[None]

@@ -30,6 +30,16 @@ from flax import nnx
 _EPS = 1e-6  # every GroupNorm of diffusers' Encoder/Decoder
 
 
+# Logical axis names of every VAE parameter (path regex, names), for `jaxinf.parallel`'s rules
+# (the mechanism of `jaxinf.models.families.param_axes_from_rules`). A convolutional net: the
+# default rules replicate it and run it data parallel.
+VAE_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r".*attention/to_(q|k|v|out)/kernel", ("channels_in", "channels")),
+    (r".*/kernel", ("kernel_h", "kernel_w", "channels_in", "channels")),
+    (r".*/(bias|scale)", ("channels",)),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """Static configuration; defaults are Stable Diffusion's VAE (`stabilityai/sd-vae-ft-ema`)."""
