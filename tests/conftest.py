@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import gc
+import os
 
-import jax
+# Eight CPU devices for the whole suite, set before JAX starts its backend (the count is fixed
+# then): tests/parallel shards over them; single-device code runs on device 0 as before
+# (tests/models/test_families.py and tests/diffusion/test_sample.py pass identically either way).
+_FORCE = "--xla_force_host_platform_device_count=8"
+if _FORCE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FORCE}".strip()
+
+import jax  # noqa: E402
 import pytest
 
 
