@@ -8,7 +8,7 @@ and every call runs under `jax.set_mesh`, so the models' activation and cache co
 kernels' shard_maps are live. Oracle: the same call on one device with unsharded parameters.
 
 Tolerances (fp32): logits and samples within atol 1e-5 + rtol 1e-5 (a sharded matmul sums its
-contraction in another order: measured differences are ~1e-6); greedy tokens identical.
+contraction in another order); greedy tokens identical.
 """
 
 from __future__ import annotations
