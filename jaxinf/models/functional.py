@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.config import check_int
 from jaxinf.parallel.rules import constrain
 from pallas_kernels import dispatch
 
@@ -261,13 +262,3 @@ def check_rows(rows, cache) -> None:
   if value is not None and ((value < 0) | (value >= b)).any():
     raise ValueError(f"rows: indices {sorted(set(value[(value < 0) | (value >= b)].tolist()))[:5]}"
                      f" outside the cache's {b} rows")
-
-
-def check_int(name: str, value, low: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-
-
-def check_flag(name: str, value) -> None:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")

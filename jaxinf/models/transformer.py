@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinf.config import check_flag
 from jaxinf.models import layers, tree_attention
-from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_flag, check_keep,
+from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
 from jaxinf.parallel import kernels as mesh_kernels
 from jaxinf.parallel.rules import constrain

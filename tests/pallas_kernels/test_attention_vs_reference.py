@@ -15,20 +15,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import attention, attention_step, reference
+from kernel_checks import TOL, abstract, assert_close
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 FAST_IMPLS = ("xla", "pallas")
 
 
 def run(impl, *args, **kwargs):
   return attention(*args, impl=impl, interpret=impl == "pallas", **kwargs)
-
-
-def assert_close(actual, expected, tol, what=""):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
-  expected = np.asarray(jnp.asarray(expected, jnp.float32))
-  scale = max(float(np.max(np.abs(expected))), 1e-6)
-  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def make_qkv(seed, batch, tq, tk, heads, kv_heads, dim, dtype):
@@ -124,12 +117,6 @@ def test_speculative_verify_matches_prefill_rows(impl):
     assert_close(out[b], prefill[b, n - draft:n], 1e-5, f"{impl} sequence {b}")
 
 
-def _abstract(*shapes, dtype=jnp.float32):
-  # Placeholders that cannot be traced or computed with: an error raised with these was raised
-  # by argument checking, before any tracing.
-  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-
-
 @pytest.mark.parametrize(
     "shapes, kwargs, error, name",
     [
@@ -152,11 +139,11 @@ def _abstract(*shapes, dtype=jnp.float32):
 )
 def test_bad_input_raises_before_tracing(shapes, kwargs, error, name):
   with pytest.raises(error, match=name.replace("[", r"\[").replace("]", r"\]")):
-    attention(*_abstract(*shapes), **kwargs)
+    attention(*abstract(*shapes), **kwargs)
 
 
 def test_mismatched_dtypes_raise():
-  q, k, v = _abstract((1, 4, 2, 32), (1, 4, 2, 32), (1, 4, 2, 32))
+  q, k, v = abstract((1, 4, 2, 32), (1, 4, 2, 32), (1, 4, 2, 32))
   with pytest.raises(TypeError, match="share one dtype"):
     attention(q, k, jax.ShapeDtypeStruct(v.shape, jnp.bfloat16))
   with pytest.raises(ValueError, match="lengths"):

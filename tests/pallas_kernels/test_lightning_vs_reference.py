@@ -18,8 +18,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import lightning_attention, lightning_attention_step, reference
+from kernel_checks import TOL, abstract, assert_close
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 FAST_IMPLS = ("xla", "pallas")
 DECAYS = {
     "near_zero": (1e-4, 0.05),
@@ -30,13 +30,6 @@ DECAYS = {
 
 def run(impl, *args, **kwargs):
   return lightning_attention(*args, impl=impl, interpret=impl == "pallas", **kwargs)
-
-
-def assert_close(actual, expected, tol, what=""):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
-  expected = np.asarray(jnp.asarray(expected, jnp.float32))
-  scale = max(float(np.max(np.abs(expected))), 1e-6)
-  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def make_inputs(seed, batch, t_len, heads, dk, dv, regime, dtype, with_state=True):
@@ -132,18 +125,13 @@ def test_long_sequence_is_stable(impl):
   assert_close(final, expected_final, 1e-4, impl)
 
 
-def _abstract(*shapes, dtype=jnp.float32):
-  # Placeholders that cannot be traced: an error raised with them came from argument checking.
-  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-
-
 @pytest.mark.parametrize("bad_decay", [[0.0, 0.5], [0.5, 1.5], [-0.1, 0.5], [np.nan, 0.5]])
 def test_decay_outside_unit_interval_raises(bad_decay):
-  q, k, v = _abstract((1, 4, 2, 32), (1, 4, 2, 32), (1, 4, 2, 32))
+  q, k, v = abstract((1, 4, 2, 32), (1, 4, 2, 32), (1, 4, 2, 32))
   with pytest.raises(ValueError, match=r"decay must lie in \(0, 1\]"):
     lightning_attention(q, k, v, jnp.asarray(bad_decay, jnp.float32))
   with pytest.raises(ValueError, match=r"decay must lie in \(0, 1\]"):
-    q_t, k_t, v_t, state = _abstract((1, 2, 32), (1, 2, 32), (1, 2, 32), (1, 2, 32, 32))
+    q_t, k_t, v_t, state = abstract((1, 2, 32), (1, 2, 32), (1, 2, 32), (1, 2, 32, 32))
     lightning_attention_step(q_t, k_t, v_t, jnp.asarray(bad_decay, jnp.float32), state)
 
 
@@ -158,15 +146,15 @@ def test_decay_outside_unit_interval_raises(bad_decay):
 )
 def test_bad_shapes_raise_before_tracing(shapes, error, match):
   with pytest.raises(error, match=match):
-    lightning_attention(*_abstract(*shapes))
+    lightning_attention(*abstract(*shapes))
 
 
 def test_bad_dtypes_and_state_raise_before_tracing():
-  q, k, decay = _abstract((1, 4, 2, 32), (1, 4, 2, 32), (2,))
+  q, k, decay = abstract((1, 4, 2, 32), (1, 4, 2, 32), (2,))
   with pytest.raises(TypeError, match="share one dtype"):
     lightning_attention(q, k, jax.ShapeDtypeStruct((1, 4, 2, 32), jnp.bfloat16), decay)
   with pytest.raises(ValueError, match="initial_state"):
-    lightning_attention(q, k, q, decay, initial_state=_abstract((1, 2, 32, 16))[0])
+    lightning_attention(q, k, q, decay, initial_state=abstract((1, 2, 32, 16))[0])
   with pytest.raises(TypeError, match="integer|floating"):
     lightning_attention(q, k, q, jax.ShapeDtypeStruct((2,), jnp.int32))
 

@@ -17,8 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import SelectiveScanBlocks, reference, selective_scan, selective_scan_step
+from kernel_checks import TOL, abstract, assert_close
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # The XLA form's two in-block solvers are both checked, whatever "auto" picks on this backend.
 FAST_IMPLS = ("xla", "xla_associative", "pallas")
 # exp(delta * A) per step: near 0 forgets at once, near 1 remembers for thousands of steps.
@@ -30,13 +30,6 @@ def run(impl, *args, **kwargs):
     inner = "associative" if impl == "xla_associative" else "sequential"
     return selective_scan(*args, impl="xla", blocks=SelectiveScanBlocks(xla_inner=inner), **kwargs)
   return selective_scan(*args, impl=impl, interpret=impl == "pallas", **kwargs)
-
-
-def assert_close(actual, expected, tol, what=""):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
-  expected = np.asarray(jnp.asarray(expected, jnp.float32))
-  scale = max(float(np.max(np.abs(expected))), 1e-6)
-  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def make_inputs(seed, batch, t_len, channels, n_state, groups, regime, softplus, optional, dtype,
@@ -191,11 +184,6 @@ def test_long_sequence_is_stable(impl):
   assert_close(final, expected_final, 1e-4, impl)
 
 
-def _abstract(*shapes, dtype=jnp.float32):
-  # Placeholders that cannot be traced: an error raised with them came from argument checking.
-  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-
-
 @pytest.mark.parametrize(
     "shapes, error, match",
     [
@@ -209,19 +197,19 @@ def _abstract(*shapes, dtype=jnp.float32):
 )
 def test_bad_shapes_raise_before_tracing(shapes, error, match):
   with pytest.raises(error, match=match):
-    selective_scan(*_abstract(*shapes))
+    selective_scan(*abstract(*shapes))
 
 
 def test_bad_dtypes_and_optionals_raise_before_tracing():
-  u, delta, A, B, C = _abstract((1, 8, 32), (1, 8, 32), (32, 4), (1, 8, 4), (1, 8, 4))
+  u, delta, A, B, C = abstract((1, 8, 32), (1, 8, 32), (32, 4), (1, 8, 4), (1, 8, 4))
   with pytest.raises(TypeError, match="share one dtype"):
     selective_scan(u, jax.ShapeDtypeStruct(u.shape, jnp.bfloat16), A, B, C)
   with pytest.raises(ValueError, match="D must have shape"):
-    selective_scan(u, delta, A, B, C, D=_abstract((16,))[0])
+    selective_scan(u, delta, A, B, C, D=abstract((16,))[0])
   with pytest.raises(ValueError, match="z must have shape"):
-    selective_scan(u, delta, A, B, C, z=_abstract((1, 8, 16))[0])
+    selective_scan(u, delta, A, B, C, z=abstract((1, 8, 16))[0])
   with pytest.raises(ValueError, match="initial_state"):
-    selective_scan(u, delta, A, B, C, initial_state=_abstract((1, 32, 5))[0])
+    selective_scan(u, delta, A, B, C, initial_state=abstract((1, 32, 5))[0])
   with pytest.raises(TypeError, match="delta_softplus"):
     selective_scan(u, delta, A, B, C, delta_softplus=1)
   with pytest.raises(ValueError, match="impl"):

@@ -21,8 +21,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import WKVBlocks, reference, wkv7, wkv7_step
+from kernel_checks import TOL, abstract, assert_close
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Both XLA forms are checked, whatever "auto" picks on this backend.
 FAST_IMPLS = ("xla_chunked", "xla_recurrent", "pallas")
 DECAYS = {"near_zero": (1e-4, 1e-2), "middle": (0.5, 0.99), "near_one": (0.999, 1.0)}
@@ -33,13 +33,6 @@ def run(impl, *args, **kwargs):
     form = impl.removeprefix("xla_")
     return wkv7(*args, impl="xla", blocks=WKVBlocks(xla_form=form), **kwargs)
   return wkv7(*args, impl=impl, interpret=impl == "pallas", **kwargs)
-
-
-def assert_close(actual, expected, tol, what=""):
-  actual = np.asarray(jnp.asarray(actual, jnp.float32))
-  expected = np.asarray(jnp.asarray(expected, jnp.float32))
-  scale = max(float(np.max(np.abs(expected))), 1e-6)
-  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def make_inputs(seed, batch, t_len, heads, dk, dv, regime, dtype, with_state=True):
@@ -146,11 +139,6 @@ def test_long_sequence_is_stable(impl):
   assert_close(final, expected_final, 1e-4, impl)
 
 
-def _abstract(*shapes, dtype=jnp.float32):
-  # Placeholders that cannot be traced: an error raised with them came from argument checking.
-  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-
-
 @pytest.mark.parametrize(
     "shapes, error, match",
     [
@@ -162,17 +150,17 @@ def _abstract(*shapes, dtype=jnp.float32):
 )
 def test_bad_shapes_raise_before_tracing(shapes, error, match):
   with pytest.raises(error, match=match):
-    wkv7(*_abstract(*shapes))
+    wkv7(*abstract(*shapes))
 
 
 def test_bad_dtypes_and_state_raise_before_tracing():
-  r, w, k, v, a, b = _abstract(*((1, 8, 2, 32),) * 6)
+  r, w, k, v, a, b = abstract(*((1, 8, 2, 32),) * 6)
   with pytest.raises(TypeError, match="share one dtype"):
     wkv7(r, w, k, jax.ShapeDtypeStruct(v.shape, jnp.bfloat16), a, b)
   with pytest.raises(ValueError, match="initial_state"):
-    wkv7(r, w, k, v, a, b, initial_state=_abstract((1, 2, 32, 16))[0])
+    wkv7(r, w, k, v, a, b, initial_state=abstract((1, 2, 32, 16))[0])
   with pytest.raises(ValueError, match="state"):
-    wkv7_step(*_abstract(*((1, 2, 32),) * 6), _abstract((1, 2, 16, 32))[0])
+    wkv7_step(*abstract(*((1, 2, 32),) * 6), abstract((1, 2, 16, 32))[0])
 
 
 def test_odd_head_dims_are_padded_correctly():
