@@ -36,24 +36,6 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
                              atol=2e-5)
 
 
-def test_pallas_kernels_through_the_model_match_the_reference():
-  """The model's calls into the Pallas kernels (run by the interpreter on CPU): ragged prefill
-  with kv lengths, and a 2-token cached step with query offsets, against the quadratic
-  reference kernel."""
-  fast = TransformerLM(TINY, impl="pallas", interpret=True)
-  slow = TransformerLM(TINY, impl="reference")
-  params = fast.init_params(0)
-  toks = jnp.asarray(random_tokens(fast, (2, 9), seed=5))
-  lengths = jnp.asarray([9, 4])
-  a, cache_a = fast.prefill(params, toks, fast.init_cache(2, 12), lengths)
-  b, cache_b = slow.prefill(params, toks, slow.init_cache(2, 12), lengths)
-  valid = np.arange(9)[None] < np.asarray(lengths)[:, None]
-  np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], rtol=0, atol=2e-5)
-  a, _ = fast.step(params, toks[:, :2], cache_a)
-  b, _ = slow.step(params, toks[:, :2], cache_b)
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
-
-
 def test_named_1m_configs_are_matched_in_size():
   """The family comparison's sizes: ~1M parameters each over the byte vocabulary, within 2%."""
   from jaxinf.data.tokenizer import ByteTokenizer
