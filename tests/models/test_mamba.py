@@ -1,9 +1,8 @@
 """Mamba-1 beyond the shared SequenceModel contract suite (tests/models/test_families.py, which
 holds prefill (selective_scan) vs step (selective_scan_step), exact rollback of the recurrent
-states, ragged batches and generate): the Pallas scan through the model and its own bad input."""
+states, ragged batches, generate and the Pallas scan through the model): its own bad input."""
 
 from __future__ import annotations
-
 
 import jax.numpy as jnp
 import pytest
