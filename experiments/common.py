@@ -88,7 +88,10 @@ def write_report(
     columns: Sequence[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-  """Writes `results.json` (the rows; `extra` goes to `meta.json`) and `report.md`."""
+  """Writes `results.json` (the rows; `extra` goes to `meta.json`) and `report.md`; in a
+  multi-process run (`jaxinf.parallel.distributed`) process 0 alone writes, the others return."""
+  if jax.process_index() != 0:
+    return
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "results.json").write_text(json.dumps(list(rows), indent=2) + "\n")
@@ -102,7 +105,9 @@ def write_report(
 
 
 def print_report(out: Path, seconds: float) -> None:
-  """Prints the finished `report.md` and where it went."""
+  """Prints the finished `report.md` and where it went (process 0 only, which wrote it)."""
+  if jax.process_index() != 0:
+    return
   print(f"\n{(out / 'report.md').read_text()}\nwrote {out}/ in {seconds:.0f} s")
 
 
@@ -125,9 +130,11 @@ def pyplot():
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120, **savefig_options) -> None:
-  """Lays out, writes and closes `fig` (closed figures free their memory in long runs)."""
-  fig.tight_layout()
-  fig.savefig(path, dpi=dpi, **savefig_options)
+  """Lays out, writes (process 0 only) and closes `fig` (closed figures free their memory in long
+  runs)."""
+  if jax.process_index() == 0:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, **savefig_options)
   pyplot().close(fig)
 
 
