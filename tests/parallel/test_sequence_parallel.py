@@ -102,3 +102,29 @@ def test_errors_before_tracing(meshes, qkv):
     sequence.lasp2_lightning_attention(q, k, v, decay, mesh=no_sequence)
   with pytest.raises(ValueError, match="axis: expected a mesh axis name"):
     sequence.ring_attention(q, k, v, mesh=no_sequence)
+
+
+def test_transnormer_prefill_built_from_lasp2(meshes, monkeypatch):
+  """A whole TransNormerLLM prefill whose lightning attention is LASP-2 on sequence=8 equals the
+  model's own prefill (logits and per-layer states), ragged lengths included."""
+  from jaxinf.models import transnormer
+  from tests.decoding.families import tiny_model
+
+  model, params = tiny_model("transnormer")
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 16)
+  lengths = jnp.array([16, 11], jnp.int32)
+  want_logits, want_cache = model.prefill(params, tokens, model.init_cache(2, 32), lengths)
+  calls = []
+
+  def lasp2(q, k, v, decay, *, initial_state=None, impl="auto", interpret=False):
+    calls.append(q.shape)
+    return sequence.lasp2_lightning_attention(q, k, v, decay, mesh=meshes["seq8"],
+                                              initial_state=initial_state, impl=impl,
+                                              interpret=interpret)[0]
+
+  monkeypatch.setattr(transnormer, "lightning_attention", lasp2)
+  logits, cache = model.prefill(params, tokens, model.init_cache(2, 32), lengths)
+  assert len(calls) == 2  # one per layer: the sharded form really ran
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), **TOL)
+  for got, want in zip(cache["state"]["kv"], want_cache["state"]["kv"]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
