@@ -4,8 +4,8 @@
     python -m experiments.inference_scaling --smoke    # tiny models, about a minute
 
 It trains a small byte-level transformer on worked arithmetic solutions (`jaxinf.data.arithmetic`)
-and a process scorer on the solver's own samples, labelled by the exact step verifier
-(`jaxinf.train.arithmetic`), or reuses their finished checkpoints in
+and a process scorer (`jaxinf.train.process_scorer`) on the solver's own samples, labelled by the
+exact step verifier (`jaxinf.recipes.arithmetic_solver`), or reuses their finished checkpoints in
 `results/inference_scaling/{solver,scorer}/`. Then, on held-out problems (none of which appears in
 the training set), it draws `max(ns)` samples of every problem (all samples of a batch of problems
 in one compiled `generate` call) and reports, against samples per problem N:
@@ -37,7 +37,8 @@ from jaxinf.data.tokenizer import ByteTokenizer
 from jaxinf.decoding import scaling
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.models import families
-from jaxinf.train import arithmetic as train_arith
+from jaxinf.recipes import arithmetic_solver
+from jaxinf.train import process_scorer
 from jaxinf.train.lm import LMTrainConfig
 from jaxinf.train.step import OptimizerConfig
 
@@ -57,7 +58,7 @@ class Config(common.StudyConfig):
       steps=800, batch_size=32, seq_len=128, checkpoint_every=100,
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=50, weight_decay=0.1))
   train_problems: int = 100_000
-  scorer_train: train_arith.ScorerTrainConfig = train_arith.ScorerTrainConfig(steps=300)
+  scorer_train: process_scorer.ScorerTrainConfig = process_scorer.ScorerTrainConfig(steps=300)
   scorer_problems: int = 600       # training problems the scorer's labelled samples come from
   scorer_samples: int = 8          # samples per scorer problem
   test_problems: int = 300
@@ -160,7 +161,7 @@ def score_samples(model, params, problems, tokens, lengths, batch=1024):
     ids[k, :len(s)] = s
     lens.append(len(s))
   lens = np.array(lens, np.int32)
-  fn = jax.jit(train_arith.process_score(model))
+  fn = jax.jit(process_scorer.process_score(model))
   out = []
   for k in range(0, len(seqs), batch):
     tk, ln = ids[k:k + batch], lens[k:k + batch]
@@ -184,7 +185,7 @@ def group_accuracy(method, n, answers, valid, correct_answer, scores, logprob, l
 
 
 def run_particle_filter(cfg, model, params, scorer_params, problems, n, key, progress):
-  score_fn = _SCORE_FN.setdefault(model, train_arith.process_score(model))
+  score_fn = _SCORE_FN.setdefault(model, process_scorer.process_score(model))
   outs = []
   for start, ids, lengths in prompt_chunks(cfg, problems, n, f"particles n={n}", progress):
     o = scaling.particle_filter(
@@ -247,14 +248,14 @@ def run(cfg: Config) -> list[dict]:
   model, init_params = build_model(cfg)
 
   # 1. the solver
-  state, _ = train_arith.train_solver(model, init_params, train, cfg=cfg.train,
-                                      out_dir=out / "solver", progress=cfg.progress)
+  state, _ = arithmetic_solver.train_solver(model, init_params, train, cfg=cfg.train,
+                                            out_dir=out / "solver", progress=cfg.progress)
   params = state["params"]
 
   # 2. the process scorer, on the solver's own samples of training problems
   s = draw_samples(cfg, model, params, scorer_probs, cfg.scorer_samples,
                    jax.random.fold_in(key, 1), cfg.progress)
-  data = train_arith.scorer_examples(
+  data = arithmetic_solver.scorer_examples(
       scorer_probs, [[list(s.tokens[i, j, :s.lengths[i, j]]) for j in range(cfg.scorer_samples)]
                      for i in range(len(scorer_probs))])
   held = data["problem"] % 5 == 0          # a fifth of the problems held out for scorer accuracy
@@ -262,10 +263,10 @@ def run(cfg: Config) -> list[dict]:
     held[:] = False
   fit_data = {k: v[~held] for k, v in data.items()}
   eval_data = {k: v[held] for k, v in data.items()}
-  sstate, _ = train_arith.train_scorer(model, params, fit_data, cfg=cfg.scorer_train,
-                                       out_dir=out / "scorer", progress=cfg.progress)
+  sstate, _ = process_scorer.train_scorer(model, params, fit_data, cfg=cfg.scorer_train,
+                                          out_dir=out / "scorer", progress=cfg.progress)
   scorer_params = sstate["params"]
-  scorer_eval = (train_arith.scorer_accuracy(model, scorer_params, eval_data)
+  scorer_eval = (process_scorer.scorer_accuracy(model, scorer_params, eval_data)
                  if held.any() else {"accuracy": float("nan"), "positive_rate": float("nan")})
 
   # 3. repeated sampling on held-out problems

@@ -19,7 +19,7 @@ weights) in diffusers' `DiTPipeline` (DDIM-50, CFG 4) against jaxinf's `sample` 
 same converted weights and initial latents: the images must agree to 1e-4, and the report gives
 the wall-time ratio (median of repeated runs, each side warmed up first).
 
-Few-step models (`jaxinf.train.few_step_digits`): a flow-matching DiT teacher, 2-rectified flow,
+Few-step models (`jaxinf.recipes.few_step_digits`): a flow-matching DiT teacher, 2-rectified flow,
 InstaFlow and SlimFlow one-step students, LCM and MLCM consistency models — trained (or reused from
 `results/sampler_pareto/few_step/`) and sampled with their recommended solvers.
 
@@ -48,8 +48,8 @@ from jaxinf.diffusion.sample import compile_sample
 from jaxinf.metrics.digits_classifier import DigitsEvaluator
 from jaxinf.models.dit import DiT
 from jaxinf.recipes import quickstart_dit
+from jaxinf.recipes.few_step_digits import FewStepBudget, few_step_models_on_digits
 from jaxinf.train.distill import CouplingConfig
-from jaxinf.train.few_step_digits import FewStepBudget, few_step_models_on_digits
 from flax import nnx
 
 # (label, solver name, options, step counts)

@@ -16,8 +16,8 @@ import tyro
 
 from jaxinf.diffusion import schedules
 from jaxinf.models.dit import dit_config
+from jaxinf.recipes.dit_digits import train_dit_on_digits
 from jaxinf.train.diffusion import DiffusionTrainConfig
-from jaxinf.train.dit_digits import train_dit_on_digits
 
 
 @dataclasses.dataclass(frozen=True)

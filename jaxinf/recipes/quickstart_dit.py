@@ -9,7 +9,7 @@ shared by the diffusion studies.
 `experiments.quickstart` trains it (or resumes, or reuses the finished checkpoint) in
 `results/quickstart/dit/`; `experiments.sampler_pareto` reuses that checkpoint, or trains the same
 model there when the quickstart has not run. The training itself is
-`jaxinf.train.dit_digits.train_dit_on_digits`; the scores are FD-digits and conditional accuracy
+`jaxinf.recipes.dit_digits.train_dit_on_digits`; the scores are FD-digits and conditional accuracy
 (`jaxinf.metrics.digits_classifier`).
 """
 
@@ -27,8 +27,8 @@ from jaxinf.data import digits
 from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import dit_denoiser
 from jaxinf.models.dit import dit_config
+from jaxinf.recipes.dit_digits import train_dit_on_digits
 from jaxinf.train.diffusion import DiffusionTrainConfig
-from jaxinf.train.dit_digits import train_dit_on_digits
 
 QUICKSTART_RESULTS = "results/quickstart"
 

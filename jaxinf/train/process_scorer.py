@@ -1,18 +1,13 @@
-"""Training for the arithmetic inference-scaling study: the solver LM and its process scorer.
+"""A process scorer: a SequenceModel read as a binary classifier of partial solutions, and its
+training.
 
-The solver is any SequenceModel trained by next-token prediction (`jaxinf.train.lm.train_lm`) on a
-stream of procedurally generated problems with their step-by-step solutions
-(`jaxinf.data.arithmetic`).
-
-The process scorer (a process reward model, Lightman et al. 2023; Puri et al. 2025 Sec. 3 use one
-as the likelihood of "the partial solution is on track") is a SequenceModel of the same family read
-as a binary classifier: for a (partial) solution cut at a step boundary — after a `;` or at EOS —
-its logit of the token `yes_id` minus that of `no_id` at the last position is the log-odds that
-every step so far is correct. Labels come from the exact step verifier (`step_labels`) applied to
-the solver's own samples on training problems, so the scorer learns the solver's actual mistakes.
-It starts from the solver's weights (a fine-tune, as PRMs usually start from the policy) and is
-trained with the logistic loss by the shared step of `jaxinf.train.step`; `run_training` gives it
-checkpoints and exact resume.
+A process scorer (a process reward model, Lightman et al. 2023; Puri et al. 2025 Sec. 3 use one as
+the likelihood of "the partial solution is on track") scores a (partial) solution cut at a step
+boundary: its logit of the token `yes_id` minus that of `no_id` at the last position is the
+log-odds that every step so far is correct. It usually starts from the policy's weights (a
+fine-tune) and is trained with the logistic loss by the shared step of `jaxinf.train.step`;
+`run_training` gives it checkpoints and exact resume. Where the labels come from is the study's
+business (e.g. `jaxinf.recipes.arithmetic_solver.scorer_examples`, an exact step verifier).
 """
 
 from __future__ import annotations
@@ -26,9 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinf.data import arithmetic
-from jaxinf.data.tokenizer import ByteTokenizer
-from jaxinf.train.lm import LMTrainConfig, train_lm
 from jaxinf.train.loop import run_training
 from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
                                init_train_state, make_train_step)
@@ -36,15 +28,6 @@ from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_
 YES_ID = ord("Y")
 NO_ID = ord("N")
 
-
-def train_solver(model, params, problems: list[arithmetic.Problem], *, cfg: LMTrainConfig,
-                 out_dir: str | os.PathLike, progress: bool = True):
-  """Next-token training on the problems' worked solutions (BOS question answer EOS, concatenated)."""
-  return train_lm(model, params, arithmetic.training_stream(problems), cfg=cfg, out_dir=out_dir,
-                  progress=progress)
-
-
-# --- the process scorer -------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ScorerTrainConfig:
@@ -80,44 +63,6 @@ def process_score(model):
   return score
 
 
-def scorer_examples(problems: list[arithmetic.Problem], completions, *,
-                    tok: ByteTokenizer = ByteTokenizer()) -> dict[str, np.ndarray]:
-  """Process-scorer data from sampled completions.
-
-  `completions[i]` is a list of generated id sequences for `problems[i]`. Every sample is cut after
-  each of its steps (after each `;`, and at EOS); each cut is one example, labelled by
-  `step_labels`: is every step up to here legal and correct. Returns right-padded `tokens` `[M, L]`
-  (BOS, prompt, the cut, as the scorer sees it in the particle filter), `lengths` `[M]`, `labels`
-  `[M]` (0/1) and `problem` `[M]` (the problem index, for splits by problem).
-  """
-  if len(completions) != len(problems):
-    raise ValueError(f"completions: expected one list per problem ({len(problems)}), got "
-                     f"{len(completions)}")
-  seqs, labels, which = [], [], []
-  delim = ord(arithmetic.STEP_DELIMITER)
-  for i, (problem, samples) in enumerate(zip(problems, completions)):
-    prompt = arithmetic.encode_prompt(problem, tok)
-    for ids in samples:
-      ids = [int(t) for t in ids]
-      text, finished = arithmetic.decode_completion(ids, tok)
-      step_ok = arithmetic.step_labels(problem, text, finished=finished)
-      if finished:
-        ids = ids[: ids.index(tok.eos_id) + 1]
-      cuts = [j + 1 for j, t in enumerate(ids) if t == delim or t == tok.eos_id]
-      for cut, ok in zip(cuts, step_ok):
-        seqs.append(prompt + ids[:cut])
-        labels.append(int(ok))
-        which.append(i)
-  if not seqs:
-    raise ValueError("completions: no complete step to label")
-  lengths = np.array([len(s) for s in seqs], np.int32)
-  tokens = np.full((len(seqs), int(lengths.max())), tok.pad_id, np.int32)
-  for j, s in enumerate(seqs):
-    tokens[j, : len(s)] = s
-  return {"tokens": tokens, "lengths": lengths, "labels": np.array(labels, np.int32),
-          "problem": np.array(which, np.int32)}
-
-
 def scorer_train_loss(model, cfg: ScorerTrainConfig):
   """The loss `loss_fn(params, key, ctx, tokens, lengths, labels)` of
   `jaxinf.train.step.make_train_step`: the logistic loss of `scorer_log_odds` on `cfg.batch_size`
@@ -135,7 +80,9 @@ def scorer_train_loss(model, cfg: ScorerTrainConfig):
 def train_scorer(model, params, data: dict[str, np.ndarray], *, cfg: ScorerTrainConfig,
                  out_dir: str | os.PathLike, progress: bool = True
                  ) -> tuple[dict[str, Any], list[dict]]:
-  """Trains the scorer (from `params`, e.g. the solver's) on `scorer_examples` output."""
+  """Trains the scorer (from `params`, e.g. the policy's) on `data`: right-padded `tokens`
+  `[M, L]`, `lengths` `[M]` and 0/1 `labels` `[M]` (e.g. the dict of
+  `jaxinf.recipes.arithmetic_solver.scorer_examples`)."""
   for name in ("tokens", "lengths", "labels"):
     if name not in data:
       raise ValueError(f"data: missing {name!r} (expected the dict of scorer_examples)")

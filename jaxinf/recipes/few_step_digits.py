@@ -60,7 +60,8 @@ class FewStepBudget:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if (f.name.endswith("_steps") or f.name == "mlcm_segments") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      counted = f.name.endswith("_steps") or f.name == "mlcm_segments"
+      if counted and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ValueError(f"{f.name}: expected a positive int, got {v!r}")
 
 
@@ -229,7 +230,6 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
       "mlcm": FewStepModel(mlcm, vp, DDIM(spacing="trailing"), budget.mlcm_segments, None,
                            budget.mlcm_steps, n_big),
   }
-
 
 
 def evaluate_on_digits(model: FewStepModel, evaluator, *, per_class: int = 20, seed: int = 0,
