@@ -3,8 +3,11 @@
 `step_fn(state, *data) -> (state, loss)` must derive all its randomness from `state["step"]`
 (fold_in), so a run restored from the checkpoint at step k continues with exactly the losses an
 uninterrupted run has after step k. Loss records past the restored checkpoint (written before a
-kill) are dropped and recomputed identically: nothing is lost, nothing duplicated. The step every
-trainer runs here is `jaxinf.train.step.make_train_step`.
+kill) are dropped and recomputed identically: nothing is lost, nothing duplicated. Dropping them
+rewrites the log atomically (a temporary file renamed over it), so a kill during the rewrite leaves
+the old log or the new one, never a truncated one; the log is synced to disk before every
+checkpoint, so it always holds every record up to the latest checkpoint. The step every trainer
+runs here is `jaxinf.train.step.make_train_step`.
 """
 
 from __future__ import annotations
@@ -36,13 +39,27 @@ def _read_losses(path: Path, upto: int) -> list[dict]:
   return records
 
 
+def _rewrite_losses(path: Path, records: list[dict]) -> None:
+  """Replaces the log at `path` by `records`: written and synced to `path` + ".tmp", then renamed
+  over `path` (`os.replace`, atomic on POSIX and Windows), so a kill at any point leaves either the
+  old log or the new one."""
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def run_training(step_fn: Callable, state: dict[str, Any], data: Sequence[Any], *, steps: int,
                  out_dir: str | os.PathLike, checkpoint_every: int, progress: bool = True,
                  desc: str = "train") -> tuple[dict[str, Any], list[dict]]:
   """Runs `step_fn` until `state["step"] == steps`, resuming from `out_dir/checkpoints`.
 
   Appends `{"step", "loss"}` per step to `out_dir/losses.jsonl`; checkpoints every
-  `checkpoint_every` steps and at the end. Returns (state, all loss records of the run).
+  `checkpoint_every` steps and at the end. Returns (state, all loss records of the run). Raises
+  `ValueError` before training if the log lacks a record up to the restored checkpoint (a log
+  deleted, or truncated by a kill under the non-atomic rewrite of earlier versions).
   """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +70,12 @@ def run_training(step_fn: Callable, state: dict[str, Any], data: Sequence[Any], 
   start = int(start or 0)
   log_path = out_dir / "losses.jsonl"
   records = _read_losses(log_path, start)
-  log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  if [r["step"] for r in records] != list(range(1, start + 1)):
+    store.close()
+    raise ValueError(f"out_dir: {log_path} lacks loss records before the restored checkpoint: "
+                     f"expected steps 1..{start}, found {len(records)} records; the log was lost "
+                     f"or truncated, so train in a new folder")
+  _rewrite_losses(log_path, records)
   with open(log_path, "a") as log, tqdm(total=steps, initial=start, disable=not progress,
                                         desc=desc, unit="step") as bar:
     for s in range(start, steps):
@@ -63,6 +85,7 @@ def run_training(step_fn: Callable, state: dict[str, Any], data: Sequence[Any], 
       log.write(json.dumps(rec) + "\n")
       log.flush()
       if (s + 1) % checkpoint_every == 0 or s + 1 == steps:
+        os.fsync(log.fileno())  # on disk before the checkpoint that relies on it
         store.save(s + 1, state)
       bar.update(1)
       if (s + 1) % 50 == 0:
