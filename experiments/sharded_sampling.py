@@ -140,12 +140,14 @@ def run(cfg: Config) -> list[dict]:
                batch=cfg.batch, seconds=out["lm_seconds"], mesh=where),
           dict(model=cfg.dit, work=f"DDIM {cfg.ddim_steps} steps", batch=cfg.batch,
                seconds=out["dit_seconds"], mesh=where)]
+  rows_0 = distributed.process_rows(cfg.batch, mesh)  # the rows process 0 loaded
   if distributed.is_main_process():
     dest = common.study_dir(cfg.out_dir)
     np.savez(dest / "outputs.npz", tokens=out["tokens"], samples=out["samples"])
   # process 0 only, as every experiment's report (common.write_report)
   common.write_report(Path(cfg.out_dir), rows, title="Sharded sampling",
-                      extra=dict(config=dataclasses.asdict(cfg)),
+                      extra=dict(config=dataclasses.asdict(cfg), processes=jax.process_count(),
+                                 process_0_rows=[rows_0.start, rows_0.stop]),
                       notes="Random weights; `seconds` include compilation.")
   return rows
 

@@ -3,13 +3,15 @@
 The main check launches `experiments.sharded_sampling --smoke` as two local processes with 4 forced
 CPU devices each, joined by `jax.distributed.initialize` on 127.0.0.1 (gloo CPU collectives), on a
 data x tensor = 2 x 4 mesh whose data axis spans the two processes (each loads half the prompts
-and labels). Oracle: the same function in this process on its 8 devices (tests/conftest.py), same
+and labels, and the DiT samples from its parameters saved and read back by both processes
+through orbax). Oracle: the same function in this process on its 8 devices (tests/conftest.py), same
 mesh shape. Greedy tokens identical; DDIM samples within atol 1e-5 + rtol 1e-5 (fp32; the
 cross-process all-reduces of the tensor axis may sum in another order than the in-process ones).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -88,6 +90,8 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   np.testing.assert_array_equal(got["tokens"], expected["tokens"])
   np.testing.assert_allclose(got["samples"], expected["samples"], **TOL)
   assert "2 process(es)" in (written / "report.md").read_text()
+  meta = json.loads((written / "meta.json").read_text())
+  assert meta["processes"] == 2 and meta["process_0_rows"] == [0, cfg.batch // 2]  # its half
 
 
 # --- pieces, in this (single-process) run --------------------------------------------------------
