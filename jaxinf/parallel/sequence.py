@@ -18,7 +18,9 @@ on the sequence axis. They are exact against one device up to fp32 summation ord
 
 Use (a model's prefill): call them in place of the one-device op when the mesh has a `sequence`
 axis > 1 dividing T; decoding after prefill reads the returned final state (LASP-2) or the full
-K/V (ring attention) as before. The models do not call them yet.
+K/V (ring attention) as before. The models do not call them themselves yet;
+tests/parallel/test_sequence_parallel.py builds whole TransNormerLLM and transformer prefills from
+them (in place of the models' attention op) and checks they equal the models' own.
 """
 
 from __future__ import annotations
