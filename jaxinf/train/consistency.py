@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.diffusion import schedules
-from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec
+from jaxinf.diffusion.denoiser import Denoiser
 from jaxinf.diffusion.solvers import LCM, _consistency_scalings
 from jaxinf.train.step import StepContext
 

@@ -43,7 +43,6 @@ from jaxinf.models.functional import to_functional  # noqa: E402
 from jaxinf.models.vae import AutoencoderKL  # noqa: E402
 
 from test_dit_vs_diffusers import randomize_, state_dict_np  # noqa: E402
-from test_vae_vs_diffusers import TINY as TINY_VAE  # noqa: E402
 from test_vae_vs_diffusers import tiny_diffusers_vae  # noqa: E402
 
 pytestmark = pytest.mark.parity
