@@ -1,6 +1,7 @@
 """Kernels for the four operations jaxinf's models spend their time in.
 
-Each op has one public function with `impl="auto" | "reference" | "xla" | "pallas"` and
+Each op has one public function with `impl="auto" | "reference" | "xla" | "pallas"` (or an explicit
+"pallas_gpu" | "pallas_tpu" form) and
 `interpret=False`, and a step form for decoding; `reference` holds the naive oracles.
 """
 

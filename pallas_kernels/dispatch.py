@@ -15,7 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
 # A block dimension the kernel sees squeezed away. `pl.squeezed` where this JAX has it (`None`
 # is the older spelling, kept as the fallback).
@@ -23,27 +23,65 @@ SQUEEZED = getattr(pl, "squeezed", None)
 _GPUS = ("gpu", "cuda", "rocm")
 
 
-def resolve_impl(impl: str, interpret: bool) -> str:
-  """Maps `impl` to one of "reference" | "xla" | "pallas".
+def resolve_impl(impl: str, interpret: bool, *, tpu_form: bool = False) -> str:
+  """Maps `impl` to one of "reference" | "xla" | "pallas_gpu" | "pallas_tpu".
 
-  "auto" is the Pallas kernel on GPU and the chunked XLA form elsewhere. On CPU Pallas only runs
-  through its interpreter, a correctness tool rather than a fast path. On TPU too "auto" means
-  XLA: the kernels are written for Triton, and Mosaic TPU rejects their [B, T, H, D] tiles (the
-  squeezed head axis sits in a block's second-minor dimension); `impl="pallas"` there says so.
+  Each op has two Pallas forms: a Triton-shaped one for GPU ("pallas_gpu") and a Mosaic-TPU one
+  ("pallas_tpu", where the op passes `tpu_form=True`). "pallas" means the form of the backend
+  JAX runs on; "auto" means that form on GPU and TPU and the chunked XLA form on CPU, where Pallas
+  only runs through an interpreter (a correctness tool, not a fast path).
+
+  `interpret=True` runs a Pallas form on any backend: "pallas" (and "auto") then means the GPU form
+  in Pallas' generic interpreter, and "pallas_tpu" the TPU form in JAX's TPU interpret mode (TPU
+  memory spaces, DMAs and semaphores simulated on CPU; see `tpu_interpret_params`). Without
+  `interpret`, a form only runs on its own backend.
   """
   if not isinstance(impl, str) or impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if not isinstance(interpret, bool):
     raise TypeError(f"interpret must be a bool, got {type(interpret).__name__}")
   backend = jax.default_backend()
+  on_gpu, on_tpu = backend in _GPUS, backend == "tpu"
+  if impl == "pallas_tpu" and not tpu_form:
+    raise ValueError("impl='pallas_tpu': this op has no TPU (Mosaic) form yet; use impl='xla'")
   if impl == "auto":
+    if on_tpu:
+      return "pallas_tpu" if tpu_form else "xla"
     # interpret=True asks for the Pallas kernel explicitly, so honour it on any backend.
-    return "pallas" if backend in _GPUS or interpret else "xla"
-  if impl == "pallas" and backend not in _GPUS and not interpret:
+    return "pallas_gpu" if on_gpu or interpret else "xla"
+  if impl == "pallas":
+    if on_tpu and not interpret:
+      if not tpu_form:
+        raise ValueError("impl='pallas' on TPU: this op has no TPU (Mosaic) form yet; "
+                         "use impl='xla'")
+      return "pallas_tpu"
+    if not (on_gpu or interpret):
+      raise ValueError(
+          f"impl='pallas' on the {backend!r} backend needs interpret=True: the Pallas kernels "
+          "compile for GPU (Triton) and TPU (Mosaic) only; use impl='xla' for a compiled path here")
+    return "pallas_gpu"
+  if impl == "pallas_gpu" and not (on_gpu or interpret):
     raise ValueError(
-        f"impl='pallas' on the {backend!r} backend needs interpret=True: the Pallas kernels "
-        "compile for GPU (Triton) only; use impl='xla' for a compiled path here")
+        f"impl={impl!r} on the {backend!r} backend needs interpret=True: the GPU form compiles "
+        "for GPU (Triton) only; use impl='xla' for a compiled path here")
+  if impl == "pallas_tpu" and not (on_tpu or interpret):
+    raise ValueError(
+        f"impl='pallas_tpu' on the {backend!r} backend needs interpret=True (JAX's TPU interpret "
+        "mode); use impl='xla' for a compiled path here")
   return impl
+
+
+def tpu_interpret_params(interpret: bool, *, detect_races: bool = False):
+  """The `interpret=` argument of a Mosaic-TPU `pallas_call`: False, or TPU interpret mode.
+
+  TPU interpret mode raises on out-of-bounds reads and fills uninitialised memory with NaN, so a
+  kernel that reads what it never wrote shows up as NaN; `detect_races=True` also checks DMAs and
+  semaphores for races (slower; the kernel tests turn it on).
+  """
+  if not interpret:
+    return False
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.InterpretParams(detect_races=detect_races)
 
 
 def check_array(name: str, x, ndim: int) -> None:

@@ -78,7 +78,10 @@ def _run(op: Callable, arrays: dict, layout: dict[str, tuple[int | None, int | N
 
 
 def _pallas_on_mesh(impl: str, interpret: bool) -> bool:
-  return dispatch.resolve_impl(impl, interpret) == "pallas" and rules.active_mesh() is not None
+  # tpu_form=True: only "is this a Pallas form at all" matters here; the op itself refuses a form
+  # it does not have.
+  chosen = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  return chosen.startswith("pallas") and rules.active_mesh() is not None
 
 
 def attention(q, k, v, *, causal: bool = False, scale=None, kv_lengths=None, q_offsets=None,
