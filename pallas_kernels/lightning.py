@@ -9,12 +9,17 @@ O(T C D + T D^2): linear in T.
 
 * "xla": a `lax.fori_loop` over blocks, each step the intra-block product plus the state read
   and update (Algorithm 1's loop as written), slicing the inputs in place.
-* "pallas": one program per (batch, head, block of Dv columns) walking the blocks in order with
-  the fp32 state in registers (the columns of S are independent, so splitting Dv adds programs
-  without communication).
+* "pallas_gpu" (Triton): one program per (batch, head, block of Dv columns) walking the blocks
+  in order with the fp32 state in registers (the columns of S are independent, so splitting Dv
+  adds programs without communication).
+* "pallas_tpu" (Mosaic): `lightning_tpu.py`, the same algorithm with the time blocks on a
+  sequential grid axis and the fp32 state in VMEM scratch.
 
-Decays live in log space: a block's decay matrix is exp(log_lambda * (i - j)) masked before the
-exp, so lambda near 0 underflows to exact zeros instead of producing inf * 0.
+Decays live in log space: a block's decay matrix is exp(log_lambda * (i - j)) with integer lags,
+masked before the exp, so lambda near 0 underflows to exact zeros instead of producing inf * 0.
+log_lambda is clamped below at log(smallest normal fp32) (`LOG_TINY`): a subnormal decay, which
+the hardware may flush to 0 before the log, would otherwise give -inf and then NaN.
+The state, its read q S and its update K^T V are fp32 in every form, whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -26,18 +31,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+import numpy as np
 
-from pallas_kernels import dispatch, reference
+from pallas_kernels import dispatch, lightning_tpu, reference
 from pallas_kernels.dispatch import SQUEEZED
+from pallas_kernels.lightning_tpu import LOG_TINY
+
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
 class LightningBlocks:
-  """Static block sizes: `chunk` positions per block in the Pallas kernel, `block_v` state columns
-  per program, `xla_chunk` positions per block in the XLA form."""
+  """Static block sizes: `chunk` positions per block in the GPU Pallas kernel, `block_v` state
+  columns per program there, `xla_chunk` positions per block in the XLA form; `tpu_chunk`
+  positions per time block in the TPU kernel (a multiple of 8) and `tpu_block_v` state columns
+  per TPU program (a multiple of 128 dividing the padded Dv, or >= Dv for one block)."""
   chunk: int = 64
   block_v: int = 64
   xla_chunk: int = 64
+  tpu_chunk: int = 64
+  tpu_block_v: int = 128
 
 
 def _check(q, k, v, decay, initial_state) -> None:
@@ -82,40 +95,59 @@ def lightning_attention(
     q, k: [B, T, H, Dk].  v: [B, T, H, Dv].
     decay: [H], lambda_h in (0, 1].
     initial_state: [B, H, Dk, Dv], kept in fp32.
-    impl: "auto" | "reference" | "xla" | "pallas".  interpret: Pallas interpreter (CPU).
+    impl: "auto" | "reference" | "xla" | "pallas" | "pallas_gpu" | "pallas_tpu" (see
+      `dispatch.resolve_impl`).  interpret: run a Pallas form in its interpreter (CPU).
+    blocks: `LightningBlocks`; the TPU form refuses blocks that do not tile and dtypes other
+      than float32 / bfloat16 before tracing.
   Returns:
     o [B, T, H, Dv] in q's dtype; with `return_final_state`, (o, S_{T-1} [B, H, Dk, Dv] fp32).
   """
   _check(q, k, v, decay, initial_state)
-  impl = dispatch.resolve_impl(impl, interpret)
+  impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  if impl == "pallas_tpu":
+    lightning_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, q.dtype, v.shape[3],
+                                   "blocks")
   batch, _, heads, dk = q.shape
   state = (jnp.zeros((batch, heads, dk, v.shape[3]), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))
-  log_decay = jnp.log(decay.astype(jnp.float32))
+  log_decay = log_decays(decay)
   if impl == "reference":
     out, final = _reference_jit(q, k, v, decay, initial_state=state)
   elif impl == "xla":
     out, final = _lightning_xla(q, k, v, log_decay, state, chunk=blocks.xla_chunk)
+  elif impl == "pallas_tpu":
+    out, final = lightning_tpu.lightning_tpu(q, k, v, log_decay, state, chunk=blocks.tpu_chunk,
+                                             block_v=blocks.tpu_block_v, interpret=interpret)
   else:
     out, final = _lightning_pallas(q, k, v, log_decay, state, chunk=blocks.chunk,
                                    block_v=blocks.block_v, interpret=interpret)
   return (out, final) if return_final_state else out
 
 
+def log_decays(decay: jax.Array) -> jax.Array:
+  """log lambda in fp32, clamped below at `LOG_TINY` (finite for every decay in (0, 1])."""
+  return jnp.maximum(jnp.log(jnp.maximum(decay.astype(jnp.float32), _TINY)), LOG_TINY)
+
+
 def lightning_attention_step(
-    q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, state: jax.Array,
+    q: jax.Array, k: jax.Array, v: jax.Array, decay: jax.Array, state: jax.Array, *,
+    impl: str = "auto", interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """One decoding step of the recurrence: S <- lambda_h S + k^T v, o = q S.
 
-  A single token is a few [Dk, Dv] outer products and mat-vecs per head, so this is plain jnp (a
-  kernel launch would cost more than the arithmetic). For k > 1 new tokens call
-  `lightning_attention` with `initial_state=state, return_final_state=True`.
+  A single token is a few [Dk, Dv] outer products and mat-vecs per head, so every impl runs the
+  same plain jnp step (a kernel launch would cost more than the arithmetic); `impl` and
+  `interpret` are validated like `lightning_attention`'s (one API for every op) and otherwise
+  unused. For k > 1 new tokens call `lightning_attention` with `initial_state=state,
+  return_final_state=True`.
 
   Args:
-    q, k: [B, H, Dk].  v: [B, H, Dv].  decay: [H] in (0, 1].  state: [B, H, Dk, Dv].
+    q, k: [B, H, Dk].  v: [B, H, Dv].  decay: [H] in (0, 1].  state: [B, H, Dk, Dv] (last, as in
+      every step form).
   Returns:
     (o [B, H, Dv] in q's dtype, new state [B, H, Dk, Dv] fp32).
   """
+  dispatch.resolve_impl(impl, interpret, tpu_form=True)
   dispatch.check_array("q", q, 3)
   dispatch.check_array("k", k, 3)
   dispatch.check_array("v", v, 3)
@@ -148,11 +180,8 @@ def _lightning_xla(q, k, v, log_decay, state, *, chunk: int):
   chunk = min(chunk, t_len)
   padded = dispatch.round_up(t_len, chunk)
   q, k, v = (dispatch.pad_axis(x.astype(jnp.float32), 1, padded) for x in (q, k, v))
-  # Padded positions get log-decay 0: they neither decay the state nor (k = v = 0) add to it, so
-  # the final state is the state after the last real token.
-  pos = jnp.arange(padded)
-  log_g = jnp.where(pos[:, None] < t_len, log_decay[None, :], 0.0)  # [T', H]
   lower = jnp.tril(jnp.ones((chunk, chunk), bool))
+  idx = jnp.arange(chunk)
 
   # Lightning Attention-2's loop, one block per step, slicing the [B, T, H, D] inputs in place:
   # a block's working set is O(B H C D) whatever T is, and no transposed copy of q, k, v or o is
@@ -162,15 +191,21 @@ def _lightning_xla(q, k, v, log_decay, state, *, chunk: int):
     s, out = carry
     start = n * chunk
     q_c, k_c, v_c = (lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in (q, k, v))
-    g = lax.dynamic_slice_in_dim(log_g, start, chunk, axis=0).T  # [H, C]
-    cum = jnp.cumsum(g, axis=-1)  # log lambda^{i+1}
-    lag = jnp.where(lower, cum[:, :, None] - cum[:, None, :], -jnp.inf)  # log lambda^{i-j}
-    scores = jnp.einsum("bihd,bjhd->bhij", q_c, k_c) * jnp.exp(lag)
-    out_c = (jnp.einsum("bhij,bjhe->bihe", scores, v_c)
-             + jnp.einsum("bihd,bhde->bihe", q_c * jnp.exp(cum).T[None, :, :, None], s))
-    last = cum[:, -1:]  # log lambda^{C}
+    # Steps taken inside the block, counting only real positions: padded positions (k = v = 0)
+    # must not decay the state, so the final state is the state after the last real token.
+    # Integer step counts times log lambda (not a cumsum of logs) keep every exponent exact.
+    steps = jnp.minimum(idx + 1, t_len - start).astype(jnp.float32)  # [C]
+    cum = log_decay[:, None] * steps[None, :]  # log lambda^{i+1}, [H, C]
+    lag = jnp.where(lower, steps[:, None] - steps[None, :], 0.0)  # i - j, masked below
+    scores = (jnp.einsum("bihd,bjhd->bhij", q_c, k_c, precision=lax.Precision.HIGHEST)
+              * jnp.where(lower, jnp.exp(log_decay[:, None, None] * lag), 0.0))
+    out_c = (jnp.einsum("bhij,bjhe->bihe", scores, v_c, precision=lax.Precision.HIGHEST)
+             + jnp.einsum("bihd,bhde->bihe", q_c * jnp.exp(cum).T[None, :, :, None], s,
+                          precision=lax.Precision.HIGHEST))
+    last = cum[:, -1:]  # log lambda^{valid steps}
     s = (jnp.exp(last)[None, :, :, None] * s
-         + jnp.einsum("bjhd,bjhe->bhde", k_c * jnp.exp(last - cum).T[None, :, :, None], v_c))
+         + jnp.einsum("bjhd,bjhe->bhde", k_c * jnp.exp(last - cum).T[None, :, :, None], v_c,
+                      precision=lax.Precision.HIGHEST))
     return s, lax.dynamic_update_slice_in_dim(out, out_c, start, axis=1)
 
   out = jnp.zeros(v.shape, jnp.float32)
@@ -202,10 +237,13 @@ def _lightning_kernel(q_ref, k_ref, v_ref, g_ref, s0_ref, o_ref, s_out_ref, *, c
     scores = dispatch.kernel_dot(q, k.T, cd)
     lag = jnp.where(row >= col, log_lambda * (steps_i - steps_j), -jnp.inf)
     out = dispatch.kernel_dot(scores * jnp.exp(lag), v, cd)
-    out = out + dispatch.kernel_dot(q.astype(jnp.float32) * jnp.exp(log_lambda * steps), state, cd)
+    # The state's read and update stay fp32 (fp32 operands), whatever the input dtype: rounding
+    # the decayed keys or the state to bf16 here is what drifts the state over long sequences.
+    f32 = jnp.float32
+    out = out + dispatch.kernel_dot(q.astype(f32) * jnp.exp(log_lambda * steps), state, f32)
     o_ref[pl.ds(start, chunk), :] = out.astype(o_ref.dtype)
-    k_to_end = k.astype(jnp.float32) * jnp.exp(log_lambda * (total - steps))
-    return jnp.exp(log_lambda * total) * state + dispatch.kernel_dot(k_to_end.T, v, cd)
+    k_to_end = k.astype(f32) * jnp.exp(log_lambda * (total - steps))
+    return jnp.exp(log_lambda * total) * state + dispatch.kernel_dot(k_to_end.T, v, f32)
 
   state = s0_ref[...].astype(jnp.float32)
   state = lax.fori_loop(0, q_ref.shape[0] // chunk, body, state)

@@ -98,21 +98,23 @@ def lightning_attention(
   batch, t_len, heads, dk = q.shape
   dv, dtype = v.shape[-1], q.dtype
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  log_decay = jnp.log(decay.astype(jnp.float32))  # [H]
+  lam = decay.astype(jnp.float32)  # [H]
+  # lambda_h^n for integer n >= 0, shape n.shape + [H]. A power, not exp(n log lambda): a
+  # subnormal lambda (flushed to 0 by the hardware) would make that 0 * -inf = NaN; 0^0 = 1 and
+  # 1^n = 1 exactly, so every lambda in (0, 1] is right at the domain's edges.
+  power = lambda n: lam ** n[..., None].astype(jnp.float32)
   t = jnp.arange(t_len)
   lag = t[:, None] - t[None, :]  # t - s
-  # lambda^{t-s} for s <= t, written through the log so lambda = 1 stays exactly 1.
-  decay_matrix = jnp.where(
-      lag[None] >= 0, jnp.exp(jnp.maximum(lag, 0)[None] * log_decay[:, None, None]), 0.0)
-  scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=_HIGHEST) * decay_matrix[None]
-  out = jnp.einsum("bhts,bshe->bthe", scores, v, precision=_HIGHEST)
+  decay_matrix = jnp.where((lag >= 0)[..., None], power(jnp.maximum(lag, 0)), 0.0)  # [T, S, H]
+  scores = jnp.einsum("bthd,bshd->btsh", q, k, precision=_HIGHEST) * decay_matrix[None]
+  out = jnp.einsum("btsh,bshe->bthe", scores, v, precision=_HIGHEST)
   state = (jnp.zeros((batch, heads, dk, dv), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))
   # lambda^{t+1} S_0: the initial state has been decayed once more by the time o_t reads it.
-  from_state = jnp.exp((t[:, None] + 1) * log_decay[None, :])  # [T, H]
+  from_state = power(t + 1)  # [T, H]
   out = out + jnp.einsum("bthd,bhde->bthe", q, state, precision=_HIGHEST) * from_state[None, :, :, None]
-  to_end = jnp.exp((t_len - 1 - t)[:, None] * log_decay[None, :])  # lambda^{T-1-s}, [T, H]
-  final = (jnp.exp(t_len * log_decay)[None, :, None, None] * state
+  to_end = power(t_len - 1 - t)  # lambda^{T-1-s}, [T, H]
+  final = (power(jnp.asarray(t_len))[None, :, None, None] * state
            + jnp.einsum("bshd,bshe,sh->bhde", k, v, to_end, precision=_HIGHEST))
   return out.astype(dtype), final
 
