@@ -149,6 +149,19 @@ class _Solver:
   def init_state(self, x: jax.Array) -> Any:
     return ()
 
+  def _finish(self, steps: int, **columns: np.ndarray) -> Table:
+    """The table as fp32 columns, every entry checked finite (`NonFiniteTableError` naming the
+    solver, the column, the first bad row, `steps` and the spacing)."""
+    table = _f32(**columns)
+    for name, col in table.items():
+      bad = ~np.isfinite(np.asarray(columns[name], np.float64)) | ~np.isfinite(col)
+      if bad.any():
+        raise NonFiniteTableError(
+            f"solver: {type(self).__name__} coefficient table column {name!r} is non-finite at "
+            f"row {int(np.argmax(bad))} of {len(col)} (steps={steps}, "
+            f"spacing={getattr(self, 'spacing', None)!r}); this solver cannot run this grid")
+    return table
+
   def check(self, schedule, spec) -> None:
     if not isinstance(schedule, self.schedule_type):
       raise TypeError(f"schedule: {type(self).__name__} needs a {self.schedule_type.__name__}, "
@@ -201,7 +214,7 @@ class DDPM(_Solver):
     abar_prev = np.append(abar[ts[1:]], 1.0)
     beta_t = 1.0 - abar_t / abar_prev
     var_small = np.maximum((1.0 - abar_prev) / (1.0 - abar_t) * beta_t, 1e-20)
-    return _f32(
+    return self._finish(steps, 
         t=ts, alpha_bar=abar_t,
         coef_x0=np.sqrt(abar_prev) * beta_t / (1.0 - abar_t),
         coef_xt=np.sqrt(1.0 - beta_t) * (1.0 - abar_prev) / (1.0 - abar_t),
@@ -268,7 +281,7 @@ class DDIM(_Solver):
       raise ValueError(
           f"eta: {self.eta} makes the noise variance exceed 1 - abar_prev at some step of this "
           f"schedule with {steps} steps; the largest eta it allows is {eta_max:.4g}")
-    return _f32(t=ts, alpha_bar=abar_t, sqrt_alpha_bar_prev=np.sqrt(abar_prev),
+    return self._finish(steps, t=ts, alpha_bar=abar_t, sqrt_alpha_bar_prev=np.sqrt(abar_prev),
                 coef_eps=np.sqrt(np.maximum(dir_sq, 0.0)), std=std)
 
   def step(self, x, model_output, variance_values, c, noise, state, prediction_type):
@@ -291,11 +304,19 @@ def _multistep_grid(schedule: schedules.NoiseSchedule, steps: int, spacing: str,
 
   These spacings divide the range into `steps + 1` intervals and drop the last point (unlike
   `spaced_timesteps`); the final sigma is 0 (`final_sigma="zero"`) or sigma_0 (`"sigma_min"`).
+  At `steps == num_train_timesteps` every spacing visits every training timestep T-1, ..., 0 (the
+  only grid without a repeated timestep; diffusers repeats one there and returns NaN).
   Karras sigmas span [sigma_0, sigma_{T-1}] and map back to (rounded) model timesteps.
   """
   t_max = schedule.num_train_timesteps
   schedules.check_steps(steps, t_max)
-  if spacing == "linspace":
+  if steps == t_max and spacing != "trailing":
+    # linspace and leading place steps + 1 integer points in [0, T - 1]; at steps = T that cannot
+    # be done without repeating a timestep (diffusers then repeats one, and its sampler returns NaN
+    # (linspace) or fails (leading: every point is 0)). The only strictly decreasing grid of T
+    # training timesteps is all of them, which is also what `trailing` gives at steps = T.
+    ts = np.arange(t_max - 1, -1, -1, dtype=np.int64) + steps_offset
+  elif spacing == "linspace":
     ts = np.linspace(0, t_max - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
   elif spacing == "leading":
     ratio = t_max // (steps + 1)
@@ -414,7 +435,7 @@ class DPMSolverPP(_Solver):
         cn = sigma_t[1:] * np.sqrt(1.0 - em2)
       # D1 = (x0_s - x0_prev) / r enters with weight c1; first-order rows weigh it 0
       c1 = np.where(second, c1 / r, 0.0)
-    return _f32(t=ts, alpha=alpha[:-1], sigma=sigma_t[:-1], cx=cx, c0=c0, c1=c1, cn=cn)
+    return self._finish(steps, t=ts, alpha=alpha[:-1], sigma=sigma_t[:-1], cx=cx, c0=c0, c1=c1, cn=cn)
 
   def init_state(self, x):
     return jnp.zeros(x.shape, jnp.float32)  # the previous step's x0 prediction
@@ -513,7 +534,7 @@ class UniPC(_Solver):
           cols["cd"][i] = c_b * rho[0] / r
         cols["cx"][i], cols["cm"][i], cols["ce"][i] = c_x, c_m0, c_b * rho[-1]
         cols["use_c"][i] = 1.0
-    return _f32(t=ts, alpha=alpha[:-1], sigma=sigma_t[:-1], **cols)
+    return self._finish(steps, t=ts, alpha=alpha[:-1], sigma=sigma_t[:-1], **cols)
 
   def init_state(self, x):
     z = jnp.zeros(x.shape, jnp.float32)
@@ -640,7 +661,7 @@ class _EDMBase(_SigmaSolver):
     ts, sig = _edm_grid(schedule, steps, self.spacing, self.steps_offset, self.use_karras_sigmas)
     rows = self._rows(ts, sig, self.heun)  # sigma: fp32-rounded
     s = rows["sigma"]
-    return _f32(**rows, in_div=np.sqrt(s**2 + 1.0), v_out=-s / np.sqrt(s**2 + 1.0),
+    return self._finish(steps, **rows, in_div=np.sqrt(s**2 + 1.0), v_out=-s / np.sqrt(s**2 + 1.0),
                 v_div=s**2 + 1.0)
 
 
@@ -700,7 +721,7 @@ class _FlowBase(_SigmaSolver):
   def table(self, schedule, steps):
     ts, sig = _flow_grid(schedule, steps)
     rows = self._rows(ts, sig, self.heun)
-    return _f32(**rows, sigma_next=np.append(rows["sigma"][1:], 0.0))
+    return self._finish(steps, **rows, sigma_next=np.append(rows["sigma"][1:], 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -790,7 +811,7 @@ class LCM(_Solver):
     abar = schedule.alphas_cumprod
     c_skip, c_out = _consistency_scalings(ts, self.timestep_scaling)
     abar_prev = np.append(abar[ts[1:]], 1.0)  # the last row returns the estimate, un-noised
-    return _f32(t=ts, alpha=np.sqrt(abar[ts]), sigma=np.sqrt(1.0 - abar[ts]), c_skip=c_skip,
+    return self._finish(steps, t=ts, alpha=np.sqrt(abar[ts]), sigma=np.sqrt(1.0 - abar[ts]), c_skip=c_skip,
                 c_out=c_out, a_prev=np.sqrt(abar_prev), s_prev=np.sqrt(1.0 - abar_prev))
 
   def step(self, x, model_output, variance_values, c, noise, state, prediction_type):
@@ -832,7 +853,7 @@ class TCD(_Solver):
     ratio = abar[prev] / abar[s]
     last = np.arange(len(ts)) == len(ts) - 1
     keep = last | (self.gamma == 0)  # no re-noising: the last step, or gamma = 0
-    return _f32(t=ts, alpha=np.sqrt(abar[ts]), sigma=np.sqrt(1.0 - abar[ts]),
+    return self._finish(steps, t=ts, alpha=np.sqrt(abar[ts]), sigma=np.sqrt(1.0 - abar[ts]),
                 alpha_s=np.sqrt(abar[s]), sigma_s=np.sqrt(1.0 - abar[s]),
                 a_ratio=np.where(keep, 1.0, np.sqrt(ratio)),
                 n_coef=np.where(keep, 0.0, np.sqrt(np.maximum(1.0 - ratio, 0.0))))
@@ -848,6 +869,12 @@ class TCD(_Solver):
 
 def _f32(**columns: np.ndarray) -> Table:
   return {k: np.asarray(v, np.float32) for k, v in columns.items()}
+
+
+class NonFiniteTableError(ValueError):
+  """A solver's coefficient table has a non-finite entry (in float64, or after the cast to fp32).
+  Raised when the table is built, before anything is traced: a table like that would turn every
+  sample into NaN or inf."""
 
 
 SOLVERS = {"ddpm": DDPM, "ddim": DDIM, "dpmsolver++": DPMSolverPP, "unipc": UniPC,

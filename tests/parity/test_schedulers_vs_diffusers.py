@@ -292,3 +292,55 @@ MODERATE = [c for c in DPM[:10] + UNIPC[:6] + DDIM[:4] + LCM[:2] + TCD[:2]
 @pytest.mark.parametrize("case", MODERATE)
 def test_float32_reference_agrees_where_abar_is_moderate(case, monkeypatch):
   check(case, monkeypatch, float64=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# steps == num_train_timesteps (every training timestep), on a 50-step schedule. diffusers runs it
+# for every single-step-grid solver and spacing, and for DPM-Solver++ / UniPC with `trailing` only:
+# their linspace / leading grids place steps + 1 integer points in [0, T - 1] and at steps = T
+# repeat a timestep (diffusers then returns NaN, linspace, or fails, leading). jaxinf visits
+# every timestep T-1 .. 0 there instead, which is the trailing grid: `test_full_grid_is_trailing`.
+
+FULL_T = 50
+
+
+def full_grid_cases():
+  out = []
+  sched = schedules.NoiseSchedule("linear", FULL_T)
+  cfg = dict(num_train_timesteps=FULL_T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+  for label, cls, dname, spacings, extra in [
+      ("dpm++", solvers.DPMSolverPP, "DPMSolverMultistepScheduler", ("trailing",), {}),
+      ("unipc", solvers.UniPC, "UniPCMultistepScheduler", ("trailing",), {}),
+      ("ddim", solvers.DDIM, "DDIMScheduler", SPACINGS, dict(clip_sample=False)),
+      ("ddpm", solvers.DDPM, "DDPMScheduler", SPACINGS, dict(clip_sample=False)),
+      ("euler", solvers.Euler, "EulerDiscreteScheduler", SPACINGS, {}),
+      ("heun", solvers.Heun, "HeunDiscreteScheduler", SPACINGS, {})]:
+    for spacing in spacings:
+      make = lambda dname=dname, spacing=spacing, extra=extra: getattr(diffusers, dname)(
+          **cfg, **extra, timestep_spacing=spacing, prediction_type="epsilon")
+      out.append(case(f"{label}-{spacing}-T{FULL_T}-steps{FULL_T}", sched, cls(spacing=spacing),
+                      "epsilon", FULL_T, make))
+  return out
+
+
+@pytest.mark.parametrize("case", full_grid_cases())
+def test_trajectory_matches_diffusers_at_steps_equal_train_timesteps(case, monkeypatch):
+  check(case, monkeypatch)
+
+
+@pytest.mark.parametrize("cls", [solvers.DPMSolverPP, solvers.UniPC])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_full_grid_is_trailing(cls, spacing):
+  """At steps = T, where diffusers' linspace / leading grids repeat a timestep, jaxinf's table is
+  the trailing one (every timestep once), which diffusers itself runs (the cases above)."""
+  sched = schedules.NoiseSchedule("linear", FULL_T)
+  ours = cls(spacing=spacing).table(sched, FULL_T)
+  trailing = cls(spacing="trailing").table(sched, FULL_T)
+  assert ours.keys() == trailing.keys()
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], trailing[k])
+  ref = getattr(diffusers, "DPMSolverMultistepScheduler" if cls is solvers.DPMSolverPP
+                else "UniPCMultistepScheduler")(num_train_timesteps=FULL_T,
+                                                 timestep_spacing="trailing")
+  ref.set_timesteps(FULL_T)
+  np.testing.assert_array_equal(ours["t"], ref.timesteps.numpy())
