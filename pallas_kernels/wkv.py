@@ -11,11 +11,15 @@ S_t = S_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t,  y_t = S_t r_t^T  (RWKV-7 "Go
       (I - L_ab) U = A~ S_0^T + L_ak V,   L_xy[i, j] = sum_c x_i[c] y_j[c] e^{G_{i-1}[c] - G_j[c]} (j < i),
   and the outputs and the chunk's last state follow by matmuls. Pairwise decays are formed as
   e^{G_i - G_j} with the mask applied before the exp (never e^{G_i} e^{-G_j}, which overflows when
-  w is small). Work O(T C (Dk + Dv) Dk); a `lax.scan` carries S from chunk to chunk.
+  w is small). log w is clamped below at log(smallest normal fp32): a subnormal w, which the
+  hardware may flush to 0 before the log, would otherwise give -inf and NaN for the whole chunk.
+  Work O(T C (Dk + Dv) Dk); a `lax.scan` carries S from chunk to chunk.
   On CPU "auto" uses a plain `lax.scan` over steps instead (see `WKVBlocks.xla_form`).
-* "pallas": one program per (batch, head, block of Dv rows) walking time with the fp32 state
-  block in registers: rows of S evolve independently (S_t's row i depends only on row i of
-  S_{t-1}), so splitting Dv needs no communication. This is fla's fused recurrent form.
+* "pallas_gpu" (Triton): one program per (batch, head, block of Dv rows) walking time with the
+  fp32 state block in registers: rows of S evolve independently (S_t's row i depends only on row
+  i of S_{t-1}), so splitting Dv needs no communication. This is fla's fused recurrent form.
+* "pallas_tpu" (Mosaic): `wkv_tpu.py`, the same recurrence over time chunks on a sequential grid
+  axis with the fp32 state in VMEM scratch.
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
+import numpy as np
 
-from pallas_kernels import dispatch, reference
+from pallas_kernels import dispatch, reference, wkv_tpu
 from pallas_kernels.dispatch import SQUEEZED
+from pallas_kernels.lightning_tpu import LOG_TINY
+
+_TINY = float(np.finfo(np.float32).tiny)
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -43,10 +51,15 @@ class WKVBlocks:
   `lax.scan` over steps, the fused-recurrent form) or "auto": recurrent on CPU, where the chunked
   form's extra O(C Dk) work per token measured 2-4x slower than the scan at Dk = 64, chunked
   elsewhere.
+
+  `tpu_chunk` steps per time block of the TPU kernel (a multiple of 8) and `tpu_block_v` state
+  rows per TPU program (a multiple of 128 dividing the padded Dv, or >= Dv for one block).
   """
   block_v: int = 32
   xla_chunk: int = 16
   xla_form: str = "auto"
+  tpu_chunk: int = 64
+  tpu_block_v: int = 128
 
 
 _NAMES = ("r", "w", "k", "v", "a", "b")
@@ -65,6 +78,8 @@ def _check(r, w, k, v, a, b, initial_state, time_axis: bool = True) -> None:
     raise ValueError(f"v must agree with r on all but the last axis, got {v.shape} and {r.shape}")
   if time_axis and r.shape[1] == 0:
     raise ValueError("r needs at least one position, got T=0")
+  # The decay's domain, read only when its value is known now (never a tracer or a sharded array).
+  dispatch.check_unit_interval("w", w)
   if initial_state is not None:
     name = "initial_state" if time_axis else "state"
     batch, heads = r.shape[0], r.shape[-2]
@@ -93,10 +108,15 @@ def wkv7(
   recurrence); here a and b are free. The state is [B, H, Dv, Dk] and stays fp32.
 
   Args:
-    r, w, k, a, b: [B, T, H, Dk]; w is the per-step decay, in (0, 1] (data, so not checked;
-      w = 0 exactly is outside the domain of the chunked form's log).  v: [B, T, H, Dv].
+    r, w, k, a, b: [B, T, H, Dk]; w is the per-step decay, in (0, 1] (values outside are refused
+      by name when w is concrete, e.g. numpy or a small single-device array; a traced w is not
+      checked). Every form is stable on the whole domain, subnormal w included.
+      v: [B, T, H, Dv].
     initial_state: [B, H, Dv, Dk], default zeros.
-    impl: "auto" | "reference" | "xla" | "pallas".  interpret: Pallas interpreter (CPU).
+    impl: "auto" | "reference" | "xla" | "pallas" | "pallas_gpu" | "pallas_tpu" (see
+      `dispatch.resolve_impl`).  interpret: run a Pallas form in its interpreter (CPU).
+    blocks: `WKVBlocks`; the TPU form refuses blocks that do not tile and dtypes other than
+      float32 / bfloat16 before tracing.
   Returns:
     y [B, T, H, Dv] in r's dtype; with `return_final_state`, (y, S_{T-1} [B, H, Dv, Dk] fp32).
   """
@@ -104,7 +124,9 @@ def wkv7(
   if blocks.xla_form not in ("auto", "chunked", "recurrent"):
     raise ValueError("blocks.xla_form must be 'auto', 'chunked' or 'recurrent', got "
                      f"{blocks.xla_form!r}")
-  impl = dispatch.resolve_impl(impl, interpret)
+  impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  if impl == "pallas_tpu":
+    wkv_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, r.dtype, v.shape[3], "blocks")
   batch, _, heads, dk = r.shape
   state = (jnp.zeros((batch, heads, v.shape[3], dk), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))
@@ -118,24 +140,32 @@ def wkv7(
       out, final = _wkv7_recurrent(r, w, k, v, a, b, state)
     else:
       out, final = _wkv7_xla(r, w, k, v, a, b, state, chunk=blocks.xla_chunk)
+  elif impl == "pallas_tpu":
+    out, final = wkv_tpu.wkv7_tpu(r, w, k, v, a, b, state, chunk=blocks.tpu_chunk,
+                                  block_v=blocks.tpu_block_v, interpret=interpret)
   else:
     out, final = _wkv7_pallas(r, w, k, v, a, b, state, block_v=blocks.block_v,
                               interpret=interpret)
   return (out, final) if return_final_state else out
 
 
-def wkv7_step(r, w, k, v, a, b, state) -> tuple[jax.Array, jax.Array]:
+def wkv7_step(r, w, k, v, a, b, state, *, impl: str = "auto",
+              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """One decoding step: S <- S (diag(w) + a^T b) + v^T k, y = S r^T.
 
-  Plain jnp (one token is a few [Dv, Dk] elementwise ops per head). For k > 1 tokens call `wkv7`
-  with `initial_state=state, return_final_state=True`.
+  Every impl runs the same plain jnp step (one token is a few [Dv, Dk] elementwise ops per head;
+  a kernel launch would cost more); `impl` and `interpret` are validated like `wkv7`'s (one API
+  for every op) and otherwise unused. For k > 1 tokens call `wkv7` with `initial_state=state,
+  return_final_state=True`.
 
   Args:
-    r, w, k, a, b: [B, H, Dk].  v: [B, H, Dv].  state: [B, H, Dv, Dk].
+    r, w, k, a, b: [B, H, Dk]; w in (0, 1].  v: [B, H, Dv].  state: [B, H, Dv, Dk] (last, as in
+      every step form).
   Returns:
     (y [B, H, Dv] in r's dtype, new state [B, H, Dv, Dk] fp32).
   """
   _check(r, w, k, v, a, b, state, time_axis=False)
+  dispatch.resolve_impl(impl, interpret, tpu_form=True)
   return _step(r, w, k, v, a, b, state)
 
 
@@ -192,7 +222,8 @@ def _wkv7_xla(r, w, k, v, a, b, state, *, chunk: int):
   # Padded steps: w = 1 and k = v = a = b = 0 make the transition the identity, so the final
   # state is the state after the last real token.
   rc, kc, vc, ac, bc = (to_chunks(x) for x in (r, k, v, a, b))
-  log_w = to_chunks(jnp.log(w.astype(f32)))
+  # Clamped: log of a subnormal w (flushed to 0) is -inf, and -inf - -inf = NaN below.
+  log_w = to_chunks(jnp.maximum(jnp.log(jnp.maximum(w.astype(f32), _TINY)), LOG_TINY))
   strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)[:, :, None]
   inclusive = jnp.tril(jnp.ones((chunk, chunk), bool))[:, :, None]
 
