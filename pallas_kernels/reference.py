@@ -31,13 +31,15 @@ def softmax_attention(
     scale: float | None = None,
     kv_lengths: jax.Array | None = None,
     q_offsets: jax.Array | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) with GQA and key lengths.
 
   o_i = sum_s softmax_s(scale * q_i . k_s) v_s over the keys s visible to query i:
   s < kv_lengths[b] and, if causal, s <= q_offsets[b] + i (query i sits at absolute position
-  q_offsets[b] + i; the default offset 0 is the usual top-left causal mask for Tq == Tk).
-  A query that sees no key outputs zeros.
+  q_offsets[b] + i). Causal attention with Tq != Tk needs `q_offsets` (no silent alignment); with
+  Tq == Tk the default offset 0 is the usual causal mask. A query that sees no key outputs zeros
+  and has log-sum-exp -inf.
 
   Args:
     q: [B, Tq, H, D].
@@ -45,12 +47,17 @@ def softmax_attention(
     v: [B, Tk, Hkv, Dv].
     scale: logit scale, default D ** -0.5.
     kv_lengths: [B] int, valid keys per sequence (default Tk).
-    q_offsets: [B] int, absolute position of the first query (default 0).
+    q_offsets: [B] int, absolute position of the first query (default 0; required if causal and
+      Tq != Tk).
+    return_lse: also return log sum_s exp(scale * q_i . k_s) over the visible keys.
   Returns:
-    [B, Tq, H, Dv] in q's dtype.
+    [B, Tq, H, Dv] in q's dtype, and with `return_lse` the log-sum-exp [B, H, Tq] in fp32.
   """
   batch, tq, heads, dim = q.shape
   tk, kv_heads = k.shape[1], k.shape[2]
+  if causal and tq != tk and q_offsets is None:
+    raise ValueError(f"causal attention with Tq={tq} != Tk={tk} needs q_offsets (the absolute "
+                     "position of each sequence's first query)")
   scale = dim ** -0.5 if scale is None else scale
   groups = heads // kv_heads
   k = repeat(k.astype(jnp.float32), "b s h d -> b s (h g) d", g=groups)
@@ -70,8 +77,12 @@ def softmax_attention(
   weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bhis,bshd->bihd", probs, v, precision=_HIGHEST)
-  return out.astype(q.dtype)
+  out = jnp.einsum("bhis,bshd->bihd", probs, v, precision=_HIGHEST).astype(q.dtype)
+  if not return_lse:
+    return out
+  # log(0) = -inf for a query that sees no key.
+  lse = (row_max + jnp.log(denom))[..., 0]
+  return out, jnp.broadcast_to(lse, (batch, heads, tq))
 
 
 def lightning_attention(
