@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.checkpoints.validate import abstract_tree, check_params
 from jaxinf.config import check_int
 from jaxinf.parallel.rules import constrain
 from pallas_kernels import dispatch
@@ -32,8 +33,13 @@ def to_functional(module: nnx.Module, method: str = "__call__") -> tuple[Callabl
     raise ValueError(f"method: {type(module).__name__} has no method {method!r}")
   graphdef, state = nnx.split(module)
   params = nnx.to_pure_dict(state)
+  expected = abstract_tree(params)
+  owner = f"the parameter tree of {type(module).__name__}"
 
   def apply(params: dict, *args: Any, **kwargs: Any) -> Any:
+    # Shapes and dtypes only (cached per signature): a mismatch is named here, not as a reshape
+    # error deep in the model or "Incorrect number of leaves" from merge.
+    check_params(expected, params, name="params", dtypes="kind", what=owner)
     return getattr(nnx.merge(graphdef, params), method)(*args, **kwargs)
 
   apply.__name__ = f"{type(module).__name__}.{method.strip('_') or 'call'}"
@@ -99,6 +105,11 @@ def _abstract_module(module_type: type, config: Any) -> nnx.Module:
 
 
 @functools.cache
+def _abstract_params(module_type: type, config: Any) -> dict:
+  return nnx.to_pure_dict(nnx.state(_abstract_module(module_type, config)))
+
+
+@functools.cache
 def _pure_method(module_type: type, config: Any, method: str) -> Callable[..., Any]:
   return to_functional(_abstract_module(module_type, config), method)[0]
 
@@ -148,6 +159,7 @@ class FamilyLM(SequenceModel):
   def __call__(self, params: dict, tokens) -> jax.Array:
     """Cache-free logits `[B, T, V]` of full sequences (scoring, training): the parallel form
     from an empty cache. Families with a separate training forward override it."""
+    self.check_params(params)
     b, t = tokens.shape
     logits, _ = self.prefill(params, tokens, self.init_cache(b, t), jnp.full((b,), t, jnp.int32))
     return logits
@@ -169,12 +181,20 @@ class FamilyLM(SequenceModel):
     """The parameter tree's shapes (`jax.ShapeDtypeStruct`), for key checks without weights."""
     return nnx.to_pure_dict(nnx.state(_abstract_module(self.module_type, self.config)))
 
+  def check_params(self, params, name: str = "params") -> None:
+    """`params` has this model's tree: every leaf present, no extra one, the shapes of
+    `abstract_params()` and floating weights (`jaxinf.checkpoints.validate.check_params`; only
+    shapes and dtypes are read, once per signature). Every entry point calls it first."""
+    check_params(_abstract_params(self.module_type, self.config), params, name=name,
+                 dtypes="kind", what=f"the parameter tree of this {type(self).__name__}")
+
   def pure(self, method: str = "__call__") -> Callable[..., Any]:
     """The module's `method` as a pure function of (params, ...), built once per config."""
     return _pure_method(self.module_type, self.config, method)
 
   def module(self, params: dict) -> nnx.Module:
     """The NNX module holding `params` (inside a traced function: merge is cheap)."""
+    self.check_params(params)
     return nnx.merge(nnx.graphdef(_abstract_module(self.module_type, self.config)), params)
 
   def check_cache_request(self, batch, max_len) -> None:

@@ -320,11 +320,13 @@ class MambaLM(FamilyLM):
       raise ValueError(f"cache: expected shapes {want} (init_cache of this model), got {shapes}")
 
   def __call__(self, params: dict, tokens) -> jax.Array:
+    self.check_params(params)
     check_token_ids("tokens", tokens, self.vocab_size)
     return _forward_jit(self, params, tokens)
 
   def prefill(self, params: dict, tokens, cache: dict, lengths):
     """Parallel form over right-padded prompts `[B, T]` from a fresh cache (length 0)."""
+    self.check_params(params)
     check_token_ids("tokens", tokens, self.vocab_size, lengths)
     b, t = tokens.shape
     self._check_cache(cache, b)
@@ -333,6 +335,7 @@ class MambaLM(FamilyLM):
 
   def step(self, params: dict, tokens, cache: dict):
     """Recurrent form: appends `tokens` `[B, k]`, 1 <= k <= max_step, to every row."""
+    self.check_params(params)
     check_token_ids("tokens", tokens, self.vocab_size)
     b, k = tokens.shape
     self._check_cache(cache, b)

@@ -344,6 +344,7 @@ class RWKV7LM(FamilyLM):
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; positions >= lengths[b] leave row b's state
     untouched (w = 1, k = 0, b = 0 in the WKV; the shift states are read at lengths[b] - 1)."""
+    self.check_params(params)
     self.check_tokens(tokens, cache)
     check_prefill_lengths(lengths, *tokens.shape)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -361,6 +362,7 @@ class RWKV7LM(FamilyLM):
 
   def step(self, params, tokens, cache):
     """Recurrent form over k tokens [B, k] (k <= max_step); keeps the per-token states."""
+    self.check_params(params)
     self.check_tokens(tokens, cache, step=True)
     k = tokens.shape[1]
     state = cache["state"]

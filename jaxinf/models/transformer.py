@@ -288,6 +288,7 @@ class TransformerLM(FamilyLM):
   def __call__(self, params: dict, tokens, *, return_hidden: bool = False):
     """Cache-free causal logits `[B, T, V]` (training and scoring); with `return_hidden`,
     (logits, final hidden state `[B, T, C]`)."""
+    self.check_params(params)
     check_token_ids("tokens", tokens, self.vocab_size)
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens: {tokens.shape[1]} positions exceed the model's context of "
@@ -298,6 +299,7 @@ class TransformerLM(FamilyLM):
   def prefill(self, params: dict, tokens, cache: dict, lengths, *, return_hidden: bool = False):
     """Parallel form over right-padded prompts `[B, T]` into a fresh cache (length 0). Returns
     (logits, cache), or (logits, hidden `[B, T, C]`, cache) with `return_hidden`."""
+    self.check_params(params)
     check_token_ids("tokens", tokens, self.vocab_size, lengths)
     b, t = tokens.shape
     check_cache_batch(cache, b)
@@ -322,6 +324,7 @@ class TransformerLM(FamilyLM):
   def step(self, params: dict, tokens, cache: dict, *, return_hidden: bool = False):
     """Cached form: appends `tokens` `[B, k]` (k >= 1) to every row. Returns (logits, cache), or
     (logits, hidden `[B, k, C]`, cache) with `return_hidden`."""
+    self.check_params(params)
     self.check_append(tokens, cache)
     check_flag("return_hidden", return_hidden)
     return _step_jit(self, params, tokens, cache, return_hidden)

@@ -309,6 +309,7 @@ class TransNormerLM(FamilyLM):
 
   def prefill(self, params, tokens, cache, lengths):
     """Parallel form over right-padded tokens [B, T]; row b's state is taken at lengths[b]."""
+    self.check_params(params)
     self.check_tokens(tokens, cache)
     check_prefill_lengths(lengths, *tokens.shape)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -319,6 +320,7 @@ class TransNormerLM(FamilyLM):
 
   def step(self, params, tokens, cache):
     """Recurrent form over k tokens [B, k] (k <= max_step); keeps the per-token states."""
+    self.check_params(params)
     self.check_tokens(tokens, cache, step=True)
     k = tokens.shape[1]
     prev = cache["state"]["kv"]
