@@ -8,9 +8,12 @@ filled in silently.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
+
+from jaxinf.checkpoints.validate import check_finite, check_params
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -42,14 +45,9 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
 
 
 def check_keys(flat: dict[str, np.ndarray], expected: dict[str, np.ndarray], what: str) -> None:
-  """Raises ValueError listing missing/unexpected names and shape mismatches."""
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  bad_shape = sorted(f"{k}: {flat[k].shape} != {expected[k].shape}"
-                     for k in set(flat) & set(expected) if flat[k].shape != expected[k].shape)
-  if missing or unexpected or bad_shape:
-    raise ValueError(f"{what}: does not match the model: missing keys {missing}, unexpected keys "
-                     f"{unexpected}, shape mismatches {bad_shape}")
+  """Raises `ParamsMismatchError` (a ValueError) listing missing/unexpected names, shape and
+  dtype mismatches (`jaxinf.checkpoints.validate.check_params`, exact dtypes)."""
+  check_params(expected, flat, name=what, dtypes="exact", what="the model")
 
 
 def save_params(path: str | os.PathLike, params: dict, **meta: np.ndarray) -> None:
@@ -60,11 +58,28 @@ def save_params(path: str | os.PathLike, params: dict, **meta: np.ndarray) -> No
 
 
 def load_params(path: str | os.PathLike, template: dict | None = None) -> tuple[dict, dict]:
-  """(params, meta) from `save_params`'s file; with a template, names and shapes must match."""
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: data[k] for k in data.files}
+  """(params, meta) from `save_params`'s file; with a template, names, shapes and dtypes must
+  match. Every floating array must be finite (checked once, here). Errors name the file."""
+  where = f"checkpoint {os.fspath(path)!r}"
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"path: no such file {os.fspath(path)!r}")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      if not hasattr(data, "files"):
+        raise ValueError(f"{where}: expected an .npz archive of named arrays (save_params), got "
+                         f"a single {type(data).__name__}")
+      flat = {k: data[k] for k in data.files}
+  except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+    raise ValueError(f"{where}: not a readable .npz archive (truncated or corrupt?): "
+                     f"{type(e).__name__}: {e}") from e
+  except ValueError as e:
+    if str(e).startswith(where):
+      raise
+    raise ValueError(f"{where}: not a readable .npz archive of numeric arrays (truncated, "
+                     f"corrupt or pickled?): {e}") from e
   meta = {k[len("meta__"):]: v for k, v in flat.items() if k.startswith("meta__")}
   flat = {k: v for k, v in flat.items() if not k.startswith("meta__")}
   if template is not None:
-    check_keys(flat, flatten_params(template), what=f"checkpoint {os.fspath(path)!r}")
+    check_keys(flat, flat_leaves(template), what=where)
+  check_finite(flat, where=where)
   return unflatten_params(flat), meta

@@ -52,6 +52,7 @@ from flax import nnx
 from jaxinf.checkpoints import arrays
 from jaxinf.checkpoints.torch_weights import (StateDict, check_source_keys, checkpoint_files,
                                               linear_kernel, read_safetensors)
+from jaxinf.checkpoints.validate import check_state_dict
 from jaxinf.models import layers
 from jaxinf.models.dit import DiT, DiTConfig
 
@@ -245,8 +246,9 @@ def dit_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DiTCon
   _check_source(source)
   if not isinstance(cfg, DiTConfig):
     raise TypeError(f"cfg: expected a DiTConfig, got {type(cfg).__name__}")
-  state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   what = f"{source} DiT state dict"
+  check_state_dict(state_dict, where=what)
+  state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
   if source == "original":
     name_map = _original_map(cfg)
     expected = [src for src, _, _ in name_map] + ["pos_embed"]

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxinf.checkpoints.arrays import check_keys, flat_leaves, unflatten_params
 from jaxinf.checkpoints.torch_weights import read_safetensors
+from jaxinf.checkpoints.validate import check_state_dict
 from jaxinf.models.rwkv import RWKV7Config, RWKV7LM
 
 _MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
@@ -90,6 +91,7 @@ def _expected_map(cfg: RWKV7Config) -> dict[str, tuple[str, bool]]:
 def rwkv7_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: RWKV7Config) -> dict:
   """jaxinf params from an RWKV-LM x070 state dict. Every name and shape must match the model of
   `cfg`; mismatches raise ValueError listing them all."""
+  check_state_dict(state_dict, where="state_dict")
   mapping = _expected_map(cfg)
   unexpected = sorted(set(state_dict) - set(mapping) - set(_LAYER0_UNUSED))
   missing = sorted(set(mapping) - set(state_dict))

@@ -39,19 +39,46 @@ def read_safetensors(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
       raise ValueError(
           f"paths: expected a .safetensors file, got {str(path)!r} (pickled .pt/.bin checkpoints "
           "are not read; convert them to safetensors with torch + safetensors.torch.save_file)")
-    with safe_open(str(path), framework="np") as f:
-      for name in f.keys():
-        if name in out:
-          raise ValueError(f"paths: tensor {name!r} appears in more than one shard")
-        out[name] = _read_f32(f, path, name)
+    try:
+      with safe_open(str(path), framework="np") as f:
+        names = list(f.keys())
+        for name in names:
+          if name in out:
+            raise ValueError(f"paths: tensor {name!r} appears in more than one shard")
+          out[name] = _read_f32(f, path, name)
+    except (ValueError, TypeError):
+      raise
+    except Exception as e:  # safetensors' own errors (truncated file, bad header) name no file
+      raise ValueError(f"paths: {str(path)!r} is not a readable safetensors file (expected an "
+                       f"8-byte header size, a JSON header and the tensors it lists; truncated "
+                       f"or corrupt?): {type(e).__name__}: {e}") from e
   return out
 
 
 def _read_f32(f, path: Path, name: str) -> np.ndarray:
+  """One tensor as fp32, refused (naming the file and tensor) unless it is floating and finite:
+  an integer table where weights belong would otherwise be cast silently, and a NaN would only
+  show up as NaN samples much later."""
   try:
-    return np.asarray(f.get_tensor(name), np.float32)
+    value = f.get_tensor(name)
   except (TypeError, ValueError):
-    pass
+    value = None  # a dtype numpy lacks (bfloat16): read through torch below
+  if value is not None:
+    if not np.issubdtype(value.dtype, np.floating):
+      raise TypeError(f"paths: tensor {name!r} in {str(path)!r} has dtype {value.dtype.name}; "
+                      "expected floating-point weights")
+    return _finite(np.asarray(value, np.float32), path, name)
+  return _finite(_read_f32_torch(path, name), path, name)
+
+
+def _finite(value: np.ndarray, path: Path, name: str) -> np.ndarray:
+  if not np.isfinite(value).all():
+    raise ValueError(f"paths: tensor {name!r} in {str(path)!r} holds non-finite values (NaN or "
+                     "inf)")
+  return value
+
+
+def _read_f32_torch(path: Path, name: str) -> np.ndarray:
   # numpy has no bfloat16, so safetensors' numpy backend refuses it; torch reads it exactly.
   try:
     import torch
@@ -60,7 +87,11 @@ def _read_f32(f, path: Path, name: str) -> np.ndarray:
     raise TypeError(f"paths: tensor {name!r} in {str(path)!r} has a dtype numpy cannot hold "
                     "(bfloat16); install torch to read it, or re-save the file in float32") from e
   with safe_open(str(path), framework="pt") as g:
-    return g.get_tensor(name).to(torch.float32).numpy()
+    value = g.get_tensor(name)
+    if not value.is_floating_point():
+      raise TypeError(f"paths: tensor {name!r} in {str(path)!r} has dtype {value.dtype}; "
+                      "expected floating-point weights")
+    return value.to(torch.float32).numpy()
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:

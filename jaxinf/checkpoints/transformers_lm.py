@@ -39,6 +39,7 @@ import numpy as np
 from jaxinf.checkpoints import arrays
 from jaxinf.checkpoints.torch_weights import (StateDict, check_source_keys, linear_kernel,
                                               read_safetensors)
+from jaxinf.checkpoints.validate import check_state_dict
 from jaxinf.models.mamba import MambaConfig, MambaLM
 from jaxinf.models.transformer import TransformerConfig, TransformerLM
 
@@ -123,6 +124,7 @@ def llama_config_from_transformers(config: Mapping[str, Any],
 
 def llama_params(state_dict: Mapping[str, np.ndarray], cfg: TransformerConfig) -> dict:
   """jaxinf `Transformer` params from a `LlamaForCausalLM` state dict (numpy arrays)."""
+  check_state_dict(state_dict, where="LlamaForCausalLM state dict")
   sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
   src: dict[str, tuple[str, str]] = {"embed_tokens/embedding": ("model.embed_tokens.weight", "id"),
                                      "norm/weight": ("model.norm.weight", "id")}
@@ -182,6 +184,7 @@ def mamba_config_from_transformers(config: Mapping[str, Any], **overrides: Any) 
 
 def mamba_params(state_dict: Mapping[str, np.ndarray], cfg: MambaConfig) -> dict:
   """jaxinf `Mamba` params from a `MambaForCausalLM` state dict (numpy arrays)."""
+  check_state_dict(state_dict, where="MambaForCausalLM state dict")
   sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
   src: dict[str, tuple[str, str]] = {"embeddings/embedding": ("backbone.embeddings.weight", "id"),
                                      "norm_f/weight": ("backbone.norm_f.weight", "id")}

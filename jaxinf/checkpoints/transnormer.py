@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxinf.checkpoints.arrays import check_keys, flat_leaves, unflatten_params
 from jaxinf.checkpoints.torch_weights import read_safetensors
+from jaxinf.checkpoints.validate import check_state_dict
 from jaxinf.models.transnormer import TransNormerConfig, TransNormerLM
 
 
@@ -41,6 +42,7 @@ def _expected_map(cfg: TransNormerConfig) -> dict[str, tuple[str, str]]:
 def transnormer_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
                                        cfg: TransNormerConfig) -> dict:
   """jaxinf params from the release's state dict; names and shapes must match `cfg` exactly."""
+  check_state_dict(state_dict, where="state_dict")
   mapping = _expected_map(cfg)
   missing = sorted(set(mapping) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(mapping))

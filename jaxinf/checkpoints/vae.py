@@ -27,6 +27,7 @@ from flax import nnx
 from jaxinf.checkpoints import arrays
 from jaxinf.checkpoints.torch_weights import (check_source_keys, checkpoint_files, conv_kernel,
                                               linear_kernel, read_safetensors)
+from jaxinf.checkpoints.validate import check_state_dict
 from jaxinf.models.vae import AutoencoderKL, VAEConfig
 
 _DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -143,6 +144,7 @@ def vae_params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: VAECon
   state dict; missing or unexpected names and shapes that do not fit `cfg` raise ValueError."""
   if not isinstance(cfg, VAEConfig):
     raise TypeError(f"cfg: expected a VAEConfig, got {type(cfg).__name__}")
+  check_state_dict(state_dict, where="diffusers AutoencoderKL state dict")
   state_dict = rename_deprecated_attention({k: np.asarray(v) for k, v in state_dict.items()})
   name_map = _name_map(cfg)
   expected = [f"{src}.{p}" for src, _, _ in name_map for p in ("weight", "bias")]

@@ -7,7 +7,8 @@ DiT and the VAE), every converter (`jaxinf.checkpoints.*`) and every restore pat
 and raises one `ParamsMismatchError` (a `ValueError`) that lists which leaves are missing, extra,
 of another shape or of another dtype:
 
-    params: does not match the model's parameter tree (2 differences): missing ['blocks/0/attn/qkv/bias'];
+    params: does not match the parameter tree of DiT (2 differences; shapes and dtypes as given !=
+    expected): missing keys ['blocks/0/attn/qkv/bias'],
     shape ['final_layer/linear/kernel': expected (32, 8), got (32, 16)]
 
 Only `.shape` and `.dtype` are read, so the check works on `jax.ShapeDtypeStruct` trees, on host
@@ -64,13 +65,15 @@ def _dtype_matches(expected: np.dtype, given: np.dtype, dtypes: str) -> bool:
 
 
 def _listing(label: str, items: list[str]) -> str:
-  shown = items[:MAX_LISTED]
-  more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-  return f"{label} [{', '.join(shown)}]{more}"
+  shown = "[" + ", ".join(repr(x) for x in items[:MAX_LISTED])
+  more = f", ... {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+  return f"{label} {shown}{more}]"
 
 
-def param_differences(expected: Any, given: Any, *, dtypes: str = "exact") -> list[str]:
-  """The readable differences between two parameter trees (empty when they match)."""
+def param_differences(expected: Any, given: Any, *, dtypes: str = "exact") -> tuple[int, list[str]]:
+  """(number of differing leaves, readable lists by kind) between two parameter trees: missing
+  keys, unexpected keys, shape mismatches ('path: given != expected'), dtype mismatches, leaves
+  that are not arrays. (0, []) when they match."""
   want, got = leaf_paths(expected), leaf_paths(given)
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
@@ -78,24 +81,16 @@ def param_differences(expected: Any, given: Any, *, dtypes: str = "exact") -> li
   for path in sorted(set(want) & set(got)):
     w, g = want[path], got[path]
     if not _is_array_like(g):
-      not_array.append(f"{path!r}: got {type(g).__name__}")
+      not_array.append(f"{path}: {type(g).__name__}")
       continue
     if tuple(w.shape) != tuple(g.shape):
-      shape.append(f"{path!r}: expected {tuple(w.shape)}, got {tuple(g.shape)}")
+      shape.append(f"{path}: {tuple(g.shape)} != {tuple(w.shape)}")
     if not _dtype_matches(np.dtype(w.dtype), np.dtype(g.dtype), dtypes):
-      dtype.append(f"{path!r}: expected {np.dtype(w.dtype).name}, got {np.dtype(g.dtype).name}")
-  out = []
-  if missing:
-    out.append(_listing(f"{len(missing)} missing", [repr(p) for p in missing]))
-  if extra:
-    out.append(_listing(f"{len(extra)} extra", [repr(p) for p in extra]))
-  if shape:
-    out.append(_listing(f"{len(shape)} of another shape", shape))
-  if dtype:
-    out.append(_listing(f"{len(dtype)} of another dtype", dtype))
-  if not_array:
-    out.append(_listing(f"{len(not_array)} not arrays", not_array))
-  return out
+      dtype.append(f"{path}: {np.dtype(g.dtype).name} != {np.dtype(w.dtype).name}")
+  kinds = [("missing keys", missing), ("unexpected keys", extra),
+           ("shape mismatches", shape), ("dtype mismatches", dtype), ("not arrays", not_array)]
+  return (len(missing) + len(extra) + len(shape) + len(dtype) + len(not_array),
+          [_listing(label, items) for label, items in kinds if items])
 
 
 def _signature(tree: Any) -> tuple | None:
@@ -135,11 +130,11 @@ def check_params(expected: Any, given: Any, *, name: str = "params", dtypes: str
         return
     except TypeError:  # an unhashable tree structure: check every time
       key = None
-  diffs = param_differences(expected, given, dtypes=dtypes)
-  if diffs:
-    n = sum(int(d.split(" ", 1)[0]) for d in diffs)
+  n, diffs = param_differences(expected, given, dtypes=dtypes)
+  if n:
     raise ParamsMismatchError(f"{name}: does not match {what} ({n} difference"
-                              f"{'s' if n != 1 else ''}): " + "; ".join(diffs))
+                              f"{'s' if n != 1 else ''}; shapes and dtypes as given != "
+                              f"expected): " + ", ".join(diffs))
   if key is not None:
     if len(_seen) > 1024:
       _seen.clear()
@@ -181,14 +176,13 @@ def check_finite(tree: Any, *, where: str) -> None:
   bad = nonfinite_paths(tree)
   if bad:
     raise ValueError(f"{where}: non-finite values (NaN or inf) in " +
-                     _listing(f"{len(bad)} tensor{'s' if len(bad) != 1 else ''}",
-                              [repr(p) for p in bad]))
+                     _listing(f"{len(bad)} tensor{'s' if len(bad) != 1 else ''}", bad))
 
 
 def check_floating(state_dict: Mapping[str, Any], *, where: str) -> None:
   """Raises TypeError naming the tensors of a foreign state dict that are not floating point
   (an integer table where weights belong would otherwise be cast to fp32 silently)."""
-  bad = sorted(f"{k!r}: {np.dtype(v.dtype).name}" for k, v in state_dict.items()
+  bad = sorted(f"{k}: {np.dtype(v.dtype).name}" for k, v in state_dict.items()
                if _is_array_like(v) and not jnp.issubdtype(v.dtype, jnp.floating))
   if bad:
     raise TypeError(f"{where}: expected floating-point weights, got " +
@@ -201,7 +195,7 @@ def check_state_dict(state_dict: Any, *, where: str = "state_dict") -> None:
   if not isinstance(state_dict, Mapping):
     raise TypeError(f"{where}: expected a mapping of tensor names to arrays, got "
                     f"{type(state_dict).__name__}")
-  not_arrays = sorted(repr(k) for k, v in state_dict.items() if not _is_array_like(v)
+  not_arrays = sorted(str(k) for k, v in state_dict.items() if not _is_array_like(v)
                       and not isinstance(v, (list, tuple)))
   if not_arrays:
     raise TypeError(f"{where}: expected arrays, got other values at " +

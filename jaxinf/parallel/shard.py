@@ -115,7 +115,13 @@ def shard_params(model, params, mesh, rules=DEFAULT_RULES) -> dict:
 
 def restore_params(store, step: int, model, mesh, rules=DEFAULT_RULES) -> dict:
   """The parameters saved at `step` in a `jaxinf.checkpoints.native.CheckpointStore`, read
-  straight into their shards on `mesh` (any mesh: orbax reshards from the saved layout)."""
+  straight into their shards on `mesh` (any mesh: orbax reshards from the saved layout). The
+  stored tree is checked against the model's before anything is read (missing, extra, shape and
+  dtype differences by path) and the restored values for finiteness (`CheckpointStore.restore`)."""
+  from jaxinf.checkpoints.native import CheckpointStore  # orbax only where checkpoints are read
+  if not isinstance(store, CheckpointStore):
+    raise TypeError(f"store: expected a jaxinf.checkpoints.native.CheckpointStore, got "
+                    f"{type(store).__name__}")
   return store.restore(step, abstract_params(model), param_shardings(model, mesh, rules))
 
 
