@@ -6,6 +6,11 @@ S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t.
 Tolerances, relative to the largest |reference| entry (plus the same relative slack per entry):
 fp32 1e-5 for T <= 150 and 1e-4 for T = 4096 (sums of thousands of terms in another order);
 bf16 1e-2 (outputs rounded to bf16, relative step 2^-8; the kernel's matmul operands are bf16).
+
+The domain's edges (decays 1e-38 (subnormal), 1e-45 and exactly 1) and the state of bf16 inputs
+over T = 2048 are checked for every impl, TPU form included, against the float64 recurrence; the
+state is fp32 in every form, so its tolerance is fp32's 1e-5 even for bf16 inputs (the GPU kernel
+that rounded the decayed keys to bf16 was 1.9e-3 off there, the XLA form 9e-6).
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from hypothesis import strategies as st
 
 from pallas_kernels import lightning_attention, lightning_attention_step, reference
 from kernel_checks import TOL, abstract, assert_close
+from tests.bad_input import raises_before_tracing
 
-FAST_IMPLS = ("xla", "pallas")
+# The TPU form runs in TPU interpret mode in its own, smaller module (test_lightning_tpu.py) and
+# in the edge tests below.
+FAST_IMPLS = ("xla", "pallas_gpu")
+ALL_IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 DECAYS = {
     "near_zero": (1e-4, 0.05),
     "middle": (0.5, 0.95),
@@ -29,7 +38,21 @@ DECAYS = {
 
 
 def run(impl, *args, **kwargs):
-  return lightning_attention(*args, impl=impl, interpret=impl == "pallas", **kwargs)
+  return lightning_attention(*args, impl=impl, interpret=impl.startswith("pallas"), **kwargs)
+
+
+def recurrence_float64(q, k, v, decay, state=None):
+  """S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t in float64 numpy, one step at a time."""
+  q64, k64, v64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+  batch, t_len, heads, dk = q64.shape
+  s = (np.zeros((batch, heads, dk, v64.shape[3])) if state is None
+       else np.asarray(state, np.float64))
+  lam = np.asarray(decay, np.float64)[None, :, None, None]
+  out = np.zeros((batch, t_len, heads, v64.shape[3]))
+  for t in range(t_len):
+    s = lam * s + np.einsum("bhd,bhe->bhde", k64[:, t], v64[:, t])
+    out[:, t] = np.einsum("bhd,bhde->bhe", q64[:, t], s)
+  return out, s
 
 
 def make_inputs(seed, batch, t_len, heads, dk, dv, regime, dtype, with_state=True):
@@ -51,15 +74,39 @@ def make_inputs(seed, batch, t_len, heads, dk, dv, regime, dtype, with_state=Tru
 def test_reference_matches_float64_recurrence():
   q, k, v, decay, state = make_inputs(0, 2, 23, 3, 8, 5, "middle", jnp.float32)
   out, final = reference.lightning_attention(q, k, v, decay, initial_state=state)
-  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
-  s = np.asarray(state, np.float64)
-  lam = np.asarray(decay, np.float64)[None, :, None, None]
-  expected = np.zeros(out.shape)
-  for t in range(q.shape[1]):
-    s = lam * s + np.einsum("bhd,bhe->bhde", k64[:, t], v64[:, t])
-    expected[:, t] = np.einsum("bhd,bhde->bhe", q64[:, t], s)
+  expected, expected_final = recurrence_float64(q, k, v, decay, state)
   assert_close(out, expected, 1e-5)
-  assert_close(final, s, 1e-5)
+  assert_close(final, expected_final, 1e-5)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_domain_edges_match_float64(impl):
+  # Subnormal (1e-38), the smallest subnormal (1e-45) and exactly 1: every form must be finite
+  # and right. Four heads: the CPU's vectorised log (4 or more lanes) flushes a subnormal to 0
+  # and returns -inf, which gave NaN in every form (with 3 heads the scalar log hid it).
+  q, k, v, _, state = make_inputs(9, 1, 37, 4, 32, 32, "middle", jnp.float32)
+  decay = np.asarray([1e-38, 1e-45, 1.0, 0.5], np.float32)
+  expected, expected_final = recurrence_float64(q, k, v, decay, state)
+  out, final = run(impl, q, k, v, jnp.asarray(decay), initial_state=state,
+                   return_final_state=True)
+  assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(final)))
+  assert_close(out, expected, 1e-5, impl)
+  assert_close(final, expected_final, 1e-5, f"{impl} final state")
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS[1:])
+def test_bf16_state_stays_fp32_over_a_long_sequence(impl):
+  # bf16 inputs, T = 2048, lambda = 0.999: the state sums ~1000 effective terms. It is fp32 in
+  # every form, so it must match the float64 recurrence on the same (bf16-rounded) inputs to
+  # fp32's tolerance; rounding the decayed keys to bf16 inside the update was 1.9e-3 off here.
+  rng = np.random.default_rng(10)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 2048, 1, 32)) * 32 ** -0.25, jnp.bfloat16)
+             for _ in range(3))
+  decay = np.asarray([0.999], np.float32)
+  _, expected_final = recurrence_float64(q, k, v, decay)
+  _, final = run(impl, q, k, v, jnp.asarray(decay), return_final_state=True)
+  assert final.dtype == jnp.float32
+  assert_close(final, expected_final, TOL[jnp.float32], impl)
 
 
 @settings(max_examples=6, deadline=None, derandomize=True)
@@ -101,6 +148,15 @@ def test_streaming_in_two_pieces_equals_one_run(impl):
                       initial_state=carried, return_final_state=True)
   assert_close(jnp.concatenate([first, second], axis=1), expected, 1e-5, impl)
   assert_close(final, expected_final, 1e-5, impl)
+
+
+@pytest.mark.parametrize("impl, interpret, error", [
+    ("bogus", False, ValueError), ("pallas_tpu", False, ValueError), ("auto", "yes", TypeError)])
+def test_step_validates_impl_like_the_parallel_form(impl, interpret, error):
+  q, k, v, decay, state = make_inputs(4, 1, 1, 2, 8, 8, "middle", jnp.float32)
+  with raises_before_tracing(error, "impl|interpret"):
+    lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], decay, state, impl=impl,
+                             interpret=interpret)
 
 
 def test_step_token_by_token_equals_parallel_form():
