@@ -10,6 +10,7 @@ boolean switch given a truthy string such as "no" is refused instead of silently
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,3 +47,54 @@ def check_int(name: str, value, low: int = 1) -> None:
 def check_flag(name: str, value) -> None:
   if not isinstance(value, bool):
     raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def _type_ok(value, annotation: str) -> bool:
+  annotation = annotation.strip()
+  if annotation == "None":
+    return value is None
+  if annotation == "bool":
+    return isinstance(value, bool)
+  if annotation == "int":
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+  if annotation == "float":
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+  if annotation == "str":
+    return isinstance(value, str)
+  if annotation.startswith("tuple[") and annotation.endswith(", ...]"):
+    inner = annotation[len("tuple["):-len(", ...]")]
+    return isinstance(value, tuple) and all(_type_ok(v, inner) for v in value)
+  return True  # an annotation this check does not know: left to the config's own checks
+
+
+_EXPECTED = {"bool": "a bool", "int": "a positive int", "float": "a finite number",
+             "str": "a str", "None": "None"}
+
+
+def _describe(annotation: str) -> str:
+  parts = []
+  for part in annotation.split("|"):
+    part = part.strip()
+    if part.startswith("tuple[") and part.endswith(", ...]"):
+      parts.append(f"a tuple of {_describe(part[len('tuple['):-len(', ...]')])}s")
+    else:
+      parts.append(_EXPECTED.get(part, part))
+  return " or ".join(parts)
+
+
+def check_fields(config, *, positive: tuple[str, ...] = ()) -> None:
+  """The type checks every model config shares, read from its field annotations: `bool` fields
+  hold bools (not "no"), `int` fields positive ints (not 2.0, not True, not 0), `float` fields
+  finite real numbers (not nan, inf or "1e-5"), `str` fields strs, `tuple[T, ...]` tuples of T,
+  `X | None` also None. Then every field named in `positive` (when not None) is > 0. Raises a
+  ValueError naming the first bad field, before anything is built or traced."""
+  for f in dataclasses.fields(config):
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    value = getattr(config, f.name)
+    if not any(_type_ok(value, part) for part in annotation.split("|")):
+      raise ValueError(f"{f.name}: expected {_describe(annotation)}, got {value!r}")
+  for name in positive:
+    value = getattr(config, name)
+    if value is not None and not value > 0:
+      raise ValueError(f"{name}: expected a positive number, got {value!r}")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.config import check_fields
 from jaxinf.models import layers
 from jaxinf.parallel.rules import constrain
 
@@ -64,6 +65,7 @@ class DiTConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
+    check_fields(self, positive=("mlp_ratio", "label_init_std", "layer_norm_eps", "mlp_norm_eps"))
     for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
                  "num_classes", "frequency_embedding_size"):
       value = getattr(self, name)
@@ -77,6 +79,9 @@ class DiTConfig:
           f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
     if self.hidden_size % 4:
       raise ValueError(f"hidden_size: expected a multiple of 4 (2-D sin-cos), got {self.hidden_size}")
+    if int(self.hidden_size * self.mlp_ratio) < 1:
+      raise ValueError(f"mlp_ratio: hidden_size * mlp_ratio = {self.hidden_size * self.mlp_ratio} "
+                       "gives an MLP of width 0; expected a width >= 1")
     if not 0.0 <= self.class_dropout_prob < 1.0:
       raise ValueError(f"class_dropout_prob: expected in [0, 1), got {self.class_dropout_prob}")
     if not 0.0 <= self.timestep_freq_shift < self.frequency_embedding_size // 2:

@@ -43,6 +43,8 @@ def to_functional(module: nnx.Module, method: str = "__call__") -> tuple[Callabl
     return getattr(nnx.merge(graphdef, params), method)(*args, **kwargs)
 
   apply.__name__ = f"{type(module).__name__}.{method.strip('_') or 'call'}"
+  # lets callers (trainers, samplers) check a tree before they trace anything
+  apply.check_params = functools.partial(check_params, expected, dtypes="kind", what=owner)
   return apply, params
 
 

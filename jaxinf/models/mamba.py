@@ -33,6 +33,7 @@ from einops import rearrange
 from flax import nnx
 
 import pallas_kernels
+from jaxinf.config import check_fields
 from jaxinf.models import layers
 from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
@@ -65,6 +66,7 @@ class MambaConfig:
   dtype: str = "float32"  # activations and the conv state; SSM states are always fp32
 
   def __post_init__(self):
+    check_fields(self, positive=("norm_eps", "dt_min", "dt_max", "dt_init_floor", "init_std"))
     for name in ("vocab_size", "hidden_size", "num_layers", "state_size", "expand",
                  "conv_kernel"):
       value = getattr(self, name)

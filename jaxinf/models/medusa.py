@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinf.config import check_fields
 from jaxinf.models.functional import to_functional
 
 
@@ -41,6 +42,7 @@ class MedusaConfig:
   init_std: float = 0.02  # for W_2 when no LM head is given to copy
 
   def __post_init__(self):
+    check_fields(self, positive=("init_std",))
     for name in ("num_heads", "hidden_size", "vocab_size", "num_layers"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:

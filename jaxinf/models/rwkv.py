@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinf.config import check_fields
 from jaxinf.models.functional import FamilyLM, check_keep, check_prefill_lengths
 from jaxinf.parallel.kernels import wkv7
 from pallas_kernels import wkv7_step
@@ -65,6 +66,7 @@ class RWKV7Config:
   max_len: int | None = None
 
   def __post_init__(self):
+    check_fields(self, positive=("norm_eps", "ln_x_eps"))
     for name in ("vocab_size", "d_model", "n_layers", "head_size", "decay_lora", "a_lora",
                  "v_lora", "gate_lora"):
       value = getattr(self, name)

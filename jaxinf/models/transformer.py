@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinf.config import check_flag
+from jaxinf.config import check_fields, check_flag
 from jaxinf.models import layers, tree_attention
 from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
@@ -64,6 +64,7 @@ class TransformerConfig:
   dtype: str = "float32"  # activations and KV cache; parameters are fp32, softmax and norms fp32
 
   def __post_init__(self):
+    check_fields(self, positive=("rope_theta", "norm_eps", "init_std"))
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                  "mlp_hidden", "max_len"):
       value = getattr(self, name)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.config import check_fields
 from jaxinf.models.functional import FamilyLM, check_keep, check_prefill_lengths
 from jaxinf.parallel.kernels import lightning_attention  # shard_map on a mesh
 # The contract's argument checks and row gather are shared with the other recurrent family.
@@ -63,6 +64,7 @@ class TransNormerConfig:
   max_len: int | None = None
 
   def __post_init__(self):
+    check_fields(self, positive=("norm_eps",))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:

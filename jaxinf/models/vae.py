@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinf.config import check_fields
+
 _EPS = 1e-6  # every GroupNorm of diffusers' Encoder/Decoder
 
 
@@ -59,6 +61,7 @@ class VAEConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
+    check_fields(self, positive=("scaling_factor",))
     for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
                  "norm_num_groups"):
       value = getattr(self, name)

@@ -26,8 +26,8 @@ import numpy as np
 
 from jaxinf.diffusion import schedules
 from jaxinf.train.loop import run_training
-from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
-                               init_train_state, make_train_step)
+from jaxinf.train.step import (OptimizerConfig, check_apply_params, check_optimizer,
+                               check_positive_ints, check_seed, init_train_state, make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class DiffusionTrainConfig:
   def __post_init__(self):
     check_positive_ints(self, "steps", "batch_size", "checkpoint_every")
     check_optimizer(self.optimizer, needs_ema=True)
+    check_seed(self)
     schedules.check_prediction_type(self.prediction_type)
 
 
@@ -148,6 +149,9 @@ def train_diffusion(apply: Callable, params, images, labels, *, cfg: DiffusionTr
 
   Returns (final train state, the loss records of the whole run, resumed parts included).
   """
+  if not isinstance(cfg, DiffusionTrainConfig):
+    raise TypeError(f"cfg: expected a DiffusionTrainConfig, got {type(cfg).__name__}")
+  check_apply_params(apply, params)
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   if images.shape[0] != labels.shape[0]:

@@ -201,3 +201,8 @@ class CouplingConfig:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    g = self.guidance_scale
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < float("inf"):
+      raise ValueError(f"guidance_scale: expected a finite number >= 0, got {g!r}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+      raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,7 @@ from jaxinf.diffusion.denoiser import Denoiser, dit_denoiser
 from jaxinf.models.dit import DiT, DiTConfig, dit_config, drop_labels
 from jaxinf.models.functional import to_functional
 from jaxinf.train.loop import run_training
-from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
+from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints, check_seed,
                                init_train_state, make_train_step)
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -67,11 +68,14 @@ class FlowTrainConfig:
   def __post_init__(self):
     check_positive_ints(self, "steps", "batch_size", "checkpoint_every")
     check_optimizer(self.optimizer, needs_ema=True)
+    check_seed(self)
     if self.time_sampling not in TIME_SAMPLINGS:
       raise ValueError(f"time_sampling: expected one of {list(TIME_SAMPLINGS)}, got "
                        f"{self.time_sampling!r}")
-    if not self.logit_std > 0:
-      raise ValueError(f"logit_std: expected > 0, got {self.logit_std}")
+    if not 0 < self.logit_std < math.inf:
+      raise ValueError(f"logit_std: expected a finite number > 0, got {self.logit_std}")
+    if not -math.inf < self.logit_mean < math.inf:
+      raise ValueError(f"logit_mean: expected a finite number, got {self.logit_mean}")
 
 
 def sample_flow_time(key: jax.Array, n: int, cfg: FlowTrainConfig) -> jax.Array:
@@ -124,6 +128,12 @@ def train_regression(loss_fn: Callable, params, arrays: tuple, *, cfg: FlowTrain
                      desc: str = "train") -> tuple[dict[str, Any], list[dict]]:
   """`regression_loss(loss_fn)` trained by the shared step and loop (checkpoints, loss log, exact
   resume). Returns (train state, loss records); `state["ema"]` holds the EMA weights."""
+  if not isinstance(cfg, FlowTrainConfig):
+    raise TypeError(f"cfg: expected a FlowTrainConfig, got {type(cfg).__name__}")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+  if not isinstance(arrays, (tuple, list)) or not arrays:
+    raise TypeError(f"arrays: expected a non-empty tuple of arrays, got {type(arrays).__name__}")
   arrays = tuple(jnp.asarray(a) for a in arrays)
   n = arrays[0].shape[0]
   if any(a.shape[0] != n for a in arrays):

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from jaxinf.train.loop import run_training
-from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
-                               init_train_state, make_train_step)
+from jaxinf.train.step import (OptimizerConfig, check_model_params, check_optimizer,
+                               check_positive_ints, check_seed, init_train_state, make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,7 @@ class LMTrainConfig:
   def __post_init__(self):
     check_positive_ints(self, "steps", "batch_size", "seq_len", "checkpoint_every")
     check_optimizer(self.optimizer)
+    check_seed(self)
 
 
 def forward_logits(model, params, tokens: jax.Array) -> jax.Array:
@@ -66,6 +67,9 @@ def lm_train_loss(model, cfg: LMTrainConfig):
 def train_lm(model, params, corpus, *, cfg: LMTrainConfig, out_dir: str | os.PathLike,
              progress: bool = True) -> tuple[dict[str, Any], list[dict]]:
   """Trains `model` on the int token stream `corpus`; checkpoints and resumes in `out_dir`."""
+  if not isinstance(cfg, LMTrainConfig):
+    raise TypeError(f"cfg: expected an LMTrainConfig, got {type(cfg).__name__}")
+  check_model_params(model, params)
   corpus = np.asarray(corpus)
   if corpus.ndim != 1 or corpus.shape[0] <= cfg.seq_len + 1:
     raise ValueError(f"corpus: expected a 1-D stream longer than seq_len + 1 = {cfg.seq_len + 1}, "

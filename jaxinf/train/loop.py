@@ -61,6 +61,13 @@ def run_training(step_fn: Callable, state: dict[str, Any], data: Sequence[Any], 
   `ValueError` before training if the log lacks a record up to the restored checkpoint (a log
   deleted, or truncated by a kill under the non-atomic rewrite of earlier versions).
   """
+  for name, value in (("steps", steps), ("checkpoint_every", checkpoint_every)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}: expected a positive int, got {value!r}")
+  if not callable(step_fn):
+    raise TypeError(f"step_fn: expected the step of make_train_step, got {type(step_fn).__name__}")
+  if not isinstance(state, dict) or "step" not in state:
+    raise TypeError("state: expected a dict with a 'step' counter (init_train_state's layout)")
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   store = CheckpointStore(out_dir / "checkpoints")

@@ -31,8 +31,8 @@ import numpy as np
 from jaxinf.models.medusa import MedusaHeads, medusa_heads
 from jaxinf.train.draft import target_text
 from jaxinf.train.loop import run_training
-from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
-                               init_train_state, make_train_step)
+from jaxinf.train.step import (OptimizerConfig, check_model_params, check_optimizer,
+                               check_positive_ints, check_seed, init_train_state, make_train_step)
 
 LABELS = ("corpus", "target")
 
@@ -55,6 +55,7 @@ class MedusaTrainConfig:
     check_positive_ints(self, "num_heads", "num_layers", "steps", "batch_size", "seq_len",
                         "checkpoint_every")
     check_optimizer(self.optimizer)
+    check_seed(self)
     if not 0 < self.decay <= 1:
       raise ValueError(f"decay: expected in (0, 1], got {self.decay!r}")
     if self.labels not in LABELS:
@@ -126,6 +127,7 @@ def train_medusa(model, params, corpus, cfg: MedusaTrainConfig, out_dir: str | o
     raise TypeError(f"cfg: expected a MedusaTrainConfig, got {type(cfg).__name__}")
   if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
     raise TypeError(f"model: expected a TransformerLM, got {type(model).__name__}")
+  check_model_params(model, params)
   width = cfg.seq_len + cfg.num_heads + 1
   if corpus.ndim != 1 or not np.issubdtype(corpus.dtype, np.integer) or corpus.shape[0] < width:
     raise ValueError(f"corpus: expected a 1-D integer stream of at least seq_len + num_heads + 1 "

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 from jaxinf.train.loop import run_training
-from jaxinf.train.step import (OptimizerConfig, check_optimizer, check_positive_ints,
-                               init_train_state, make_train_step)
+from jaxinf.train.step import (OptimizerConfig, check_model_params, check_optimizer,
+                               check_positive_ints, check_seed, init_train_state, make_train_step)
 
 YES_ID = ord("Y")
 NO_ID = ord("N")
@@ -41,6 +41,7 @@ class ScorerTrainConfig:
   def __post_init__(self):
     check_positive_ints(self, "steps", "batch_size", "checkpoint_every")
     check_optimizer(self.optimizer)
+    check_seed(self)
 
 
 def scorer_log_odds(model, params, tokens, lengths, yes_id: int = YES_ID, no_id: int = NO_ID):
@@ -83,6 +84,11 @@ def train_scorer(model, params, data: dict[str, np.ndarray], *, cfg: ScorerTrain
   """Trains the scorer (from `params`, e.g. the policy's) on `data`: right-padded `tokens`
   `[M, L]`, `lengths` `[M]` and 0/1 `labels` `[M]` (e.g. the dict of
   `jaxinf.recipes.arithmetic_solver.scorer_examples`)."""
+  if not isinstance(cfg, ScorerTrainConfig):
+    raise TypeError(f"cfg: expected a ScorerTrainConfig, got {type(cfg).__name__}")
+  check_model_params(model, params)
+  if not isinstance(data, dict):
+    raise TypeError(f"data: expected the dict of scorer_examples, got {type(data).__name__}")
   for name in ("tokens", "lengths", "labels"):
     if name not in data:
       raise ValueError(f"data: missing {name!r} (expected the dict of scorer_examples)")

@@ -31,12 +31,21 @@ import jax.numpy as jnp
 import optax
 
 
+# The largest AdamW learning rate an `OptimizerConfig` accepts (see its docstring).
+MAX_LEARNING_RATE = 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """learning_rate: AdamW's constant rate after warm-up; warmup_steps: steps of the linear ramp
-  from 0 (the first step always runs at rate 0; with 0 or 1 the second runs at the full rate);
-  weight_decay: AdamW's decoupled decay; grad_clip: the global-norm bound; ema_decay: None (no EMA
-  in the state) or d in [0, 1)."""
+  """learning_rate: AdamW's constant rate after warm-up, in (0, MAX_LEARNING_RATE]; warmup_steps:
+  steps of the linear ramp from 0 (the first step always runs at rate 0; with 0 or 1 the second
+  runs at the full rate); weight_decay: AdamW's decoupled decay, >= 0; grad_clip: the global-norm
+  bound, > 0 (inf: no clipping); ema_decay: None (no EMA in the state) or d in [0, 1).
+
+  Why a learning-rate bound: Adam normalises each coordinate of the update by its running RMS,
+  so every weight moves by about `learning_rate` per step whatever the gradients' scale. A rate
+  above 1 moves each weight by more than the scale of its initialisation (0.02 to 1) at every
+  step, so the run diverges; such a value is a typo (1e6 for 1e-6), not a setting."""
 
   learning_rate: float
   warmup_steps: int
@@ -49,6 +58,9 @@ class OptimizerConfig:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr)
                                                                        and lr > 0):
       raise ValueError(f"learning_rate: expected a finite number > 0, got {lr!r}")
+    if lr > MAX_LEARNING_RATE:
+      raise ValueError(f"learning_rate: expected at most {MAX_LEARNING_RATE} (AdamW moves every "
+                       f"weight by about the rate at each step), got {lr!r}")
     w = self.warmup_steps
     if isinstance(w, bool) or not isinstance(w, int) or w < 0:
       raise ValueError(f"warmup_steps: expected an int >= 0, got {w!r}")
@@ -128,6 +140,35 @@ def check_positive_ints(cfg, *names: str) -> None:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"{name}: expected a positive int, got {v!r}")
+
+
+def check_seed(cfg) -> None:
+  """ValueError unless `cfg.seed` is an int >= 0 (a negative seed is almost always a typo)."""
+  v = cfg.seed
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ValueError(f"seed: expected an int >= 0, got {v!r}")
+
+
+def check_model_params(model, params) -> None:
+  """Before a language-model trainer starts: `model` a jaxinf language-model family and `params`
+  its parameter tree (`jaxinf.checkpoints.validate.check_params`: missing, extra, shape, dtype)."""
+  from jaxinf.models.functional import FamilyLM
+  if not isinstance(model, FamilyLM):
+    raise TypeError(f"model: expected a jaxinf language model (a FamilyLM such as TransformerLM), "
+                    f"got {type(model).__name__}")
+  model.check_params(params)
+
+
+def check_apply_params(apply, params) -> None:
+  """Before a trainer of a functional model starts: `apply` callable and, when it comes from
+  `jaxinf.models.functional.to_functional` (which records the expected tree), `params` its
+  parameter tree."""
+  if not callable(apply):
+    raise TypeError(f"apply: expected the model's pure function apply(params, ...), got "
+                    f"{type(apply).__name__}")
+  check = getattr(apply, "check_params", None)
+  if check is not None:
+    check(params)
 
 
 def check_optimizer(optimizer, *, needs_ema: bool = False) -> None:
