@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.diffusion.denoiser import Denoiser
-from jaxinf.diffusion.reverse import (apply_step, initial_noise, model_inputs, prepare,
+from jaxinf.diffusion.reverse import (apply_step, check_key, initial_noise, model_inputs, prepare,
                                       step_noise)
 
 
@@ -188,10 +188,11 @@ def _prepared(denoiser, schedule, solver, shape, steps, cond, guidance, x_init):
 def sample_cached(key, denoiser: Denoiser, schedule, solver, shape, *, steps: int,
                   cache: FeatureCache, cond: Any = None, guidance=None, x_init=None):
   """`sample` with feature caching: the full model only at `cache.refresh` rows."""
-  den, table, cond, x_init, init_scale, shape = _prepared(denoiser, schedule, solver, shape, steps,
-                                                          cond, guidance, x_init)
+  check_key(key)
   if not isinstance(cache, FeatureCache):
     raise TypeError(f"cache: expected a FeatureCache, got {type(cache).__name__}")
+  den, table, cond, x_init, init_scale, shape = _prepared(denoiser, schedule, solver, shape, steps,
+                                                          cond, guidance, x_init)
   rows = table["t"].shape[0]
   if cache.rows != rows:
     raise ValueError(f"cache: the schedule has {cache.rows} rows, this solver with {steps} steps "
@@ -216,6 +217,7 @@ def sample_masked(key, denoiser: Denoiser, schedule, solver, shape, *, steps: in
                   cond: Any = None, guidance=None, x_init=None):
   """The slow twin of `sample_cached`: both paths every step, selected by `flags` `[rows]`
   (or `[N, rows]` to evaluate N schedules in one vmapped call, returning `[N, *shape]`)."""
+  check_key(key)
   den, table, cond, x_init, init_scale, shape = _prepared(denoiser, schedule, solver, shape, steps,
                                                           cond, guidance, x_init)
   flags = jnp.asarray(flags, bool)
@@ -250,6 +252,7 @@ def feature_changes(key, denoiser: Denoiser, schedule, solver, shape, *, steps: 
                     cond: Any = None, guidance=None) -> np.ndarray:
   """Relative change ||F_i - F_{i-1}|| / ||F_{i-1}|| of the cached features between adjacent rows
   on a calibration batch (row 0: infinity — it always refreshes)."""
+  check_key(key)
   den, table, cond, x_init, init_scale, shape = _prepared(denoiser, schedule, solver, shape, steps,
                                                           cond, guidance, None)
   changes = np.asarray(_feature_trace(key, den, table, cond, x_init, init_scale, solver=solver,
@@ -268,6 +271,7 @@ def learn_schedule(key, denoiser: Denoiser, schedule, solver, shape, *, steps: i
   and drops the least harmful ones: one per round when `rounds` is None (exact greedy, one round
   per row removed), else about `(refreshes - num_refresh) / rounds` per round, to bound the cost.
   Returns (schedule, [(refreshes, error)] along the path)."""
+  check_key(key)
   rows = _rows(solver, schedule, steps)
   _check_budget(num_refresh, rows)
   if rounds is not None and (not isinstance(rounds, int) or rounds < 1):

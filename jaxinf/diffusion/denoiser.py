@@ -53,7 +53,24 @@ class DenoiserSpec:
   features: "FeatureApply | None" = None
 
   def __post_init__(self):
+    if not callable(self.apply):
+      raise TypeError(f"apply: expected a callable (params, x_t, t, cond) -> output, got "
+                      f"{type(self.apply).__name__}")
     schedules.check_prediction_type(self.prediction_type, schedules.ALL_PREDICTION_TYPES)
+    if not isinstance(self.learned_sigma, (bool, np.bool_)):
+      raise TypeError(f"learned_sigma: expected a bool, got {self.learned_sigma!r}")
+    if self.sample_shape is not None and (
+        not isinstance(self.sample_shape, (tuple, list)) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+            for d in self.sample_shape)):
+      raise ValueError(f"sample_shape: expected None or a tuple of positive ints, got "
+                       f"{self.sample_shape!r}")
+    for name in ("num_classes", "null_cond"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                or value < (1 if name == "num_classes" else 0)):
+        raise ValueError(f"{name}: expected None or an int >= "
+                         f"{1 if name == 'num_classes' else 0}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

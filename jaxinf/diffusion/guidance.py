@@ -136,10 +136,12 @@ def classifier_free_guidance(denoiser: Denoiser, scale, *, guided_channels: int 
     raise ValueError(
         "denoiser: classifier-free guidance needs a null condition; this denoiser has none "
         "(a DiT built with class_dropout_prob = 0)")
-  if not isinstance(scale, jax.core.Tracer) and not np.isfinite(np.asarray(scale)).all():
-    raise ValueError(f"scale: expected a finite number, got {scale!r}")
-  if not isinstance(rescale, jax.core.Tracer) and not 0.0 <= float(rescale) <= 1.0:
-    raise ValueError(f"rescale: expected phi in [0, 1], got {rescale!r}")
+  if not isinstance(scale, jax.core.Tracer):
+    _check_real("scale", scale)
+  if not isinstance(rescale, jax.core.Tracer):
+    _check_real("rescale", rescale)
+    if not 0.0 <= float(rescale) <= 1.0:
+      raise ValueError(f"rescale: expected phi in [0, 1], got {rescale!r}")
   _check_guided_channels(guided_channels, denoiser.spec)
   noise_level = _check_interval(interval, schedule)
   guided = _GuidedApply(denoiser.spec, guided_channels, noise_level,
@@ -152,13 +154,27 @@ def classifier_free_guidance(denoiser: Denoiser, scale, *, guided_channels: int 
                    "rescale": jnp.asarray(rescale, jnp.float32)}, spec)
 
 
+def _check_real(name: str, value) -> None:
+  """A finite real number (or array of them): bools, strings and complex numbers are refused."""
+  dtype = np.asarray(value).dtype if isinstance(value, (int, float, complex, np.number, np.ndarray,
+                                                       jax.Array)) else None
+  if isinstance(value, bool) or dtype is None or dtype == np.bool_ or not (
+      np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    raise TypeError(f"{name}: expected a real number, got {value!r}")
+  if not np.isfinite(np.asarray(value)).all():
+    raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
 def _check_interval(interval, schedule) -> NoiseLevel | None:
   if interval is None:
     return None
   if not isinstance(schedule, (schedules.NoiseSchedule, schedules.FlowSchedule)):
     raise ValueError("schedule: a guidance interval is given in noise levels and needs the "
                      f"NoiseSchedule or FlowSchedule, got {type(schedule).__name__}")
-  if len(interval) != 2 or not 0.0 <= interval[0] < interval[1]:
+  if (not isinstance(interval, (tuple, list)) or len(interval) != 2
+      or not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                 for v in interval)
+      or not 0.0 <= interval[0] < interval[1] or not np.isfinite(interval[1])):
     raise ValueError(f"interval: expected (sigma_lo, sigma_hi) with 0 <= lo < hi, got {interval!r}")
   level = NoiseLevel(schedule)
   lo, hi = level.range()
@@ -193,7 +209,18 @@ class CFG:
   schedule: Any = None
 
   def __post_init__(self):
+    # refused at construction as well as when applied; pytree unflattening passes placeholders
+    # (None, tracers, ...) through __init__, so only concrete numbers and arrays are checked here
+    for name in ("scale", "rescale"):
+      value = getattr(self, name)
+      if isinstance(value, (int, float, complex, str, np.number, np.ndarray, jax.Array)) and (
+          not isinstance(value, jax.core.Tracer)):
+        _check_real(name, value)
     if self.interval is not None:  # a static (hashed) field: make a list hashable
+      if not isinstance(self.interval, (tuple, list)) or not all(
+          isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+          for v in self.interval):
+        raise ValueError(f"interval: expected (sigma_lo, sigma_hi), got {self.interval!r}")
       object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
 
   def __call__(self, denoiser: Denoiser) -> Denoiser:
@@ -229,6 +256,10 @@ def expert_denoiser(experts: Sequence[Denoiser], boundaries: Sequence[float], sc
   experts = list(experts)
   if len(experts) < 2 or not all(isinstance(e, Denoiser) for e in experts):
     raise ValueError("experts: expected at least two jaxinf Denoisers")
+  if not isinstance(boundaries, (list, tuple, np.ndarray)) or not all(
+      isinstance(b, (int, float, np.integer, np.floating)) and not isinstance(b, bool)
+      and np.isfinite(b) for b in boundaries):
+    raise ValueError(f"boundaries: expected a sequence of finite noise levels, got {boundaries!r}")
   boundaries = [float(b) for b in boundaries]
   if len(boundaries) != len(experts) - 1:
     raise ValueError(f"boundaries: expected {len(experts) - 1} noise levels for {len(experts)} "

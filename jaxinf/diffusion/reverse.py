@@ -66,27 +66,70 @@ def prepare(denoiser: Denoiser, schedule, solver: Solver, shape: tuple[int, ...]
   if not isinstance(solver, Solver):
     raise TypeError(f"solver: expected a solver (DDPM, DDIM, ...), got {type(solver).__name__}")
   schedules.check_steps(steps, schedule.num_train_timesteps)
-  shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else shape
+  if isinstance(shape, list):
+    shape = tuple(shape)
+  if isinstance(shape, tuple) and any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
+                                      for s in shape):
+    raise TypeError(f"shape: expected a tuple of ints [B, ...], got {shape!r}")
+  shape = tuple(int(s) for s in shape) if isinstance(shape, tuple) else shape
   check_call(denoiser, shape, cond)
   solver.check(schedule, denoiser.spec)
-  if x_init is not None and tuple(x_init.shape) != shape:
-    raise ValueError(f"x_init: expected shape {shape}, got {tuple(x_init.shape)}")
+  if x_init is not None:
+    x_init = _check_float_array("x_init", x_init, shape)
   table = solver.table(schedule, steps)
   rows = len(table["t"])
   if noise is not None:
     if not solver.stochastic:
       raise ValueError(f"noise: {type(solver).__name__} with these options is deterministic and "
                        f"draws no noise")
-    if tuple(np.shape(noise)) != (rows, *shape):
-      raise ValueError(f"noise: expected shape {(rows, *shape)} (one draw per table row), got "
-                       f"{tuple(np.shape(noise))}")
+    noise = _check_float_array("noise", noise, (rows, *shape), "(one draw per table row)")
     noise = jnp.asarray(noise, jnp.float32)
   init_scale = solver.init_noise_scale(schedule, steps)
   if guidance is not None:
+    if not callable(guidance):
+      raise TypeError(f"guidance: expected a callable Denoiser -> Denoiser such as CFG(scale), got "
+                      f"{type(guidance).__name__}")
     denoiser = guidance(denoiser)
+    if not isinstance(denoiser, Denoiser):
+      raise TypeError(f"guidance: expected it to return a Denoiser, got "
+                      f"{type(denoiser).__name__}")
   return Prepared(denoiser=denoiser, table={k: jnp.asarray(v) for k, v in table.items()},
                   cond=cond, x_init=x_init, noise=noise, init_scale=jnp.float32(init_scale),
                   solver=solver, shape=shape)
+
+
+def _check_float_array(name: str, value, shape: tuple[int, ...], why: str = ""):
+  """A real floating array of exactly `shape` (numpy, jax, or a tracer); integer, bool and complex
+  arrays are refused rather than cast."""
+  if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+    raise TypeError(f"{name}: expected a float array of shape {shape}, got {type(value).__name__}")
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a real floating dtype (float32, bfloat16, ...), got "
+                    f"{value.dtype}")
+  if tuple(value.shape) != tuple(shape):
+    raise ValueError(f"{name}: expected shape {tuple(shape)}{' ' + why if why else ''}, got "
+                     f"{tuple(value.shape)}")
+  return value
+
+
+def check_key(key) -> None:
+  """A single PRNG key: a typed key array of shape () (`jax.random.key(seed)`), or a legacy raw
+  uint32 key of shape (2,) (`jax.random.PRNGKey(seed)`). An int, or a batch of keys, is refused."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is None:
+    raise TypeError(f"key: expected a PRNG key such as jax.random.key(seed), got "
+                    f"{type(key).__name__} {key!r}"[:200])
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key: expected a single key, got a batch of keys of shape {key.shape} "
+                       f"(vmap over keys, or split for separate calls)")
+    return
+  if dtype == jnp.uint32 and tuple(key.shape) == (2,):
+    return
+  if dtype == jnp.uint32 and key.ndim >= 2 and key.shape[-1] == 2:
+    raise ValueError(f"key: expected a single key, got a batch of raw keys of shape {key.shape}")
+  raise TypeError(f"key: expected a PRNG key such as jax.random.key(seed), got an array of dtype "
+                  f"{dtype} and shape {tuple(key.shape)}")
 
 
 # --- inside the loop ----------------------------------------------------------------------------

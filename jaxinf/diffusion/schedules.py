@@ -52,6 +52,10 @@ class NoiseSchedule:
     if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
       raise ValueError(
           f"num_train_timesteps: expected a positive int, got {self.num_train_timesteps!r}")
+    for name in ("beta_start", "beta_end"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
     if not 0.0 < self.beta_start <= self.beta_end < 1.0:
       raise ValueError(
           f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got "
@@ -148,6 +152,15 @@ def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: i
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
   """EDM's noise levels (Karras et al. 2022, eq. 5): evenly spaced in sigma^(1/rho), decreasing."""
+  for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+        not np.isfinite(value) or value <= 0):
+      raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+  if sigma_min > sigma_max:
+    raise ValueError(f"sigma_min, sigma_max: expected sigma_min <= sigma_max, got {sigma_min}, "
+                     f"{sigma_max}")
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"n: expected an int >= 1, got {n!r}")
   ramp = np.linspace(0.0, 1.0, n)
   lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
   return (hi + ramp * (lo - hi)) ** rho
