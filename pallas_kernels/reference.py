@@ -154,7 +154,8 @@ def selective_scan(
   Args:
     u, delta: [B, T, D].  A: [D, N] (real).
     B, C: [B, T, N], or grouped [B, T, G, N] with channel d reading group d // (D // G)
-      (mamba_ssm's `repeat(B, "B G N L -> B (G H) N L")`).
+      (mamba_ssm's `repeat(B, "B G N L -> B (G H) N L")`), or time-invariant [D, N] (mamba_ssm's
+      non-selective case, an S4D layer).
     D, delta_bias: [D].  z: [B, T, D].
     initial_state: [B, D, N] (fp32), default zeros; mamba_ssm's ref always starts at zero.
   Returns:
@@ -168,23 +169,27 @@ def selective_scan(
     delta32 = delta32 + delta_bias.astype(f32)
   if delta_softplus:
     delta32 = softplus(delta32)
+  time_invariant = B.ndim == 2
   if B.ndim == 4:
     B = repeat(B, "b t g n -> b t (g h) n", h=channels // B.shape[2])
     C = repeat(C, "b t g n -> b t (g h) n", h=channels // C.shape[2])
-  else:
+  elif B.ndim == 3:
     B, C = B[:, :, None, :], C[:, :, None, :]  # one B_t shared by every channel
   A32 = A.astype(f32)
+  B32, C32 = B.astype(f32), C.astype(f32)
 
   def step(x, inputs):
     u_t, delta_t, B_t, C_t = inputs
+    if time_invariant:  # the same [D, N] at every step
+      B_t, C_t = B32, C32
     x = jnp.exp(delta_t[..., None] * A32) * x + (delta_t * u_t)[..., None] * B_t
     return x, jnp.sum(x * C_t, axis=-1)
 
   x0 = (jnp.zeros((batch, channels, n_state), f32) if initial_state is None
         else initial_state.astype(f32))
-  time_major = lambda x: jnp.moveaxis(x, 1, 0)
-  last, ys = lax.scan(step, x0, (time_major(u32), time_major(delta32),
-                                 time_major(B.astype(f32)), time_major(C.astype(f32))))
+  time_major = lambda x: None if time_invariant else jnp.moveaxis(x, 1, 0)
+  last, ys = lax.scan(step, x0, (jnp.moveaxis(u32, 1, 0), jnp.moveaxis(delta32, 1, 0),
+                                 time_major(B32), time_major(C32)))
   y = jnp.moveaxis(ys, 0, 1)
   out = y if D is None else y + u32 * D.astype(f32)
   if z is not None:
