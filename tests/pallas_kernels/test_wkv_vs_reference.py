@@ -9,6 +9,9 @@ the true recurrence blow up).
 
 Tolerances, relative to the largest |reference| entry (plus the same relative slack per entry):
 fp32 1e-5 (1e-4 at T = 4096); bf16 1e-2 (outputs rounded to bf16, relative step 2^-8).
+
+The domain's edges (subnormal w = 1e-38 and 1e-45, w = 1 exactly) are checked for every form,
+the TPU form included, against a float64 numpy recurrence; w outside (0, 1] is refused by name.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from hypothesis import strategies as st
 
 from pallas_kernels import WKVBlocks, reference, wkv7, wkv7_step
 from kernel_checks import TOL, abstract, assert_close
+from tests.bad_input import raises_before_tracing
 
-# Both XLA forms are checked, whatever "auto" picks on this backend.
-FAST_IMPLS = ("xla_chunked", "xla_recurrent", "pallas")
+# Both XLA forms are checked, whatever "auto" picks on this backend. The TPU form runs in TPU
+# interpret mode in its own, smaller module (test_wkv_tpu.py) and in the edge test below.
+FAST_IMPLS = ("xla_chunked", "xla_recurrent", "pallas_gpu")
 DECAYS = {"near_zero": (1e-4, 1e-2), "middle": (0.5, 0.99), "near_one": (0.999, 1.0)}
 
 
@@ -32,7 +37,21 @@ def run(impl, *args, **kwargs):
   if impl.startswith("xla"):
     form = impl.removeprefix("xla_")
     return wkv7(*args, impl="xla", blocks=WKVBlocks(xla_form=form), **kwargs)
-  return wkv7(*args, impl=impl, interpret=impl == "pallas", **kwargs)
+  return wkv7(*args, impl=impl, interpret=impl.startswith("pallas"), **kwargs)
+
+
+def recurrence_float64(r, w, k, v, a, b, state):
+  """S_t = S_{t-1} (diag(w_t) + a_t^T b_t) + v_t^T k_t, y_t = S_t r_t^T in float64 numpy."""
+  r, w, k, v, a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                      for x in (r, w, k, v, a, b))
+  s = np.asarray(state, np.float64)
+  ys = []
+  for t in range(r.shape[1]):
+    state_a = np.einsum("bhvk,bhk->bhv", s, a[:, t])
+    s = (s * w[:, t, :, None, :] + state_a[..., None] * b[:, t, :, None, :]
+         + v[:, t, :, :, None] * k[:, t, :, None, :])
+    ys.append(np.einsum("bhvk,bhk->bhv", s, r[:, t]))
+  return np.stack(ys, axis=1), s
 
 
 def make_inputs(seed, batch, t_len, heads, dk, dv, regime, dtype, with_state=True):
@@ -116,6 +135,45 @@ def test_streaming_in_two_pieces_equals_one_run(impl):
                       return_final_state=True)
   assert_close(jnp.concatenate([first, second], axis=1), expected, 1e-5, impl)
   assert_close(final, expected_final, 1e-5, impl)
+
+
+@pytest.mark.parametrize("impl", ("reference",) + FAST_IMPLS + ("pallas_tpu",))
+def test_domain_edges_match_float64(impl):
+  # Subnormal w (1e-38 at one step and channel, 1e-45 for a whole step of one head) and w = 1
+  # exactly: the chunked form's log(w) flushed the subnormal to -inf and gave NaN for the whole
+  # chunk and state; every form must be finite and right.
+  inputs, state, _ = make_inputs(11, 1, 37, 2, 32, 32, "middle", jnp.float32)
+  w = np.array(inputs[1])
+  w[0, 5, 0, 3] = 1e-38
+  w[0, 20, 1, :] = 1e-45
+  w[0, 30:, 0, ::2] = 1.0
+  inputs = (inputs[0], jnp.asarray(w), *inputs[2:])
+  expected, expected_final = recurrence_float64(*inputs, state)
+  out, final = run(impl, *inputs, initial_state=state, return_final_state=True)
+  assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(final)))
+  assert_close(out, expected, 1e-5, impl)
+  assert_close(final, expected_final, 1e-5, f"{impl} final state")
+
+
+@pytest.mark.parametrize("bad_w", [0.0, -0.1, 1.5, np.nan])
+def test_decay_outside_unit_interval_raises(bad_w):
+  # Concrete w is checked before tracing (the chunked and recurrent forms disagree outside).
+  w = np.full((1, 4, 2, 8), 0.5, np.float32)
+  w[0, 2, 1, 3] = bad_w
+  r, k, v, a, b = abstract(*((1, 4, 2, 8),) * 5)
+  with raises_before_tracing(ValueError, r"w must lie in \(0, 1\]"):
+    wkv7(r, jnp.asarray(w), k, v, a, b)
+  r_t, k_t, v_t, a_t, b_t, s_t = abstract(*((1, 2, 8),) * 5, (1, 2, 8, 8))
+  with raises_before_tracing(ValueError, r"w must lie in \(0, 1\]"):
+    wkv7_step(r_t, w[:, 2], k_t, v_t, a_t, b_t, s_t)
+
+
+@pytest.mark.parametrize("impl, interpret, error", [
+    ("bogus", False, ValueError), ("pallas_tpu", False, ValueError), ("auto", "yes", TypeError)])
+def test_step_validates_impl_like_the_parallel_form(impl, interpret, error):
+  inputs, state, _ = make_inputs(4, 1, 1, 2, 8, 8, "middle", jnp.float32)
+  with raises_before_tracing(error, "impl|interpret"):
+    wkv7_step(*(x[:, 0] for x in inputs), state, impl=impl, interpret=interpret)
 
 
 def test_step_token_by_token_equals_parallel_form():
