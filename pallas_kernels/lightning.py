@@ -106,7 +106,7 @@ def lightning_attention(
   impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
   if impl == "pallas_tpu":
     lightning_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, q.dtype, v.shape[3],
-                                   "blocks")
+                                   "blocks", "q")
   batch, _, heads, dk = q.shape
   state = (jnp.zeros((batch, heads, dk, v.shape[3]), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))

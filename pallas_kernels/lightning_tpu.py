@@ -52,10 +52,12 @@ def lane_dim(d: int) -> int:
   return max(8, dispatch.next_power_of_2(d)) if d <= 128 else dispatch.round_up(d, 128)
 
 
-def check_tpu_blocks(chunk: int, block_v: int, dtype, dv: int, what: str) -> None:
-  """Named errors, before tracing, for blocks that do not tile and dtypes the form lacks."""
+def check_tpu_blocks(chunk: int, block_v: int, dtype, dv: int, what: str, arg: str) -> None:
+  """Named errors, before tracing, for blocks that do not tile and dtypes the form lacks.
+
+  `what` names the blocks argument, `arg` the input whose dtype is checked."""
   if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-    raise TypeError(f"impl='pallas_tpu' supports float32 and bfloat16 inputs, got {dtype}")
+    raise TypeError(f"{arg} must be float32 or bfloat16 for impl='pallas_tpu', got {dtype}")
   if not isinstance(chunk, int) or chunk <= 0 or chunk % 8:
     raise ValueError(f"{what}.tpu_chunk must be a positive multiple of 8 (TPU sublanes), "
                      f"got {chunk!r}")

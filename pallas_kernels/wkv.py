@@ -126,7 +126,8 @@ def wkv7(
                      f"{blocks.xla_form!r}")
   impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
   if impl == "pallas_tpu":
-    wkv_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, r.dtype, v.shape[3], "blocks")
+    wkv_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, r.dtype, v.shape[3], "blocks",
+                             "r")
   batch, _, heads, dk = r.shape
   state = (jnp.zeros((batch, heads, v.shape[3], dk), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))
