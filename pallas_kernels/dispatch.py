@@ -7,7 +7,8 @@ an XLA shape error deep inside a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,45 @@ def resolve_impl(impl: str, interpret: bool, *, tpu_form: bool = False) -> str:
         f"impl='pallas_tpu' on the {backend!r} backend needs interpret=True (JAX's TPU interpret "
         "mode); use impl='xla' for a compiled path here")
   return impl
+
+
+# The devices `lowering_target` stands in for by default: sm_90 is also what JAX 0.10's Triton
+# lowering assumed when no GPU was present; "TPU v5 lite" (v5e) has one TensorCore per chip.
+DEFAULT_TARGET_KINDS = {"gpu": "NVIDIA H100", "tpu": "TPU v5 lite"}
+
+
+@contextlib.contextmanager
+def lowering_target(platform: str, device_kind: str | None = None,
+                    num_cores: int | None = None) -> Iterator[None]:
+  """Lower for a device this host does not have (ahead-of-time `jax.export` from a CPU host).
+
+  A Pallas lowering reads the target chip (a GPU's compute capability, a TPU's tiling) from the
+  device. JAX 0.10 assumed sm_90 when no GPU was present; newer JAX (0.12) raises "No supported
+  GPU devices found, please specify an abstract GPU device" instead and reads the target from the
+  `AbstractDevice` of the current abstract mesh. This context sets a one-device abstract mesh with
+  that device, which both versions accept (TPU lowering reads it on both). Only the lowering goes
+  inside: eager array operations under an abstract-only mesh are refused by new JAX.
+
+  Args:
+    platform: "gpu" or "tpu".
+    device_kind: the device's `device_kind` string, e.g. "NVIDIA H100" or "TPU v5 lite"; defaults
+      to `DEFAULT_TARGET_KINDS[platform]`.
+    num_cores: cores per device (TPU TensorCores), or None; for "tpu" it defaults to 1.
+  """
+  if platform not in DEFAULT_TARGET_KINDS:
+    raise ValueError(f"platform must be one of {tuple(DEFAULT_TARGET_KINDS)}, got {platform!r}")
+  if device_kind is None:
+    device_kind = DEFAULT_TARGET_KINDS[platform]
+  if not isinstance(device_kind, str) or not device_kind:
+    raise ValueError(f"device_kind must be a non-empty string, got {device_kind!r}")
+  if num_cores is None and platform == "tpu":
+    num_cores = 1
+  if num_cores is not None and (not isinstance(num_cores, int) or num_cores < 1):
+    raise ValueError(f"num_cores must be a positive int or None, got {num_cores!r}")
+  from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+  device = AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform=platform)
+  with use_abstract_mesh(AbstractMesh((1,), ("lowering_target",), abstract_device=device)):
+    yield
 
 
 def tpu_interpret_params(interpret: bool, *, detect_races: bool = False):

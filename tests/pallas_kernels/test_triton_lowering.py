@@ -3,6 +3,9 @@
 `jax.export` with `platforms=["cuda"]` runs the Pallas -> Triton lowering (the step that rejects
 unsupported primitives, non-power-of-two tiles or a wrong backend) without a GPU. Triton's own
 compilation to PTX happens only on a GPU: `experiments/device_check.py` covers that.
+
+The lowering needs a target GPU: JAX 0.10 assumed sm_90 when none was present, JAX 0.12 asks for
+an abstract GPU device, which `dispatch.lowering_target("gpu")` supplies on both (an H100, sm_90).
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+from pallas_kernels import dispatch
+from tests.bad_input import raises_before_tracing
+
 TRITON_CALL = "__gpu$xla.gpu.triton"
 B, T, H, D = 1, 200, 2, 64  # T deliberately not a multiple of any block
 
 
 def lower_for_cuda(fn, *args) -> str:
-  exported = export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+  # Only the lowering runs on the abstract device: the arguments are made before (new JAX refuses
+  # eager array operations while only an abstract mesh is set).
+  with dispatch.lowering_target("gpu"):
+    exported = export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
   return exported.mlir_module()
 
 
@@ -56,3 +65,19 @@ def test_kernel_lowers_to_triton(kernel, dtype):
                                                 interpret=False)
     args = (x,) * 6
   assert TRITON_CALL in lower_for_cuda(fn, *args)
+
+
+def test_lowering_target_restores_the_context_and_names_bad_arguments():
+  with dispatch.lowering_target("gpu"):
+    assert jax.sharding.get_abstract_mesh().abstract_device.device_kind == "NVIDIA H100"
+  assert jax.sharding.get_abstract_mesh().abstract_device is None
+  assert float(jnp.ones(3).sum()) == 3.0  # eager operations work again afterwards
+  with raises_before_tracing(ValueError, "platform"):
+    with dispatch.lowering_target("cuda"):
+      pass
+  with raises_before_tracing(ValueError, "device_kind"):
+    with dispatch.lowering_target("gpu", ""):
+      pass
+  with raises_before_tracing(ValueError, "num_cores"):
+    with dispatch.lowering_target("tpu", num_cores=0):
+      pass
