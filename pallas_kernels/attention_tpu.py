@@ -160,7 +160,9 @@ def attention_tpu(q, k, v, kv_lengths, q_offsets, *, causal: bool, scale: float,
 
   def kv_index(b, h, i, j, lengths_ref, offsets_ref):
     # Skipped blocks map onto the last visible one: same block index, so no new DMA.
-    return (b, h // groups, jnp.maximum(jnp.minimum(j, last(lengths_ref, offsets_ref, b, i)), 0),
+    # lax.div, not //: floor division lowers through `sign`, which Mosaic lowers per TPU
+    # generation (and so not on a host without one); h >= 0 makes the two agree.
+    return (b, lax.div(h, groups), jnp.maximum(jnp.minimum(j, last(lengths_ref, offsets_ref, b, i)), 0),
             0)
 
   q_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, block_q, d_pad), lambda b, h, i, j, *_: (b, h, i, 0))

@@ -1,8 +1,12 @@
 """Softmax attention: every impl against `reference.softmax_attention` and `jax.nn.dot_product_attention`.
 
+The Pallas forms run in interpreters: "pallas" (the GPU form) in Pallas' generic interpreter,
+"pallas_tpu" in JAX's TPU interpret mode (its own corner cases: `test_attention_tpu.py`).
+
 Tolerances, relative to the largest |reference| entry (plus the same relative slack per entry):
 fp32 1e-5 (the two forms sum in different orders); bf16 1e-2 (outputs are rounded to bf16,
-relative step 2^-8, and the flash kernel feeds bf16 probabilities to its second matmul).
+relative step 2^-8, and the flash kernels feed bf16 probabilities to their second matmul). The
+log-sum-exp is held to 1e-5 against a float64 logsumexp computed here.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import attention, attention_step, reference
+from bad_input import raises_before_tracing
+from pallas_kernels import AttentionBlocks, attention, attention_step, reference
 from kernel_checks import TOL, abstract, assert_close
 
-FAST_IMPLS = ("xla", "pallas")
+FAST_IMPLS = ("xla", "pallas", "pallas_tpu")
+ALL_IMPLS = ("reference",) + FAST_IMPLS
 
 
 def run(impl, *args, **kwargs):
-  return attention(*args, impl=impl, interpret=impl == "pallas", **kwargs)
+  return attention(*args, impl=impl, interpret=impl.startswith("pallas"), **kwargs)
 
 
 def make_qkv(seed, batch, tq, tk, heads, kv_heads, dim, dtype):
@@ -99,7 +105,8 @@ def test_decode_token_by_token_equals_causal_prefill(impl):
   for t in range(t_len):
     # The cache is allocated at full size; only the first t + 1 slots are valid.
     lengths = jnp.full((2,), t + 1, jnp.int32)
-    out = attention_step(q[:, t:t + 1], k, v, lengths, impl=impl, interpret=impl == "pallas")
+    out = attention_step(q[:, t:t + 1], k, v, lengths, impl=impl,
+                         interpret=impl.startswith("pallas"))
     assert_close(out[:, 0], expected[:, t], 1e-5, f"{impl} t={t}")
 
 
@@ -112,7 +119,7 @@ def test_speculative_verify_matches_prefill_rows(impl):
   lengths = jnp.asarray([10, 24], jnp.int32)
   prefill = reference.softmax_attention(q_all, k, v, causal=True)
   queries = jnp.stack([q_all[b, int(n) - draft:int(n)] for b, n in enumerate(lengths)])
-  out = attention_step(queries, k, v, lengths, impl=impl, interpret=impl == "pallas")
+  out = attention_step(queries, k, v, lengths, impl=impl, interpret=impl.startswith("pallas"))
   for b, n in enumerate(np.asarray(lengths)):
     assert_close(out[b], prefill[b, n - draft:n], 1e-5, f"{impl} sequence {b}")
 
@@ -129,7 +136,23 @@ def test_speculative_verify_matches_prefill_rows(impl):
         pytest.param(((2, 8, 4, 32),) * 3, {"impl": "pallas"}, ValueError, "interpret=True",
                      marks=pytest.mark.skipif(jax.default_backend() != "cpu",
                                               reason="Pallas compiles on accelerators")),
-        (((2, 8, 4, 32),) * 3, {"scale": jnp.float32(0.1)}, TypeError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": "0.1"}, TypeError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": True}, TypeError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": float("nan")}, ValueError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": np.float32(np.inf)}, ValueError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": jnp.asarray(0.0)}, ValueError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": -0.5}, ValueError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"scale": np.ones(2)}, ValueError, "scale"),
+        (((2, 8, 4, 32),) * 3, {"causal": True, "q_offsets": jnp.asarray([0, -1])}, ValueError,
+         "q_offsets"),
+        # Causal with Tq != Tk: the alignment must be chosen (q_offsets), never defaulted.
+        (((2, 3, 4, 32), (2, 8, 4, 32), (2, 8, 4, 32)), {"causal": True}, ValueError,
+         "q_offsets"),
+        (((2, 8, 4, 32),) * 3, {"impl": "pallas", "interpret": True,
+                                "blocks": AttentionBlocks(block_q=48)}, ValueError, "block_q"),
+        (((2, 8, 4, 32),) * 3, {"blocks": AttentionBlocks(xla_chunk=0), "impl": "xla"},
+         ValueError, "xla_chunk"),
+        (((2, 8, 4, 32),) * 3, {"return_lse": 1}, TypeError, "return_lse"),
         (((2, 8, 4, 32),) * 3, {"kv_lengths": jnp.ones((3,), jnp.int32)}, ValueError,
          "kv_lengths"),
         (((2, 8, 4, 32),) * 3, {"kv_lengths": jnp.ones((2,), jnp.float32)}, TypeError,
@@ -138,8 +161,63 @@ def test_speculative_verify_matches_prefill_rows(impl):
     ],
 )
 def test_bad_input_raises_before_tracing(shapes, kwargs, error, name):
-  with pytest.raises(error, match=name.replace("[", r"\[").replace("]", r"\]")):
+  with raises_before_tracing(error, name.replace("[", r"\[").replace("]", r"\]")):
     attention(*abstract(*shapes), **kwargs)
+
+
+def test_traced_scale_is_refused_by_name():
+  q, k, v = make_qkv(0, 1, 4, 4, 2, 2, 32, jnp.float32)
+  with pytest.raises(TypeError, match="scale"):
+    jax.jit(lambda s: attention(q, k, v, scale=s, impl="xla"))(0.3)
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.3), np.asarray(0.3), jnp.asarray(0.3), 0.3])
+def test_scale_accepts_python_numpy_and_jax_scalars(scale):
+  q, k, v = make_qkv(4, 1, 6, 6, 2, 1, 32, jnp.float32)
+  expected = reference.softmax_attention(q, k, v, causal=True, scale=0.3)
+  assert_close(attention(q, k, v, causal=True, scale=scale, impl="xla"), expected, 1e-6)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_log_sum_exp_matches_float64(impl):
+  # Causal with offsets and ragged lengths, one sequence seeing no key at all (lse = -inf);
+  # both the parallel and the step form return it.
+  q, k, v = make_qkv(6, 3, 5, 40, 4, 2, 32, jnp.float32)
+  lengths, offsets = np.asarray([40, 0, 23]), np.asarray([35, 3, 2])
+  scale = 0.4
+  qf, kf = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, axis=2)
+  logits = scale * np.einsum("bihd,bshd->bhis", qf, kf)
+  key, query = np.arange(40), offsets[:, None] + np.arange(5)
+  visible = (key[None, None] < lengths[:, None, None]) & (key[None, None] <= query[:, :, None])
+  with np.errstate(divide="ignore"):
+    expected = np.log(np.sum(np.where(visible[:, None], np.exp(logits), 0.0), axis=-1))
+  interpret = impl.startswith("pallas")
+  out, lse = attention(q, k, v, causal=True, scale=scale, kv_lengths=jnp.asarray(lengths),
+                       q_offsets=jnp.asarray(offsets), return_lse=True, impl=impl,
+                       interpret=interpret)
+  assert out.shape == q.shape and lse.shape == (3, 4, 5) and lse.dtype == jnp.float32
+  np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(expected))
+  finite = np.isfinite(expected)
+  assert_close(np.asarray(lse)[finite], expected[finite], 1e-5, impl)
+  # The step form: the newest token of each cache (row lengths - 1), same statistics.
+  step_q = q[:, :1]
+  _, step_lse = attention_step(step_q, k, v, jnp.asarray([40, 1, 23]), scale=scale,
+                               return_lse=True, impl=impl, interpret=interpret)
+  direct = attention(step_q, k, v, causal=True, scale=scale, kv_lengths=jnp.asarray([40, 1, 23]),
+                     q_offsets=jnp.asarray([39, 0, 22]), return_lse=True, impl="reference")[1]
+  assert_close(step_lse, direct, 1e-5, f"{impl} step")
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_bottom_right_alignment_is_the_last_rows_of_the_square_mask(impl):
+  # q_offsets = Tk - Tq puts the Tq queries at the bottom right of the causal mask: they equal
+  # the last Tq rows of the square causal attention; zeros (top-left) the first Tq rows.
+  q_all, k, v = make_qkv(8, 2, 20, 20, 2, 2, 32, jnp.float32)
+  full = reference.softmax_attention(q_all, k, v, causal=True)
+  bottom = run(impl, q_all[:, -4:], k, v, causal=True, q_offsets=jnp.full((2,), 16, jnp.int32))
+  top = run(impl, q_all[:, :4], k, v, causal=True, q_offsets=jnp.zeros((2,), jnp.int32))
+  assert_close(bottom, full[:, -4:], 1e-5, f"{impl} bottom-right")
+  assert_close(top, full[:, :4], 1e-5, f"{impl} top-left")
 
 
 def test_mismatched_dtypes_raise():
