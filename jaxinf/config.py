@@ -77,7 +77,8 @@ def _describe(annotation: str) -> str:
   for part in annotation.split("|"):
     part = part.strip()
     if part.startswith("tuple[") and part.endswith(", ...]"):
-      parts.append(f"a tuple of {_describe(part[len('tuple['):-len(', ...]')])}s")
+      inner = _describe(part[len("tuple["):-len(", ...]")])
+      parts.append(f"a tuple whose items are each {inner}")
     else:
       parts.append(_EXPECTED.get(part, part))
   return " or ".join(parts)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 StateDict = dict[str, np.ndarray]
@@ -64,7 +65,7 @@ def _read_f32(f, path: Path, name: str) -> np.ndarray:
   except (TypeError, ValueError):
     value = None  # a dtype numpy lacks (bfloat16): read through torch below
   if value is not None:
-    if not np.issubdtype(value.dtype, np.floating):
+    if not jnp.issubdtype(value.dtype, jnp.floating):  # jnp: knows ml_dtypes' bfloat16 too
       raise TypeError(f"paths: tensor {name!r} in {str(path)!r} has dtype {value.dtype.name}; "
                       "expected floating-point weights")
     return _finite(np.asarray(value, np.float32), path, name)
