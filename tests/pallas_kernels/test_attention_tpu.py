@@ -21,7 +21,7 @@ from jax import export
 
 from bad_input import raises_before_tracing
 from kernel_checks import TOL, abstract, assert_close
-from pallas_kernels import AttentionBlocks, attention, attention_step, reference
+from pallas_kernels import AttentionBlocks, attention, attention_step, dispatch, reference
 from pallas_kernels import attention_tpu as tpu_module
 
 SMALL = AttentionBlocks(tpu_block_q=16, tpu_block_k=128)
@@ -120,7 +120,8 @@ def test_tpu_form_lowers_for_tpu(dtype):
   fn = lambda q, k, v, lengths, offsets: tpu_module.attention_tpu(
       q, k, v, lengths, offsets, causal=True, scale=0.125, block_q=blocks.tpu_block_q,
       block_k=blocks.tpu_block_k, return_lse=True)
-  mlir = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, ints, ints).mlir_module()
+  with dispatch.lowering_target("tpu"):  # a TPU (v5e) as the abstract target device
+    mlir = export.export(jax.jit(fn), platforms=["tpu"])(q, k, k, ints, ints).mlir_module()
   assert "tpu_custom_call" in mlir and "flash_attention_tpu" in mlir
 
 

@@ -45,8 +45,10 @@ def test_kernel_lowers_to_triton(kernel, dtype):
   x = jnp.ones((B, T, H, D), dtype)
   if kernel == "flash":
     limits = jnp.full((B, T), T, jnp.int32)
+    blocks = module("attention").AttentionBlocks()  # the default tiles, and the lse output
     fn = lambda q, k, v: module("attention")._attention_pallas(
-        q, k, v, limits, scale=0.1, block_q=64, block_k=64, interpret=False)
+        q, k, v, limits, scale=0.1, block_q=blocks.block_q, block_k=blocks.block_k,
+        interpret=False, return_lse=True)
     args = (x, x[:, :, :1], x[:, :, :1])  # GQA: one KV head
   elif kernel == "lightning":
     fn = lambda q, k, v: module("lightning")._lightning_pallas(
