@@ -202,8 +202,12 @@ def _band_forward(model, cfg, lay: _Layout, axis: str, x_tok, t, y, kv, kind: st
       mask = jnp.broadcast_to(visible, (band, 2 * m + band))[None, None]
       n = lay.n
       # band i-1's last m tokens to band i; band i+1's first m tokens to band i
-      from_left = lax.ppermute(fresh[:, :, band - m:], axis, [(j, j + 1) for j in range(n - 1)])
-      from_right = lax.ppermute(fresh[:, :, :m], axis, [(j, j - 1) for j in range(1, n)])
+      if n == 1:  # no neighbours: nothing to send (an empty permute would still be emitted)
+        from_left = from_right = jnp.zeros_like(fresh[:, :, :m])
+      else:
+        from_left = lax.ppermute(fresh[:, :, band - m:], axis,
+                                 [(j, j + 1) for j in range(n - 1)])
+        from_right = lax.ppermute(fresh[:, :, :m], axis, [(j, j - 1) for j in range(1, n)])
       new_kv.append(jnp.concatenate([from_left, from_right], axis=2))
     out = jax.nn.dot_product_attention(q, keys[0], keys[1], mask=mask)
     attn = block.attn.proj(out.reshape(bl, band, d))
@@ -343,6 +347,11 @@ def _shape_bytes(text: str) -> int:
 
 
 def _group_size(line: str) -> int:
+  # replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the product of the listed axes' sizes
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if named:
+    sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", named.group(1))}
+    return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", named.group(2)))
   iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
   if iota:
     return int(iota.group(2))
