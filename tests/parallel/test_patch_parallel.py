@@ -192,3 +192,19 @@ def test_bad_input_named_before_tracing(setup):
   with raises_before_tracing(ValueError, "shape"):
     pp.sample_patch_parallel(jax.random.key(0), s["cfg"], s["params"], s["schedule"], DDIM(),
                              (3, 8, 8, 1), steps=STEPS, cond=s["labels"][:3], mesh=s["mesh"])
+
+
+def test_hlo_parser_reads_each_replica_group_form():
+  # the three spellings of replica groups XLA prints; group size 4 in each
+  lines = [
+      "%ag = f32[2,16]{1,0} all-gather(f32[2,4]{1,0} %x), replica_groups=[2,4]<=[8], "
+      "dimensions={1}",
+      "%ar = f32[8]{0} all-reduce(%y), channel_id=2, replica_groups=mesh['axis_0'=2,"
+      "'axis_1'=4] {'axis_1'}, to_apply=%add",
+      "%cp = bf16[3,2]{1,0} collective-permute(%z), source_target_pairs={{0,1},{1,2}}",
+      "%ar2 = f32[8]{0} all-reduce(%w), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+  ]
+  got = pp.hlo_collective_bytes("\n".join(lines))
+  assert got["all-gather"] == 2 * 4 * 4 and got["all-reduce"] == 2 * 8 * 4
+  assert got["collective-permute"] == 3 * 2 * 2
+  assert got["sent"] == 32 * 3 + 2 * (2 * 32 * 3 / 4) + 12
