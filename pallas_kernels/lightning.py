@@ -17,7 +17,7 @@ O(T C D + T D^2): linear in T.
 
 Decays live in log space: a block's decay matrix is exp(log_lambda * (i - j)) with integer lags,
 masked before the exp, so lambda near 0 underflows to exact zeros instead of producing inf * 0.
-log_lambda is clamped below at log(smallest normal fp32) (`LOG_TINY`): a subnormal decay, which
+log_lambda is clamped below at log(smallest normal fp32): a subnormal decay, which
 the hardware may flush to 0 before the log, would otherwise give -inf and then NaN.
 The state, its read q S and its update K^T V are fp32 in every form, whatever the input dtype.
 """
@@ -31,13 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-import numpy as np
 
 from pallas_kernels import dispatch, lightning_tpu, reference
 from pallas_kernels.dispatch import SQUEEZED
-from pallas_kernels.lightning_tpu import LOG_TINY
-
-_TINY = float(np.finfo(np.float32).tiny)
+from pallas_kernels.lightning_tpu import TINY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +122,9 @@ def lightning_attention(
 
 
 def log_decays(decay: jax.Array) -> jax.Array:
-  """log lambda in fp32, clamped below at `LOG_TINY` (finite for every decay in (0, 1])."""
-  return jnp.maximum(jnp.log(jnp.maximum(decay.astype(jnp.float32), _TINY)), LOG_TINY)
+  """log lambda in fp32, lambda clamped below at `TINY` (the smallest normal fp32), so the log is
+  finite for every decay in (0, 1], subnormal ones included."""
+  return jnp.log(jnp.maximum(decay.astype(jnp.float32), TINY))
 
 
 def lightning_attention_step(

@@ -32,16 +32,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
-import numpy as np
 
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import SQUEEZED
 
 # log of the smallest normal fp32: the floor of every log decay (see the module docstring).
-LOG_TINY = math.log(float(np.finfo(np.float32).tiny))
+TINY = float(np.finfo(np.float32).tiny)
+LOG_TINY = math.log(TINY)
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

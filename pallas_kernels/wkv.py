@@ -32,13 +32,10 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
-import numpy as np
 
 from pallas_kernels import dispatch, reference, wkv_tpu
 from pallas_kernels.dispatch import SQUEEZED
-from pallas_kernels.lightning_tpu import LOG_TINY
-
-_TINY = float(np.finfo(np.float32).tiny)
+from pallas_kernels.lightning_tpu import TINY
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -224,7 +221,7 @@ def _wkv7_xla(r, w, k, v, a, b, state, *, chunk: int):
   # state is the state after the last real token.
   rc, kc, vc, ac, bc = (to_chunks(x) for x in (r, k, v, a, b))
   # Clamped: log of a subnormal w (flushed to 0) is -inf, and -inf - -inf = NaN below.
-  log_w = to_chunks(jnp.maximum(jnp.log(jnp.maximum(w.astype(f32), _TINY)), LOG_TINY))
+  log_w = to_chunks(jnp.log(jnp.maximum(w.astype(f32), TINY)))
   strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)[:, :, None]
   inclusive = jnp.tril(jnp.ones((chunk, chunk), bool))[:, :, None]
 

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import export
-
-from pallas_kernels import LightningBlocks, lightning_attention, lightning_attention_step, reference
-from pallas_kernels import lightning_tpu
 from kernel_checks import TOL, abstract, assert_close
 from test_lightning_vs_reference import make_inputs
+
+from pallas_kernels import (
+  LightningBlocks,
+  lightning_attention,
+  lightning_attention_step,
+  lightning_tpu,
+  reference,
+)
 from tests.bad_input import raises_before_tracing
 
 BLOCKS = LightningBlocks(tpu_chunk=16, tpu_block_v=128)

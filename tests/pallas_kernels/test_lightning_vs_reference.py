@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from kernel_checks import TOL, abstract, assert_close
 
 from pallas_kernels import lightning_attention, lightning_attention_step, reference
-from kernel_checks import TOL, abstract, assert_close
 from tests.bad_input import raises_before_tracing
 
 # The TPU form runs in TPU interpret mode in its own, smaller module (test_lightning_tpu.py) and

@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
-
-from pallas_kernels import WKVBlocks, reference, wkv7, wkv7_step
-from pallas_kernels import wkv_tpu
 from kernel_checks import TOL, abstract, assert_close
 from test_wkv_vs_reference import make_inputs
+
+from pallas_kernels import WKVBlocks, reference, wkv7, wkv7_step, wkv_tpu
 from tests.bad_input import raises_before_tracing
 
 BLOCKS = WKVBlocks(tpu_chunk=16, tpu_block_v=128)

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from kernel_checks import TOL, abstract, assert_close
 
 from pallas_kernels import WKVBlocks, reference, wkv7, wkv7_step
-from kernel_checks import TOL, abstract, assert_close
 from tests.bad_input import raises_before_tracing
 
 # Both XLA forms are checked, whatever "auto" picks on this backend. The TPU form runs in TPU
