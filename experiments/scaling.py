@@ -146,7 +146,7 @@ def _dit_rows(cfg: Config, n: int, ref: dict, host_params) -> list[dict]:
     ref.setdefault("dit", out)
     rows.append(dict(model=cfg.dit, work=f"DDIM {cfg.ddim_steps}", parallel=kind, devices=n,
                      mesh=where, max_abs_diff=float(np.abs(out - ref["dit"]).max()),
-                     tokens_identical="", bytes_per_step=hlo["sent"],
+                     max_abs_ref=float(np.abs(ref["dit"]).max()), tokens_identical="", bytes_per_step=hlo["sent"],
                      closed_form="", seconds=seconds))
   return rows
 
@@ -171,7 +171,7 @@ def _lm_rows(cfg: Config, n: int, ref: dict) -> list[dict]:
       seconds = _timed(lambda: compiled(params, x), cfg.repeats)
     ref.setdefault("lm", tokens)
     rows.append(dict(model=f"transformer w{cfg.lm_width}", work=f"greedy {cfg.new_tokens}",
-                     parallel=kind, devices=n, mesh=where, max_abs_diff="",
+                     parallel=kind, devices=n, mesh=where, max_abs_diff="", max_abs_ref="",
                      tokens_identical=bool((tokens == ref["lm"]).all()),
                      bytes_per_step=hlo["sent"], closed_form="", seconds=seconds))
   return rows
@@ -212,7 +212,8 @@ def _patch_rows(cfg: Config, n: int, ref: dict, params) -> list[dict]:
     closed = pp.closed_form_communication(dcfg, mesh, patch, cfg.batch, stale=stale)
     rows.append(dict(model=cfg.dit, work=f"DDIM {cfg.ddim_steps}", parallel=f"patch {mode}",
                      devices=n, mesh=f"sequence={n}",
-                     max_abs_diff=float(np.abs(out - ref["patch"]).max()), tokens_identical="",
+                     max_abs_diff=float(np.abs(out - ref["patch"]).max()),
+                     max_abs_ref=float(np.abs(ref["patch"]).max()), tokens_identical="",
                      bytes_per_step=hlo["sent"], closed_form=closed["sent"],
                      seconds=_timed(draw, cfg.repeats)))
   return rows
@@ -291,10 +292,13 @@ def run(cfg: Config) -> dict:
   notes = (
       f"{len(jax.devices())} {jax.devices()[0].platform} devices sharing the host's CPU cores "
       f"(wall times include collectives but no real parallel speed-up). `max_abs_diff` against "
-      f"the 1-device row of the same model (fp32); `tokens_identical` greedy tokens vs 1 device; "
-      f"`bytes_per_step`: bytes one device sends per step, from the compiled HLO "
-      f"(all-gather operand x (g-1), collective-permute operand, all-reduce 2(g-1)/g x operand; "
-      f"data/tensor rows: every collective of the compiled loop, loop bodies counted once); "
+      f"the 1-device row of the same model (fp32; `max_abs_ref`: the largest |x| of that row, "
+      f"large for the random-weight DiT's epsilon-prediction samples); `tokens_identical`: "
+      f"greedy tokens vs 1 device. `bytes_per_step`: bytes the busiest device sends per step, "
+      f"from the compiled HLO (all-gather operand x (g-1), collective-permute operand, "
+      f"all-reduce 2(g-1)/g x operand; data/tensor rows: every collective of the compiled loop, "
+      f"loop bodies counted once). A PCPP band with two neighbours sends both permutes; at 2 "
+      f"bands each has one, so there a device sends half the PCPP figure. "
       f"`closed_form`: the same from the shapes (patch rows). Patch stale rows: a stale step "
       f"(warm-up steps cost the exact row's bytes). DistriFusion/PCPP `max_abs_diff` is the "
       f"stale approximation, not an error.\n\n"
