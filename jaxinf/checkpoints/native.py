@@ -23,7 +23,10 @@ class CheckpointStore:
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        # Named up front so a fresh manager (a new process resuming) can read the stored tree's
+        # metadata before restoring; without it orbax returns no metadata for the item.
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def save(self, step: int, tree: Any) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(tree))
