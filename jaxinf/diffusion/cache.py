@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_key
 from jaxinf.diffusion.denoiser import Denoiser
-from jaxinf.diffusion.reverse import (apply_step, check_key, initial_noise, model_inputs, prepare,
+from jaxinf.diffusion.reverse import (apply_step, initial_noise, model_inputs, prepare,
                                       step_noise)
 
 

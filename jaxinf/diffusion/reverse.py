@@ -112,26 +112,6 @@ def _check_float_array(name: str, value, shape: tuple[int, ...], why: str = ""):
   return value
 
 
-def check_key(key) -> None:
-  """A single PRNG key: a typed key array of shape () (`jax.random.key(seed)`), or a legacy raw
-  uint32 key of shape (2,) (`jax.random.PRNGKey(seed)`). An int, or a batch of keys, is refused."""
-  dtype = getattr(key, "dtype", None)
-  if dtype is None:
-    raise TypeError(f"key: expected a PRNG key such as jax.random.key(seed), got "
-                    f"{type(key).__name__} {key!r}"[:200])
-  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    if key.shape != ():
-      raise ValueError(f"key: expected a single key, got a batch of keys of shape {key.shape} "
-                       f"(vmap over keys, or split for separate calls)")
-    return
-  if dtype == jnp.uint32 and tuple(key.shape) == (2,):
-    return
-  if dtype == jnp.uint32 and key.ndim >= 2 and key.shape[-1] == 2:
-    raise ValueError(f"key: expected a single key, got a batch of raw keys of shape {key.shape}")
-  raise TypeError(f"key: expected a PRNG key such as jax.random.key(seed), got an array of dtype "
-                  f"{dtype} and shape {tuple(key.shape)}")
-
-
 # --- inside the loop ----------------------------------------------------------------------------
 
 def initial_noise(key: jax.Array, x_init: jax.Array | None, init_scale: jax.Array,

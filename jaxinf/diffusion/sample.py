@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_key
 from jaxinf.diffusion.cache import sample_cached
 from jaxinf.diffusion.denoiser import Denoiser
-from jaxinf.diffusion.reverse import (apply_step, check_key, denoise_step, initial_noise,
+from jaxinf.diffusion.reverse import (apply_step, denoise_step, initial_noise,
                                       model_inputs, prepare, step_noise)
 
 
