@@ -24,13 +24,18 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinf.checkpoints.native import CheckpointStore
 from jaxinf.decoding.generate import generate
+from jaxinf.decoding.jacobi import jacobi_generate, lookahead_generate
+from jaxinf.decoding.lookup import prompt_lookup_generate, trie_lookahead_generate
+from jaxinf.decoding.medusa import medusa_generate
 from jaxinf.decoding.speculative import speculative_generate
+from jaxinf.diffusion import cache as fc
 from jaxinf.diffusion import schedules
-from jaxinf.diffusion.denoiser import dit_denoiser
+from jaxinf.diffusion.denoiser import dit_denoiser, dit_feature_apply
 from jaxinf.diffusion.sample import sample
 from jaxinf.diffusion.solvers import DDIM
 from jaxinf.models import dit, families
 from jaxinf.models.functional import to_functional
+from jaxinf.models.medusa import medusa_heads
 from jaxinf.parallel import mesh as mesh_lib
 from jaxinf.parallel import shard
 from tests.decoding.families import FAMILIES, tiny_model
@@ -166,4 +171,70 @@ def test_checkpoint_saved_on_data_mesh_restores_onto_data_tensor(dit_reference, 
                params, restored)
   with jax.set_mesh(target):
     got = _dit_sample(restored, shard.shard_batch(labels, target))
+  np.testing.assert_allclose(np.asarray(got), expected, **TOL)
+
+
+# --- the other lossless decoders and the feature-cached sampler ---------------------------------
+
+_DECODERS = {
+    "prompt_lookup": lambda m, p, x, k: prompt_lookup_generate(m, p, x, k, max_new_tokens=NEW,
+                                                               ngram=2),
+    "trie_lookahead": lambda m, p, x, k: trie_lookahead_generate(m, p, x, k, max_new_tokens=NEW,
+                                                                 ngram=2),
+    "jacobi": lambda m, p, x, k: jacobi_generate(m, p, x, k, max_new_tokens=NEW, window=3),
+    "lookahead": lambda m, p, x, k: lookahead_generate(m, p, x, k, max_new_tokens=NEW, window=3),
+}
+
+
+@pytest.fixture(scope="module")
+def transformer(prompts):
+  """The tiny transformer, its params and one-device greedy `generate` tokens."""
+  model, params = tiny_model("transformer")
+  tokens = generate(model, params, prompts, jax.random.key(0), max_new_tokens=NEW).tokens
+  return model, params, np.asarray(tokens)
+
+
+@pytest.mark.parametrize("decoder", list(_DECODERS))
+def test_draft_verify_decoders_on_a_mesh(transformer, prompts, meshes, decoder):
+  """Prompt lookup, trie Lookahead, Jacobi and lookahead decoding (greedy, so equal to
+  `generate`'s tokens on one device) with sharded params and rows. One family suffices: the
+  decoders reach the model only through the SequenceModel contract, which the tests above shard
+  for every family."""
+  model, params, tokens = transformer
+  mesh = meshes["data_tensor"]
+  with jax.set_mesh(mesh):
+    out = _DECODERS[decoder](model, shard.shard_params(model, params, mesh),
+                             shard.shard_batch(prompts, mesh), jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out.tokens), tokens)
+
+
+def test_medusa_on_a_mesh(transformer, prompts, meshes):
+  """Medusa's tree verification with sharded target params (heads replicated): greedy tokens equal
+  one-device `generate`."""
+  model, params, tokens = transformer
+  heads, head_params = medusa_heads(model, params, num_heads=4)  # DEFAULT_TREE: 4 deep
+  mesh = meshes["data_tensor"]
+  with jax.set_mesh(mesh):
+    out = medusa_generate(model, shard.shard_params(model, params, mesh), heads, head_params,
+                          shard.shard_batch(prompts, mesh), jax.random.key(0),
+                          max_new_tokens=NEW)
+  np.testing.assert_array_equal(np.asarray(out.tokens), tokens)
+
+
+def test_feature_cached_dit_sample_on_a_mesh(dit_reference, meshes):
+  """FORA-style feature caching (every 2nd step reuses the cached block outputs) on the data x
+  tensor mesh equals the same cached sampler on one device."""
+  params, labels, _ = dit_reference
+  apply = _dit_apply()
+  features = dit_feature_apply(nnx.eval_shape(lambda: dit.DiT(DIT, rngs=nnx.Rngs(0))))
+
+  def run(p, y):
+    den = dit_denoiser(apply, p, DIT, features=features)
+    return sample(jax.random.key(0), den, schedules.NoiseSchedule(), DDIM(),
+                  (BATCH, *DIT.sample_shape), steps=4, cond=y, cache=fc.fixed_interval(4, 2))
+
+  expected = np.asarray(run(params, jnp.asarray(labels)))
+  mesh = meshes["data_tensor"]
+  with jax.set_mesh(mesh):
+    got = run(shard.shard_params(DIT, params, mesh), shard.shard_batch(labels, mesh))
   np.testing.assert_allclose(np.asarray(got), expected, **TOL)
