@@ -9,9 +9,11 @@ per channel d with a diagonal [N] state. `reference.selective_scan` is the spec.
   `lax.associative_scan` (Blelloch 1990) on the pairs (a, b), O(C D N log C) work in log depth,
   on parallel hardware; on CPU a sequential `lax.scan` over the block's steps is faster
   (`SelectiveScanBlocks.xla_inner`).
-* "pallas": one program per (batch, group, block of channels) walking time with the fp32
-  [N, block_d] state in registers, the fused recurrent form of mamba_ssm's CUDA kernel
+* "pallas_gpu" (Triton): one program per (batch, group, block of channels) walking time with the
+  fp32 [N, block_d] state in registers, the fused recurrent form of mamba_ssm's CUDA kernel
   (state never leaves the chip; each step reads one row of u, delta, z, B, C and writes y).
+* "pallas_tpu" (Mosaic): `selective_scan_tpu.py`, the same recurrence with time chunks on a
+  sequential grid axis, channel blocks on a parallel one and the fp32 state in VMEM scratch.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import dispatch, reference
+from pallas_kernels import dispatch, reference, selective_scan_tpu
 from pallas_kernels.dispatch import SQUEEZED
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectiveScanBlocks:
-  """Static sizes: `block_d` channels per Pallas program, `xla_chunk` steps per XLA block.
+  """Static sizes: `block_d` channels per GPU Pallas program, `xla_chunk` steps per XLA block;
+  `tpu_chunk` steps per time chunk of the TPU kernel (a multiple of 8, of 16 for bfloat16) and
+  `tpu_block_d` channels per TPU program (a multiple of 128; a single group of at most that many
+  channels is one block of its full width).
 
   `xla_inner` is how the XLA form solves the recurrence inside a block: "associative" (log-depth
   `lax.associative_scan`, for parallel hardware), "sequential" (a `lax.scan` over the block's
@@ -41,6 +46,8 @@ class SelectiveScanBlocks:
   block_d: int = 64
   xla_chunk: int = 64
   xla_inner: str = "auto"
+  tpu_chunk: int = 64
+  tpu_block_d: int = 256
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
@@ -57,14 +64,18 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     raise ValueError(f"A must have shape [D={channels}, N], got {A.shape}")
   n_state = A.shape[1]
   for name, x in (("B", B), ("C", C)):
-    if not hasattr(x, "ndim") or x.ndim not in (3, 4):
-      raise ValueError(f"{name} must be [B, T, N] or grouped [B, T, G, N], got "
-                       f"{getattr(x, 'shape', type(x).__name__)}")
+    if not hasattr(x, "ndim") or x.ndim not in (2, 3, 4):
+      raise ValueError(f"{name} must be [B, T, N], grouped [B, T, G, N] or time-invariant [D, N], "
+                       f"got {getattr(x, 'shape', type(x).__name__)}")
     dispatch.check_array(name, x, x.ndim)
   if B.shape != C.shape:
     raise ValueError(f"B and C must have the same shape, got {B.shape} and {C.shape}")
   dispatch.check_same_dtype(("B", "C"), (B, C))
-  if B.shape[:2] != (batch, t_len) or B.shape[-1] != n_state:
+  if B.ndim == 2:
+    if B.shape != (channels, n_state):
+      raise ValueError(f"B must be time-invariant [D={channels}, N={n_state}] when 2-D, got "
+                       f"{B.shape}")
+  elif B.shape[:2] != (batch, t_len) or B.shape[-1] != n_state:
     raise ValueError(f"B must be [B={batch}, T={t_len}, (G,) N={n_state}], got {B.shape}")
   if B.ndim == 4 and channels % B.shape[2]:
     raise ValueError(f"the number of groups (B.shape[2]={B.shape[2]}) must divide D={channels}")
@@ -107,10 +118,14 @@ def selective_scan(
 
   Args:
     u, delta: [B, T, D] (one dtype).  A: [D, N], real.
-    B, C: [B, T, N], or grouped [B, T, G, N] (channel d reads group d // (D // G)).
+    B, C: [B, T, N], or grouped [B, T, G, N] (channel d reads group d // (D // G)), or
+      time-invariant [D, N] (mamba_ssm's non-selective case, an S4D layer).
     D, delta_bias: [D].  z: [B, T, D].
     initial_state: [B, D, N] (fp32), default zeros.
-    impl: "auto" | "reference" | "xla" | "pallas".  interpret: Pallas interpreter (CPU).
+    impl: "auto" | "reference" | "xla" | "pallas" | "pallas_gpu" | "pallas_tpu" (see
+      `dispatch.resolve_impl`).  interpret: run a Pallas form in its interpreter (CPU).
+    blocks: `SelectiveScanBlocks`; the TPU form refuses blocks that do not tile and dtypes other
+      than float32 / bfloat16 before tracing.
   Returns:
     out [B, T, D] in u's dtype; with `return_final_state`, (out, x_{T-1} [B, D, N] fp32).
   """
@@ -120,7 +135,10 @@ def selective_scan(
   if blocks.xla_inner not in ("auto", "associative", "sequential"):
     raise ValueError("blocks.xla_inner must be 'auto', 'associative' or 'sequential', got "
                      f"{blocks.xla_inner!r}")
-  impl = dispatch.resolve_impl(impl, interpret)
+  impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  if impl == "pallas_tpu":
+    selective_scan_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_d, u.dtype, "blocks",
+                                        "u")
   batch, _, channels = u.shape
   state = (jnp.zeros((batch, channels, A.shape[1]), jnp.float32) if initial_state is None
            else initial_state.astype(jnp.float32))
@@ -134,6 +152,10 @@ def selective_scan(
     out, final = _selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, state,
                                      delta_softplus=delta_softplus, chunk=blocks.xla_chunk,
                                      inner=inner)
+  elif impl == "pallas_tpu":
+    out, final = selective_scan_tpu.selective_scan_tpu(
+        u, delta, A, B, C, D, z, delta_bias, state, delta_softplus=delta_softplus,
+        chunk=blocks.tpu_chunk, block_d=blocks.tpu_block_d, interpret=interpret)
   else:
     out, final = _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state,
                                         delta_softplus=delta_softplus, block_d=blocks.block_d,
@@ -152,11 +174,16 @@ def selective_scan_step(
     z: jax.Array | None = None,
     delta_bias: jax.Array | None = None,
     delta_softplus: bool = False,
+    *,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """One decoding step of the selective scan (mamba_ssm's `selective_state_update`).
 
-  Plain jnp: one token is a [D, N] multiply-add. For k > 1 tokens call `selective_scan` with
-  `initial_state=state, return_final_state=True`.
+  One token is a [D, N] multiply-add, so every impl runs the same plain jnp step (a kernel launch
+  would cost more than the arithmetic); `impl` and `interpret` are validated like
+  `selective_scan`'s (one API for every op) and otherwise unused. For k > 1 tokens call
+  `selective_scan` with `initial_state=state, return_final_state=True`.
 
   Args:
     state: [B, D, N].  u, delta: [B, D].  A: [D, N].  B, C: [B, N] or [B, G, N].
@@ -164,7 +191,10 @@ def selective_scan_step(
   Returns:
     (out [B, D] in u's dtype, new state [B, D, N] fp32).
   """
-  add_time = lambda x: None if x is None else x[:, None]
+  dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  # The shapes with a time axis of 1, for `_check` (placeholders: nothing is computed here).
+  add_time = lambda x: (jax.ShapeDtypeStruct((x.shape[0], 1, *x.shape[1:]), x.dtype)
+                        if hasattr(x, "shape") and hasattr(x, "dtype") and x.ndim else x)
   _check(add_time(u), add_time(delta), A, add_time(B), add_time(C), D, add_time(z), delta_bias,
          state)
   if not isinstance(delta_softplus, bool):
@@ -221,10 +251,11 @@ def _combine(earlier, later):
 def _selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, state, *, delta_softplus: bool,
                         chunk: int, inner: str):
   f32 = jnp.float32
-  _, t_len, channels = u.shape
+  t_len = u.shape[1]
+  time_invariant = B.ndim == 2
   if B.ndim == 3:
     B, C = B[:, :, None, :], C[:, :, None, :]
-  groups = B.shape[2]
+  groups = 1 if time_invariant else B.shape[2]
   chunk = min(chunk, t_len)
   padded = dispatch.round_up(t_len, chunk)
   u32 = u.astype(f32)
@@ -234,20 +265,25 @@ def _selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, state, *, delta_sof
                                   "b (n c) (g d) -> n c b g d", c=chunk, g=groups)
   bc_blocks = lambda x: rearrange(dispatch.pad_axis(x.astype(f32), 1, padded),
                                   "b (n c) g s -> n c b g s", c=chunk)
-  A_g = rearrange(A.astype(f32), "(g d) s -> g d s", g=groups)
+  per_channel = lambda x: rearrange(x.astype(f32), "(g d) s -> g d s", g=groups)
+  A_g = per_channel(A)
   state = rearrange(state, "b (g d) s -> b g d s", g=groups)
+  # B_t, C_t per step: [..., G, N] read by every channel of a group, or one time-invariant
+  # [G=1, D, N] (then the scanned B, C are None and these constants are used).
+  B_ti, C_ti = (per_channel(B), per_channel(C)) if time_invariant else (None, None)
+  per_state = lambda x_t, fixed: fixed if time_invariant else x_t[..., :, None, :]  # [.., G, Dg, N]
 
   def coefficients(u_c, dt_c, B_c):
     """x_t = decay_t * x_{t-1} + drive_t, [..., G, Dg, N]."""
     decay = jnp.exp(dt_c[..., None] * A_g)
-    drive = (dt_c * u_c)[..., None] * B_c[..., :, None, :]
+    drive = (dt_c * u_c)[..., None] * per_state(B_c, B_ti)
     return decay, drive
 
   def step(x, inputs):
     u_t, dt_t, B_t, C_t = inputs  # [B, G, Dg] and [B, G, N]
     decay, drive = coefficients(u_t, dt_t, B_t)
     x = decay * x + drive
-    return x, jnp.einsum("bgds,bgs->bgd", x, C_t)
+    return x, jnp.sum(x * per_state(C_t, C_ti), axis=-1)
 
   def block(x, inputs):
     if inner == "sequential":
@@ -256,15 +292,17 @@ def _selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, state, *, delta_sof
     decay, drive = coefficients(u_c, dt_c, B_c)
     decay_cum, drive_cum = lax.associative_scan(_combine, (decay, drive), axis=0)
     xs = decay_cum * x[None] + drive_cum
-    return xs[-1], jnp.einsum("cbgds,cbgs->cbgd", xs, C_c)
+    return xs[-1], jnp.sum(xs * per_state(C_c, C_ti), axis=-1)
 
-  final, ys = lax.scan(block, state, (to_blocks(u32), to_blocks(dt), bc_blocks(B), bc_blocks(C)))
+  bc = (None, None) if time_invariant else (bc_blocks(B), bc_blocks(C))
+  final, ys = lax.scan(block, state, (to_blocks(u32), to_blocks(dt), *bc))
   y = rearrange(ys, "n c b g d -> b (n c) (g d)")[:, :t_len]
   out = _finish(y, u32, D, z)
   return out.astype(u.dtype), rearrange(final, "b g d s -> b (g d) s")
 
 
-def _selective_scan_kernel(*refs, length: int, delta_softplus: bool, has_z: bool):
+def _selective_scan_kernel(*refs, length: int, delta_softplus: bool, has_z: bool,
+                           time_invariant: bool):
   """One (batch, group, channel block): the recurrence over time, state [N, block_d] in registers."""
   if has_z:
     u_ref, dt_ref, z_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, s0_ref, y_ref, s_out_ref = refs
@@ -275,6 +313,8 @@ def _selective_scan_kernel(*refs, length: int, delta_softplus: bool, has_z: bool
   a_t = a_ref[...].astype(f32)  # A transposed: [N, block_d]
   skip = d_ref[...].astype(f32)  # [1, block_d]
   bias = bias_ref[...].astype(f32)
+  if time_invariant:  # B^T, C^T [N, block_d], the same at every step
+    b_fixed, c_fixed = b_ref[...].astype(f32), c_ref[...].astype(f32)
 
   def body(t, x):
     row = pl.ds(t, 1)
@@ -282,8 +322,11 @@ def _selective_scan_kernel(*refs, length: int, delta_softplus: bool, has_z: bool
     dt = dt_ref[row, :].astype(f32) + bias
     if delta_softplus:
       dt = reference.softplus(dt)
-    b = b_ref[row, :].astype(f32).T  # [N, 1]
-    c = c_ref[row, :].astype(f32).T
+    if time_invariant:
+      b, c = b_fixed, c_fixed
+    else:
+      b = b_ref[row, :].astype(f32).T  # [N, 1]
+      c = c_ref[row, :].astype(f32).T
     x = jnp.exp(a_t * dt) * x + b * (dt * u)
     y = jnp.sum(x * c, axis=0, keepdims=True) + skip * u
     if has_z:
@@ -300,9 +343,10 @@ def _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state, *, delta_
                            block_d: int, interpret: bool):
   batch, t_len, channels = u.shape
   n_state = A.shape[1]
+  time_invariant = B.ndim == 2
   if B.ndim == 3:
     B, C = B[:, :, None, :], C[:, :, None, :]
-  groups = B.shape[2]
+  groups = 1 if time_invariant else B.shape[2]
   per_group = channels // groups
   block_d = min(dispatch.next_power_of_2(block_d), dispatch.next_power_of_2(per_group))
   d_pad = dispatch.round_up(per_group, block_d)
@@ -313,28 +357,33 @@ def _selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, state, *, delta_
       rearrange(x, "b t (g d) -> b t g d", g=groups), 3, d_pad)
   per_channel = lambda x: dispatch.pad_axis(
       rearrange(x.astype(jnp.float32), "(g d) -> g 1 d", g=groups), 2, d_pad)
-  a_t = dispatch.pad_axis(dispatch.pad_axis(
-      rearrange(A.astype(jnp.float32), "(g d) s -> g s d", g=groups), 2, d_pad), 1, n_pad)
+  transposed = lambda x: dispatch.pad_axis(dispatch.pad_axis(
+      rearrange(x.astype(jnp.float32), "(g d) s -> g s d", g=groups), 2, d_pad), 1, n_pad)
+  a_t = transposed(A)
   skip = per_channel(D if D is not None else jnp.zeros((channels,), jnp.float32))
   bias = per_channel(delta_bias if delta_bias is not None else jnp.zeros((channels,), jnp.float32))
   s0 = dispatch.pad_axis(dispatch.pad_axis(
       rearrange(state, "b (g d) s -> b g s d", g=groups), 3, d_pad), 2, n_pad)
-  B, C = dispatch.pad_axis(B, 3, n_pad), dispatch.pad_axis(C, 3, n_pad)
+  fixed_spec = pl.BlockSpec((SQUEEZED, n_pad, block_d), lambda b, g, j: (g, 0, j))
+  if time_invariant:  # B^T, C^T [1, N', D'] like A
+    B, C = transposed(B), transposed(C)
+    bc_spec = fixed_spec
+  else:
+    B, C = dispatch.pad_axis(B, 3, n_pad), dispatch.pad_axis(C, 3, n_pad)
+    bc_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, n_pad), lambda b, g, j: (b, 0, g, 0))
 
   seq_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, block_d), lambda b, g, j: (b, 0, g, j))
-  bc_spec = pl.BlockSpec((SQUEEZED, t_len, SQUEEZED, n_pad), lambda b, g, j: (b, 0, g, 0))
   vec_spec = pl.BlockSpec((SQUEEZED, 1, block_d), lambda b, g, j: (g, 0, j))
   state_spec = pl.BlockSpec((SQUEEZED, SQUEEZED, n_pad, block_d), lambda b, g, j: (b, g, 0, j))
   has_z = z is not None
   seq_inputs = [by_group(u), by_group(delta)] + ([by_group(z)] if has_z else [])
   kernel = functools.partial(_selective_scan_kernel, length=t_len, delta_softplus=delta_softplus,
-                             has_z=has_z)
+                             has_z=has_z, time_invariant=time_invariant)
   y, final = pl.pallas_call(
       kernel,
       grid=(batch, groups, d_pad // block_d),
-      in_specs=[seq_spec] * len(seq_inputs) + [
-          pl.BlockSpec((SQUEEZED, n_pad, block_d), lambda b, g, j: (g, 0, j)),
-          bc_spec, bc_spec, vec_spec, vec_spec, state_spec],
+      in_specs=[seq_spec] * len(seq_inputs) + [fixed_spec, bc_spec, bc_spec, vec_spec, vec_spec,
+                                               state_spec],
       out_specs=[seq_spec, state_spec],
       out_shape=[
           jax.ShapeDtypeStruct((batch, t_len, groups, d_pad), u.dtype),

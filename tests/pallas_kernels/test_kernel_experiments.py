@@ -33,3 +33,29 @@ def test_device_check_cpu_interpret_mode_passes(tmp_path):
   assert len(correctness) == 8  # four kernels x (bf16, fp32)
   assert all(r["status"] == "PASS" for r in correctness), correctness
   assert (tmp_path / "device_check_cpu" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_device_check_tpu_forms_in_tpu_interpret_mode(tmp_path):
+  # The TPU section (what a TPU backend runs by default) with the Mosaic forms in TPU interpret
+  # mode: the same checks, the TPU block-size variants.
+  result = device_check.main(device_check.DeviceCheckConfig(cpu=True, form="tpu",
+                                                            results_root=str(tmp_path)))
+  assert result["errors"] == []
+  correctness = [r for r in result["rows"] if r["section"] == "correctness"]
+  assert len(correctness) == 8 and all(r["form"] == "tpu" for r in correctness)
+  assert all(r["status"] == "PASS" for r in correctness), correctness
+  timed_impls = {r["impl"] for r in result["rows"] if "ms" in r}
+  assert {"pallas_block_d256", "pallas_chunk64"} <= timed_impls  # the TPU defaults ran
+  assert "TPU kernel forms" in (tmp_path / "device_check_cpu" / "report.md").read_text()
+
+
+def test_device_check_tpu_defaults_peaks_and_bad_form():
+  assert device_check.FORMS["tpu"].scan_variants["pallas_block_d256"] == (
+      device_check.pk.SelectiveScanBlocks())  # the TPU default comes first (run at --cpu)
+  assert device_check.peaks(type("Device", (), {"device_kind": "TPU v5 lite"})())[:2] == (
+      197.0, 0.819)
+  assert device_check.peaks(type("Device", (), {"device_kind": "TPU v5p"})())[:2] == (
+      459.0, 2.765)
+  with pytest.raises(ValueError, match="form"):
+    device_check.main(device_check.DeviceCheckConfig(cpu=True, form="cuda"))

@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from pallas_kernels import SelectiveScanBlocks, reference, selective_scan, selective_scan_step
 from kernel_checks import TOL, abstract, assert_close
+
+from pallas_kernels import (
+  SelectiveScanBlocks,
+  reference,
+  selective_scan,
+  selective_scan_step,
+)
 
 # The XLA form's two in-block solvers are both checked, whatever "auto" picks on this backend.
 FAST_IMPLS = ("xla", "xla_associative", "pallas")
@@ -34,7 +39,10 @@ def run(impl, *args, **kwargs):
 
 def make_inputs(seed, batch, t_len, channels, n_state, groups, regime, softplus, optional, dtype,
                 with_state=True):
-  """Returns (args, kwargs) for selective_scan; `optional` switches D, z and delta_bias on."""
+  """Returns (args, kwargs) for selective_scan; `optional` switches D, z and delta_bias on.
+
+  `groups`: 0 for B, C [B, T, N], G > 0 for grouped [B, T, G, N], "time_invariant" for [D, N].
+  """
   rng = np.random.default_rng(seed)
   cast = lambda x: jnp.asarray(x, dtype)
   u = rng.standard_normal((batch, t_len, channels))
@@ -47,7 +55,10 @@ def make_inputs(seed, batch, t_len, channels, n_state, groups, regime, softplus,
     delta = DELTA_SCALE[regime] * rng.uniform(0.5, 1.5, (batch, t_len, channels))
   # S4D-real initialisation, A = -(1..N), as in Mamba.
   A = -np.tile(np.arange(1, n_state + 1, dtype=np.float64), (channels, 1))
-  bc_shape = (batch, t_len, groups, n_state) if groups else (batch, t_len, n_state)
+  if groups == "time_invariant":
+    bc_shape = (channels, n_state)
+  else:
+    bc_shape = (batch, t_len, groups, n_state) if groups else (batch, t_len, n_state)
   B = rng.standard_normal(bc_shape)
   C = rng.standard_normal(bc_shape)
   kwargs = {"delta_softplus": softplus}
@@ -65,7 +76,8 @@ def make_inputs(seed, batch, t_len, channels, n_state, groups, regime, softplus,
 def mamba_selective_scan_ref_float64(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
   """mamba_ssm.ops.selective_scan_interface.selective_scan_ref, transcribed to numpy float64.
 
-  Channel-major like the original: u, delta, z [B, D, L]; B, C [B, N, L] or [B, G, N, L].
+  Channel-major like the original: u, delta, z [B, D, L]; B, C [B, N, L] or [B, G, N, L], or
+  time-invariant [D, N].
   """
   u, delta, A, B, C = (np.asarray(x, np.float64) for x in (u, delta, A, B, C))
   if delta_bias is not None:
@@ -77,7 +89,9 @@ def mamba_selective_scan_ref_float64(u, delta, A, B, C, D, z, delta_bias, delta_
     B = np.repeat(B, dim // B.shape[1], axis=1)  # repeat(B, "B G N L -> B (G H) N L")
     C = np.repeat(C, dim // C.shape[1], axis=1)
   deltaA = np.exp(np.einsum("bdl,dn->bdln", delta, A))
-  if B.ndim == 3:
+  if B.ndim == 2:  # not is_variable_B
+    deltaB_u = np.einsum("bdl,dn,bdl->bdln", delta, B, u)
+  elif B.ndim == 3:
     deltaB_u = np.einsum("bdl,bnl,bdl->bdln", delta, B, u)
   else:
     deltaB_u = np.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
@@ -85,7 +99,9 @@ def mamba_selective_scan_ref_float64(u, delta, A, B, C, D, z, delta_bias, delta_
   ys = []
   for i in range(length):
     x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
-    if C.ndim == 3:
+    if C.ndim == 2:
+      ys.append(np.einsum("bdn,dn->bd", x, C))
+    elif C.ndim == 3:
       ys.append(np.einsum("bdn,bn->bd", x, C[:, :, i]))
     else:
       ys.append(np.einsum("bdn,bdn->bd", x, C[:, :, :, i]))
@@ -97,14 +113,15 @@ def mamba_selective_scan_ref_float64(u, delta, A, B, C, D, z, delta_bias, delta_
   return out, x
 
 
-@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("groups", [0, 2, "time_invariant"])
 def test_reference_matches_mamba_ssm_semantics(groups):
   (u, delta, A, B, C), kw = make_inputs(0, 2, 19, 8, 4, groups, "middle", True, True,
                                         jnp.float32, with_state=False)
   out, last = reference.selective_scan(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True)
   channel_major = lambda x: np.moveaxis(np.asarray(x), 1, -1)  # [B, T, ...] -> [B, ..., T]
+  bc_layout = (lambda x: np.asarray(x)) if groups == "time_invariant" else channel_major
   expected, expected_last = mamba_selective_scan_ref_float64(
-      channel_major(u), channel_major(delta), A, channel_major(B), channel_major(C), kw["D"],
+      channel_major(u), channel_major(delta), A, bc_layout(B), bc_layout(C), kw["D"],
       channel_major(kw["z"]), kw["delta_bias"], True)
   assert_close(out, np.moveaxis(expected, -1, 1), 1e-5)
   assert_close(last, expected_last, 1e-5)
@@ -142,6 +159,18 @@ def test_fast_impls_match_reference(batch, t_len, channels, n_state, groups, reg
     assert_close(final, expected_final, TOL[dtype], f"{impl} final state")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_time_invariant_b_c_match_reference(dtype):
+  # B, C [D, N] (mamba_ssm's non-selective case); 80 channels, N = 12, T = 45: padded in every impl.
+  args, kwargs = make_inputs(9, 2, 45, 80, 12, "time_invariant", "middle", True, True, dtype)
+  expected, expected_final = run("reference", *args, return_final_state=True, **kwargs)
+  for impl in FAST_IMPLS:
+    out, final = run(impl, *args, return_final_state=True, **kwargs)
+    assert out.shape == expected.shape and out.dtype == dtype and final.dtype == jnp.float32
+    assert_close(out, expected, TOL[dtype], impl)
+    assert_close(final, expected_final, TOL[dtype], f"{impl} final state")
+
+
 @pytest.mark.parametrize("impl", ("reference",) + FAST_IMPLS)
 def test_streaming_in_two_pieces_equals_one_run(impl):
   (u, delta, A, B, C), kw = make_inputs(3, 2, 90, 32, 16, 2, "middle", True, True, jnp.float32)
@@ -167,7 +196,7 @@ def test_step_token_by_token_equals_parallel_form(groups):
   state = kw["initial_state"]
   for t in range(u.shape[1]):
     out, state = selective_scan_step(state, u[:, t], delta[:, t], A, B[:, t], C[:, t], kw["D"],
-                                     kw["z"][:, t], kw["delta_bias"], True)
+                                     kw["z"][:, t], kw["delta_bias"], True, impl="xla")
     assert_close(out, expected[:, t], 1e-5, f"t={t}")
   assert_close(state, expected_final, 1e-5)
 
@@ -193,6 +222,8 @@ def test_long_sequence_is_stable(impl):
         (((1, 8, 32), (1, 8, 32), (32, 4), (1, 8, 4), (1, 8, 3, 4)), ValueError, "B and C"),
         (((1, 8, 32), (1, 8, 32), (32, 4), (1, 8, 3, 4), (1, 8, 3, 4)), ValueError, "groups"),
         (((1, 8, 32, 1), (1, 8, 32), (32, 4), (1, 8, 4), (1, 8, 4)), ValueError, "u must have 3"),
+        (((1, 8, 32), (1, 8, 32), (32, 4), (16, 4), (16, 4)), ValueError, "B must be time-inv"),
+        (((1, 8, 32), (1, 8, 32), (32, 4), (4,), (4,)), ValueError, "B must be"),
     ],
 )
 def test_bad_shapes_raise_before_tracing(shapes, error, match):
@@ -214,6 +245,13 @@ def test_bad_dtypes_and_optionals_raise_before_tracing():
     selective_scan(u, delta, A, B, C, delta_softplus=1)
   with pytest.raises(ValueError, match="impl"):
     selective_scan(u, delta, A, B, C, impl="cuda")
+  with pytest.raises(ValueError, match="impl"):
+    selective_scan_step(*abstract((1, 32, 4), (1, 32), (1, 32), (32, 4), (1, 4), (1, 4)),
+                        impl="cuda")
+  if jax.default_backend() == "cpu":  # the TPU form runs here only in TPU interpret mode
+    with pytest.raises(ValueError, match="interpret=True"):
+      selective_scan_step(*abstract((1, 32, 4), (1, 32), (1, 32), (32, 4), (1, 4), (1, 4)),
+                          impl="pallas_tpu")
 
 
 def test_odd_sizes_are_padded_correctly():
