@@ -164,7 +164,6 @@ def selective_scan(
 
 
 def selective_scan_step(
-    state: jax.Array,
     u: jax.Array,
     delta: jax.Array,
     A: jax.Array,
@@ -173,8 +172,9 @@ def selective_scan_step(
     D: jax.Array | None = None,
     z: jax.Array | None = None,
     delta_bias: jax.Array | None = None,
-    delta_softplus: bool = False,
+    state: jax.Array | None = None,
     *,
+    delta_softplus: bool = False,
     impl: str = "auto",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -185,9 +185,12 @@ def selective_scan_step(
   `selective_scan`'s (one API for every op) and otherwise unused. For k > 1 tokens call
   `selective_scan` with `initial_state=state, return_final_state=True`.
 
+  The arguments are `selective_scan`'s without the time axis, in the same order, with the state
+  last (as in every step form of this package); `delta_softplus` is keyword-only here.
+
   Args:
-    state: [B, D, N].  u, delta: [B, D].  A: [D, N].  B, C: [B, N] or [B, G, N].
-    D, delta_bias: [D].  z: [B, D].
+    u, delta: [B, D].  A: [D, N].  B, C: [B, N], [B, G, N] or time-invariant [D, N].
+    D, delta_bias: [D].  z: [B, D].  state: [B, D, N] (None: zeros, as `initial_state=None`).
   Returns:
     (out [B, D] in u's dtype, new state [B, D, N] fp32).
   """
@@ -199,6 +202,8 @@ def selective_scan_step(
          state)
   if not isinstance(delta_softplus, bool):
     raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+  if state is None:
+    state = jnp.zeros((*u.shape, A.shape[1]), jnp.float32)
   return _step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus)
 
 

@@ -182,8 +182,8 @@ class MambaMixer(nnx.Module):
 
     def one_token(state, inputs):
       u_t, delta_t, B_t, C_t, z_t = inputs
-      y_t, state = pallas_kernels.selective_scan_step(state, u_t, delta_t, A, B_t, C_t, D, z_t,
-                                                      dt_bias, True)
+      y_t, state = pallas_kernels.selective_scan_step(u_t, delta_t, A, B_t, C_t, D, z_t, dt_bias,
+                                                      state, delta_softplus=True)
       return state, (y_t, state)
 
     time_major = lambda x: rearrange(x, "b t ... -> t b ...")

@@ -102,9 +102,9 @@ def test_step_token_by_token_equals_tpu_parallel_form():
   expected, expected_final = run_tpu(u, delta, A, B, C, **kw)
   state = kw["initial_state"]
   for t in range(u.shape[1]):
-    out, state = selective_scan_step(state, u[:, t], delta[:, t], A, B[:, t], C[:, t], kw["D"],
-                                     kw["z"][:, t], kw["delta_bias"], True, impl="pallas_tpu",
-                                     interpret=True)
+    out, state = selective_scan_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], kw["D"],
+                                     kw["z"][:, t], kw["delta_bias"], state, delta_softplus=True,
+                                     impl="pallas_tpu", interpret=True)
     assert_close(out, expected[:, t], 1e-5, f"t={t}")
   assert_close(state, expected_final, 1e-5)
 

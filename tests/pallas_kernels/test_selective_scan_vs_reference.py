@@ -195,8 +195,9 @@ def test_step_token_by_token_equals_parallel_form(groups):
   expected, expected_final = run("reference", u, delta, A, B, C, return_final_state=True, **kw)
   state = kw["initial_state"]
   for t in range(u.shape[1]):
-    out, state = selective_scan_step(state, u[:, t], delta[:, t], A, B[:, t], C[:, t], kw["D"],
-                                     kw["z"][:, t], kw["delta_bias"], True, impl="xla")
+    out, state = selective_scan_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], kw["D"],
+                                     kw["z"][:, t], kw["delta_bias"], state, delta_softplus=True,
+                                     impl="xla")
     assert_close(out, expected[:, t], 1e-5, f"t={t}")
   assert_close(state, expected_final, 1e-5)
 
@@ -246,11 +247,11 @@ def test_bad_dtypes_and_optionals_raise_before_tracing():
   with pytest.raises(ValueError, match="impl"):
     selective_scan(u, delta, A, B, C, impl="cuda")
   with pytest.raises(ValueError, match="impl"):
-    selective_scan_step(*abstract((1, 32, 4), (1, 32), (1, 32), (32, 4), (1, 4), (1, 4)),
+    selective_scan_step(*abstract((1, 32), (1, 32), (32, 4), (1, 4), (1, 4)),
                         impl="cuda")
   if jax.default_backend() == "cpu":  # the TPU form runs here only in TPU interpret mode
     with pytest.raises(ValueError, match="interpret=True"):
-      selective_scan_step(*abstract((1, 32, 4), (1, 32), (1, 32), (32, 4), (1, 4), (1, 4)),
+      selective_scan_step(*abstract((1, 32), (1, 32), (32, 4), (1, 4), (1, 4)),
                           impl="pallas_tpu")
 
 
@@ -262,3 +263,15 @@ def test_odd_sizes_are_padded_correctly():
     out, final = run(impl, *args, return_final_state=True, **kwargs)
     assert_close(out, expected, 1e-5, impl)
     assert_close(final, expected_final, 1e-5, impl)
+
+
+def test_step_without_a_state_starts_from_zeros():
+  """state=None in the step form is the zero state, as initial_state=None in the parallel form."""
+  (u, delta, A, B, C), kw = make_inputs(4, 2, 1, 32, 16, 0, "middle", True, True, jnp.float32,
+                                        with_state=False)
+  expected, expected_final = run("reference", u, delta, A, B, C, return_final_state=True, **kw)
+  out, state = selective_scan_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], kw["D"],
+                                   kw["z"][:, 0], kw["delta_bias"], delta_softplus=True,
+                                   impl="xla")
+  assert_close(out, expected[:, 0], 1e-5)
+  assert_close(state, expected_final, 1e-5)
