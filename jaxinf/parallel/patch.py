@@ -62,8 +62,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.checkpoints.validate import abstract_tree, check_params
+from jaxinf.config import check_key
 from jaxinf.diffusion.denoiser import Denoiser, DenoiserSpec
-from jaxinf.diffusion.reverse import (apply_step, check_key, initial_noise, model_inputs, prepare,
+from jaxinf.diffusion.reverse import (apply_step, initial_noise, model_inputs, prepare,
                                       step_noise)
 from jaxinf.models import dit, layers
 
