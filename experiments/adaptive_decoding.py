@@ -60,11 +60,30 @@ class Config(common.StudyConfig):
   tokens: int = 128
   repeats: int = 5
 
+  infinite_ok = ("thresholds", "eager_threshold")  # EAD: +-inf bits, one model throughout
+
+  def check(self) -> None:
+    super().check()
+    common.check_choices(self, "small", "large", choices=code_models.NAMES)
+    common.check_ints(self, "weak_prompt", "batch", "prompt", "tokens", "repeats")
+    if not self.thresholds:
+      common.refuse("thresholds", "expected at least one threshold, got ()")
+    # the decoders' own checks, each named by the option that feeds it
+    common.check_with("window", lambda: EADConfig(window=self.window))
+    common.check_with("catch_up", lambda: EADConfig(window=self.window, catch_up=self.catch_up))
+    for name, values in (("thresholds", self.thresholds),
+                         ("eager_threshold", (self.eager_threshold,))):
+      for t in values:
+        common.check_with(name, lambda t=t: EADConfig(window=self.window, threshold=t,
+                                                      catch_up=self.catch_up))
+    common.check_with("alpha", lambda: CDConfig(alpha=self.alpha))
+
 
 def smoke_config(cfg: Config) -> Config:
-  return dataclasses.replace(cfg, thresholds=(1.0, 7.0), eager_threshold=7.0, batch=2, prompt=8,
-                             tokens=12, repeats=1, weak_prompt=4,
-                             out_dir=common.smoke_dir(cfg.out_dir))
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
+  return common.smoke_sized(cfg, dataclasses.replace(
+      cfg, thresholds=(1.0, 7.0), eager_threshold=7.0, batch=2, prompt=8, tokens=12, repeats=1,
+      weak_prompt=4, out_dir=common.smoke_dir(cfg.out_dir)))
 
 
 def continuation_nll(model, params, prompts: np.ndarray, tokens: np.ndarray) -> float:
@@ -95,9 +114,6 @@ def quality(name: str, tokens: np.ndarray, large, large_params, prompts, referen
 def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
-  for t in (*cfg.thresholds, cfg.eager_threshold):
-    EADConfig(window=cfg.window, threshold=t, catch_up=cfg.catch_up)  # validates before training
-  CDConfig(alpha=cfg.alpha)
   t_start = time.perf_counter()
   out = common.study_dir(cfg.out_dir)
   small, sp = code_models.code_model(cfg.small, smoke=cfg.smoke, progress=cfg.progress)

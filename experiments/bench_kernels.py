@@ -29,10 +29,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 from tqdm import tqdm
 
 import pallas_kernels as pk
+from experiments import common
 from experiments.common import markdown_table, results_dir, write_report
 
 OPS = ("attention", "lightning", "selective_scan", "wkv7")
@@ -47,7 +47,7 @@ PARALLEL_FORMS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(common.Checked):
   """Benchmark sizes. Selective scan uses D = heads * dim channels with `state_size` states."""
   smoke: bool = False
   """Tiny sizes that run in seconds (the test suite runs this)."""
@@ -66,6 +66,25 @@ class BenchConfig:
   name: str = "bench_kernels"
   results_root: str = "results"
   """Results go to `<results_root>/<name>/`."""
+
+  def check(self) -> None:
+    super().check()
+    common.check_ints(self, "lengths", "batch", "heads", "dim", "state_size", "repeats",
+                      "reference_max_length", "interpret_max_length", "fit_min_length")
+    for name, choices in (("ops", OPS), ("impls", IMPLS)):
+      if not getattr(self, name):
+        common.refuse(name, f"expected some of {list(choices)}, got ()")
+      common.check_choices(self, name, choices=choices)
+    try:
+      floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+    except TypeError:  # not a dtype name at all
+      floating = False
+    if not floating:
+      common.refuse("dtype", f"expected a floating dtype such as 'float32' or 'bfloat16', got "
+                             f"{self.dtype!r}")
+    for name in ("name", "results_root"):
+      if not getattr(self, name):
+        common.refuse(name, "expected a folder name, got ''")
 
 
 SMOKE = dict(lengths=(64, 128), heads=2, dim=32, state_size=4, repeats=2,
@@ -187,14 +206,8 @@ def plot(rows: list[dict], ops: tuple[str, ...], out_dir, key: str, ylabel: str,
 
 
 def main(cfg: BenchConfig) -> dict:
-  if cfg.smoke:
-    cfg = dataclasses.replace(cfg, **SMOKE)
-  for op in cfg.ops:
-    if op not in OPS:
-      raise ValueError(f"ops: unknown op {op!r}; expected some of {OPS}")
-  for impl in cfg.impls:
-    if impl not in IMPLS:
-      raise ValueError(f"impls: unknown impl {impl!r}; expected some of {IMPLS}")
+  if cfg.smoke:  # options given beside --smoke are kept (`common.smoke_sized`)
+    cfg = common.smoke_sized(cfg, dataclasses.replace(cfg, **SMOKE), derived=())
   backend = jax.default_backend()
   interpret = backend == "cpu"
   rows, skipped = [], []
@@ -273,4 +286,4 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(BenchConfig))
+  main(common.parse(BenchConfig))

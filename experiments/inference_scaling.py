@@ -71,9 +71,24 @@ class Config(common.StudyConfig):
   max_step_tokens: int = 16
   chunk_rows: int = 2048           # rows per compiled call (whole problems)
 
+  def check(self) -> None:
+    super().check()
+    common.check_ints(self, "hidden_size", "num_layers", "mlp_hidden", "train_problems",
+                      "scorer_problems", "scorer_samples", "test_problems", "ns", "pf_ns",
+                      "max_new_tokens", "max_step_tokens", "chunk_rows")
+    if self.hidden_size % 4:  # `build_model`: 4 query heads (2 key-value heads)
+      common.refuse("hidden_size", f"expected a multiple of the 4 heads, got {self.hidden_size}")
+    if any(max(self.ns) % n for n in self.ns):
+      common.refuse("ns", f"every N must divide max(ns) = {max(self.ns)} (disjoint groups), got "
+                          f"{self.ns}")
+    common.check_numbers(self, "pf_temperature", low=0.0, low_open=True)
+    common.check_choices(self, "pf_resampling", choices=scaling.RESAMPLING)
+    common.check_with("temperature", lambda: SamplerConfig(temperature=self.temperature))
+
 
 def smoke_config(cfg: Config) -> Config:
-  return dataclasses.replace(
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
+  return common.smoke_sized(cfg, dataclasses.replace(
       cfg, hidden_size=32, num_layers=1, mlp_hidden=64,
       train=dataclasses.replace(cfg.train, steps=4, batch_size=4, seq_len=48, checkpoint_every=2,
                                 optimizer=dataclasses.replace(cfg.train.optimizer,
@@ -82,7 +97,7 @@ def smoke_config(cfg: Config) -> Config:
                                                            batch_size=8, checkpoint_every=2),
       scorer_problems=6, scorer_samples=2, test_problems=6, ns=(1, 2, 4), pf_ns=(1, 2),
       max_new_tokens=24, max_step_tokens=8, chunk_rows=16,
-      out_dir=common.smoke_dir(cfg.out_dir))
+      out_dir=common.smoke_dir(cfg.out_dir)))
 
 
 def build_model(cfg: Config):
@@ -236,11 +251,6 @@ def plot(out, rows, coverage, fit, ns):
 def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
-  for name, values in (("ns", cfg.ns), ("pf_ns", cfg.pf_ns)):
-    if not values or any(not isinstance(v, int) or v < 1 for v in values):
-      raise ValueError(f"{name}: expected ints >= 1, got {values!r}")
-  if any(max(cfg.ns) % n for n in cfg.ns):
-    raise ValueError(f"ns: every N must divide max(ns) = {max(cfg.ns)} (disjoint groups)")
   t_start = time.perf_counter()
   out = common.study_dir(cfg.out_dir)
   key = jax.random.key(cfg.seed)

@@ -67,6 +67,19 @@ class Config(common.StudyConfig):
   peer_tokens: int = 128
   peer_batches: tuple[int, ...] = (1, 8)
 
+  def check(self) -> None:
+    super().check()
+    if not self.families:
+      common.refuse("families", f"expected some of {list(code_models.FAMILIES)}, got ()")
+    common.check_choices(self, "families", choices=code_models.FAMILIES)
+    common.check_choices(self, "peers", choices=lm_peers.PEERS)
+    common.check_choices(self, "mamba_train_impl", choices=code_models.KERNEL_IMPLS)
+    common.check_ints(self, "corpus_bytes", "eval_windows", "prefill_lengths", "decode_prompt",
+                      "decode_tokens", "decode_batches", "memory_contexts", "repeats",
+                      "peer_prompt", "peer_tokens")
+    if self.peers:
+      common.check_ints(self, "peer_batches")
+
 
 def training(cfg: Config) -> code_models.FamilyTraining:
   """The family models' training as `cfg` sets it; checkpoints in `<out_dir>/train/<family>/`."""
@@ -78,11 +91,11 @@ def training(cfg: Config) -> code_models.FamilyTraining:
 def smoke_config(cfg: Config) -> Config:
   out_dir = common.smoke_dir(cfg.out_dir)
   smoke = code_models.smoke_training(training(cfg), out_dir)
-  return dataclasses.replace(
+  return common.smoke_sized(cfg, dataclasses.replace(
       cfg, train=smoke.train, corpus_bytes=smoke.corpus_bytes, eval_windows=4,
       prefill_lengths=(32,), decode_prompt=8, decode_tokens=8, decode_batches=(2,),
       memory_contexts=(64, 256), repeats=1, peer_prompt=8, peer_tokens=8, peer_batches=(1, 2),
-      out_dir=out_dir)
+      out_dir=out_dir))
 
 
 def cache_bytes(model, batch: int, context: int) -> tuple[int, int]:
@@ -136,11 +149,6 @@ def peer_study(cfg: Config, max_len: int, out: Path, heldout: np.ndarray) -> lis
 def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
-  for option, names, known in (("families", cfg.families, code_models.FAMILIES),
-                               ("peers", cfg.peers, lm_peers.PEERS)):
-    unknown = sorted(set(names) - set(known))
-    if unknown:  # before any work
-      raise ValueError(f"{option}: unknown {unknown}; known: {list(known)}")
   t_start = time.perf_counter()
   out = common.study_dir(cfg.out_dir)
   train, heldout = load_corpus(max_bytes=cfg.corpus_bytes)

@@ -49,11 +49,25 @@ class Config(common.StudyConfig):
   window: int = 64                 # moving-average window of the surprise plot and its spread
   eval_windows: int = 128          # held-out windows of the training seq_len for bits per byte
 
+  def check(self) -> None:
+    super().check()
+    common.check_choices(self, "family", choices=code_models.FAMILIES)
+    common.check_ints(self, "tokens", "batch", "prompt", "eval_windows", "top_k")
+    common.check_ints(self, "window", high=self.tokens)  # a moving average over the generation
+    for tau in self.taus:  # the library's own checks of each sampler's options
+      common.check_with("taus", lambda t=tau: SamplerConfig(mirostat=2, mirostat_tau=t))
+    common.check_with("v1_tau", lambda: SamplerConfig(mirostat=1, mirostat_tau=self.v1_tau))
+    common.check_with("top_k", lambda: SamplerConfig(top_k=self.top_k))
+    common.check_with("top_p", lambda: SamplerConfig(top_p=self.top_p))
+
 
 def smoke_config(cfg: Config) -> Config:
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
   families = code_models.smoke_training(cfg.families, common.smoke_dir(cfg.families.out_dir))
-  return dataclasses.replace(cfg, families=families, tokens=32, batch=2, prompt=8, taus=(1.5,),
-                             window=8, eval_windows=4, out_dir=common.smoke_dir(cfg.out_dir))
+  return common.smoke_sized(cfg, dataclasses.replace(
+      cfg, families=families, tokens=32, batch=2, prompt=8, taus=(1.5,), window=8,
+      eval_windows=4, out_dir=common.smoke_dir(cfg.out_dir)),
+      derived=("out_dir", "families.out_dir"))
 
 
 COLUMNS = ["sampler", "tau", "surprise_mean", "first_quarter", "last_quarter", "drift",
@@ -101,8 +115,6 @@ def mirostat_study(cfg: Config, model, params, heldout: np.ndarray):
 def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
-  if cfg.family not in code_models.FAMILIES:
-    raise ValueError(f"family: unknown {cfg.family!r}; known: {list(code_models.FAMILIES)}")
   t_start = time.perf_counter()
   fam = cfg.families
   out = common.study_dir(cfg.out_dir)

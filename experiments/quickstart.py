@@ -26,11 +26,13 @@ import numpy as np
 
 from experiments import common
 from jaxinf.data import digits
-from jaxinf.diffusion import solvers
+from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.guidance import CFG
 from jaxinf.diffusion.sample import compile_sample, sample
 from jaxinf.metrics.digits_classifier import DigitsEvaluator
 from jaxinf.recipes import quickstart_dit
+
+DIGITS_IMAGES = 1797  # scikit-learn's digits (`digits.load_digits_images`; a test holds it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +50,28 @@ class Config(common.StudyConfig):
   sweep_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
   samples_per_class: int = 20     # samples of each digit per sampler
 
+  def check(self) -> None:
+    super().check()
+    common.check_choices(self, "spacing", choices=schedules.TIMESTEP_SPACINGS)
+    schedule = self.dit.schedule()
+    if not self.samplers:
+      common.refuse("samplers", "expected at least one (solver, steps) pair, got ()")
+    common.check_solver_steps("samplers", self.samplers, schedule, spacing=self.spacing)
+    common.check_solver_steps("sweep_sampler", (self.sweep_sampler,), schedule,
+                              spacing=self.spacing)
+    common.check_with("guidance_scale", lambda: CFG(self.guidance_scale))
+    for scale in self.sweep_scales:
+      common.check_with("sweep_scales", lambda s=scale: CFG(s))
+    # the real-digits reference row draws 10 x samples_per_class of the 1,797 images, no repeats
+    common.check_ints(self, "samples_per_class", high=DIGITS_IMAGES // digits.NUM_CLASSES)
+
 
 def smoke_config(cfg: Config) -> Config:
-  return dataclasses.replace(
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
+  return common.smoke_sized(cfg, dataclasses.replace(
       cfg, dit=quickstart_dit.smoke_dit(cfg.dit), samplers=(("ddpm", 20), ("ddim", 5)),
       samples_per_class=4, sweep_sampler=("ddim", 5), sweep_scales=(1.0, 3.0),
-      out_dir=common.smoke_dir(cfg.out_dir))
+      out_dir=common.smoke_dir(cfg.out_dir)))
 
 
 def make_solver(name: str, spacing: str):

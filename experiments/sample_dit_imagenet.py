@@ -24,11 +24,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tyro
 from flax import nnx
 
 from experiments import common
-from jaxinf.checkpoints.dit import load_dit
+from jaxinf.checkpoints.dit import SOURCES, load_dit
 from jaxinf.checkpoints.vae import load_vae
 from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.denoiser import dit_denoiser
@@ -40,7 +39,7 @@ from jaxinf.models.vae import AutoencoderKL
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.Checked):
   transformer: str = ""  # diffusers transformer/ folder, or a release safetensors file
   vae: str = ""  # diffusers AutoencoderKL folder
   source: str = "diffusers"  # "diffusers" or "original" (the release's naming)
@@ -51,7 +50,23 @@ class Config:
   guided_channels: int | None = None
   seed: int = 0
   out_dir: str = "results/sample_dit_imagenet"
-  smoke: bool = False
+  smoke: bool = False  # the first 2 labels, 2 steps (options given beside it are kept)
+
+  def check(self) -> None:
+    """The options alone; the files are checked by `check_paths` as the run starts."""
+    super().check()
+    common.check_choices(self, "source", choices=SOURCES)
+    common.check_ints(self, "num_heads", "guided_channels", "steps")
+    common.check_ints(self, "labels", low=0)
+    common.check_ints(self, "seed", low=0)
+    common.check_with("guidance_scale", lambda: CFG(self.guidance_scale, self.guided_channels))
+    if not self.out_dir:
+      common.refuse("out_dir", "expected a folder, got ''")
+
+
+def smoke_config(cfg: Config) -> Config:
+  return common.smoke_sized(cfg, dataclasses.replace(cfg, labels=cfg.labels[:2], steps=2),
+                            derived=())
 
 
 def check_paths(cfg: Config) -> None:
@@ -69,9 +84,10 @@ def check_paths(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> dict:
+  if cfg.smoke:
+    cfg = smoke_config(cfg)
   check_paths(cfg)
-  labels = cfg.labels[:2] if cfg.smoke else cfg.labels
-  steps = 2 if cfg.smoke else cfg.steps
+  labels, steps = cfg.labels, cfg.steps
   dit_cfg, dit_params = load_dit(cfg.transformer, cfg.source, num_heads=cfg.num_heads)
   vae_cfg, vae_params = load_vae(cfg.vae)
   # Abstract modules: only the graph is needed, so DiT-XL's 675M parameters are not initialised.
@@ -111,4 +127,4 @@ def _save_grid(images: np.ndarray, path: Path) -> None:
 
 
 if __name__ == "__main__":
-  print(run(tyro.cli(Config)))
+  print(common.cli(run, Config))

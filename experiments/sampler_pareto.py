@@ -44,6 +44,7 @@ from jaxinf.data import digits
 from jaxinf.diffusion import cache as fc
 from jaxinf.diffusion import schedules, solvers
 from jaxinf.diffusion.denoiser import dit_denoiser, dit_feature_apply
+from jaxinf.diffusion.guidance import CFG
 from jaxinf.diffusion.sample import compile_sample
 from jaxinf.metrics.digits_classifier import DigitsEvaluator
 from jaxinf.models.dit import DiT
@@ -83,16 +84,30 @@ class Config(common.StudyConfig):
   few_step: FewStepBudget = FewStepBudget()
   include_few_step: bool = True
 
+  def check(self) -> None:
+    super().check()
+    if not self.quickstart_dir:
+      common.refuse("quickstart_dir", "expected a folder, got ''")
+    common.check_ints(self, "samples_per_class", "calibration_batch", "peer_repeats")
+    common.check_ints(self, "cache_intervals")
+    if self.learn_rounds is not None:
+      common.check_ints(self, "learn_rounds")
+    t = self.dit.schedule().num_train_timesteps
+    common.check_ints(self, "cache_steps", "peer_steps", high=t)  # DDIM steps on T timesteps
+    common.check_ints(self, "peer_batch", high=1000)  # distinct labels of the 1000 classes
+    common.check_with("peer_guidance", lambda: CFG(self.peer_guidance))
+
 
 def smoke_config(cfg: Config) -> Config:
-  return dataclasses.replace(
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
+  return common.smoke_sized(cfg, dataclasses.replace(
       cfg, dit=quickstart_dit.smoke_dit(cfg.dit),
       quickstart_dir=common.smoke_dir(cfg.quickstart_dir), samples_per_class=2, cache_steps=6,
       cache_intervals=(2,), calibration_batch=2, peer_steps=3, peer_repeats=1, peer_batch=2,
       few_step=FewStepBudget(teacher_steps=2, reflow_steps=2, instaflow_steps=2,
                              slimflow_reflow_steps=2, slimflow_distill_steps=2, lcm_steps=2,
                              mlcm_steps=2, coupling=CouplingConfig(pairs=20, solver_steps=2)),
-      out_dir=common.smoke_dir(cfg.out_dir))
+      out_dir=common.smoke_dir(cfg.out_dir)), derived=("out_dir", "quickstart_dir"))
 
 
 SMOKE_GRID = (("DDIM", "ddim", dict(spacing="trailing"), (4,)),
@@ -265,7 +280,6 @@ def peer_comparison(cfg: Config) -> list[dict]:
   import diffusers
   from jaxinf.checkpoints import dit as dit_ckpt
   from jaxinf.checkpoints import vae as vae_ckpt
-  from jaxinf.diffusion.guidance import CFG
   from jaxinf.models.functional import to_functional
   from jaxinf.models.vae import AutoencoderKL
 

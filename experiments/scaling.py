@@ -83,12 +83,35 @@ class Config(common.StudyConfig):
   quickstart_results: str = QUICKSTART_RESULTS  # where the trained digits DiT lives
   repeats: int = 3            # timed runs (median) after a warm-up
 
+  def check(self) -> None:
+    """The options alone; whether JAX has `max(devices)` devices is checked as the run starts."""
+    super().check()
+    common.check_ints(self, "devices", "batch", "lm_width", "lm_layers", "lm_heads",
+                      "prompt_len", "new_tokens", "quality_devices", "repeats")
+    common.check_ints(self, "quality_per_class", low=0)
+    common.check_ints(self, "ddim_steps", high=schedules.NoiseSchedule().num_train_timesteps)
+    common.check_choices(self, "dit", choices=tuple(dit.DIT_CONFIGS))
+    if any(self.batch % n for n in self.devices):
+      common.refuse("batch", f"expected a multiple of every device count {self.devices}, got "
+                             f"{self.batch}")
+    if self.lm_width % self.lm_heads:
+      common.refuse("lm_width", f"{self.lm_width} does not split into lm_heads={self.lm_heads} "
+                                f"heads")
+    for mode in pp.MODES:  # the patch-parallel modes' own checks
+      common.check_with("warmup_steps", lambda m=mode: pp.PatchParallel(
+          m, warmup_steps=self.warmup_steps))
+      common.check_with("pcpp_fraction", lambda m=mode: pp.PatchParallel(
+          m, warmup_steps=self.warmup_steps, fraction=self.pcpp_fraction))
+    if not self.quickstart_results:
+      common.refuse("quickstart_results", "expected a folder, got ''")
+
 
 def smoke_config(cfg: Config) -> Config:
-  return dataclasses.replace(cfg, devices=(1, 4), dit="DiT-tiny", batch=4, ddim_steps=3,
-                             lm_width=32, lm_layers=2, lm_heads=4, prompt_len=4, new_tokens=4,
-                             warmup_steps=1, quality_per_class=2, repeats=1,
-                             out_dir=common.smoke_dir(cfg.out_dir))
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
+  return common.smoke_sized(cfg, dataclasses.replace(
+      cfg, devices=(1, 4), dit="DiT-tiny", batch=4, ddim_steps=3, lm_width=32, lm_layers=2,
+      lm_heads=4, prompt_len=4, new_tokens=4, warmup_steps=1, quality_per_class=2, repeats=1,
+      out_dir=common.smoke_dir(cfg.out_dir)))
 
 
 def _dit_cfg(cfg: Config) -> dit.DiTConfig:

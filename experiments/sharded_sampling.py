@@ -59,10 +59,23 @@ class Config(common.StudyConfig):
   # sample from the copy read back onto the mesh: orbax's multi-host path, as a long run resumes
   checkpoint: bool = True
 
+  def check(self) -> None:
+    """The options alone (the mesh and distributed groups check their own); whether the devices
+    fit the mesh is checked as the run starts."""
+    super().check()
+    common.check_ints(self, "batch", "prompt_len", "new_tokens", "lm_width")
+    common.check_ints(self, "ddim_steps", high=schedules.NoiseSchedule().num_train_timesteps)
+    common.check_choices(self, "dit", choices=tuple(dit.DIT_CONFIGS))
+    heads = 4 if self.lm_width <= 32 else 8  # `lm_config`
+    if self.lm_width % heads:
+      common.refuse("lm_width", f"expected a multiple of its {heads} heads, got {self.lm_width}")
+
 
 def smoke_config(cfg: Config) -> Config:
-  return dataclasses.replace(cfg, batch=8, prompt_len=6, new_tokens=6, lm_width=32,
-                             dit="DiT-tiny", ddim_steps=4, out_dir=common.smoke_dir(cfg.out_dir))
+  """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
+  return common.smoke_sized(cfg, dataclasses.replace(
+      cfg, batch=8, prompt_len=6, new_tokens=6, lm_width=32, dit="DiT-tiny", ddim_steps=4,
+      out_dir=common.smoke_dir(cfg.out_dir)))
 
 
 def lm_config(cfg: Config) -> TransformerConfig:

@@ -87,10 +87,30 @@ class Config(common.StudyConfig):
       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=30, weight_decay=0.1))
   eval_windows: int = 32
 
+  def check(self) -> None:
+    super().check()
+    drafts = code_models.NAMES + ("fastdraft-1m",)
+    if not self.samplers:
+      common.refuse("samplers", f"expected some of {sorted(SAMPLERS)}, got ()")
+    common.check_choices(self, "samplers", choices=tuple(SAMPLERS))
+    if not self.sweep_drafts:  # the last one is the adaptive-gamma row's draft
+      common.refuse("sweep_drafts", f"expected some of {list(drafts)}, got ()")
+    common.check_choices(self, "sweep_drafts", "family_drafts", choices=drafts)
+    common.check_choices(self, "recurrent_target",
+                         choices=tuple(n for n in code_models.NAMES if n != "target"))
+    common.check_ints(self, "prompt_len", "new_tokens", "n_prompts", "repeats", "gammas",
+                      "family_gamma", "adaptive_gamma", "lookup_ngram", "lookup_draft_len",
+                      "trie_branches", "jacobi_window", "lookahead_window",
+                      "lookahead_candidates", "medusa_prompts", "medusa_prompt_len",
+                      "medusa_new_tokens", "fastdraft_sequences", "fastdraft_prompt",
+                      "fastdraft_new_tokens", "eval_windows")
+    common.check_ints(self, "lookahead_ngram", low=2)  # it drafts ngram - 1 tokens
+
 
 def smoke_config(cfg: Config) -> Config:
-  # every code path once (greedy: each method family; the sampled path through one method)
-  return dataclasses.replace(
+  # every code path once (greedy: each method family; the sampled path through one method);
+  # options given beside --smoke are kept (`common.smoke_sized`)
+  return common.smoke_sized(cfg, dataclasses.replace(
       cfg, prompt_len=24, new_tokens=8, n_prompts=1, repeats=1, samplers=("greedy",),
       gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(),
       adaptive_gamma=3, lookup_draft_len=3, jacobi_window=3, lookahead_window=2,
@@ -102,7 +122,7 @@ def smoke_config(cfg: Config) -> Config:
       medusa_train=MedusaTrainConfig(steps=2, batch_size=2, seq_len=16,
                                      checkpoint_every=1),
       medusa_prompts=2, medusa_prompt_len=8, medusa_new_tokens=16,
-      eval_windows=2, out_dir=common.smoke_dir(cfg.out_dir))
+      eval_windows=2, out_dir=common.smoke_dir(cfg.out_dir)))
 
 
 def fastdraft(cfg: Config, target, t_params, train_stream, root: Path):
@@ -128,9 +148,6 @@ def fastdraft(cfg: Config, target, t_params, train_stream, root: Path):
 def run(cfg: Config) -> list[dict]:
   if cfg.smoke:
     cfg = smoke_config(cfg)
-  for name in cfg.samplers:
-    if name not in SAMPLERS:
-      raise ValueError(f"samplers: unknown {name!r}; known: {sorted(SAMPLERS)}")
   t_start = time.perf_counter()
   out = common.study_dir(cfg.out_dir)
   root = code_models.models_dir(cfg.smoke)

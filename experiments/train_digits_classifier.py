@@ -10,28 +10,46 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
-import tyro
 
-from experiments.common import results_dir
+from experiments import common
 from jaxinf.checkpoints import arrays
 from jaxinf.metrics.digits_classifier import ASSET, ClassifierTrainConfig, train_classifier
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(common.Checked):
   train: ClassifierTrainConfig = ClassifierTrainConfig()
   out: str = str(ASSET)
   min_accuracy: float = 0.97
-  smoke: bool = False
+  smoke: bool = False  # 50 steps, no threshold, to results/ (options given beside it are kept)
+
+  def check(self) -> None:
+    super().check()
+    train = self.train  # ClassifierTrainConfig has no checks of its own: its fields, here
+    common.check_types(train, group="train.")
+    common.check_ints(train, "steps", "batch_size", group="train.")
+    common.check_ints(train, "seed", low=0, group="train.")
+    common.check_ints(train, "max_shift", low=0, high=7, group="train.")  # shifts of 8x8 images
+    common.check_numbers(train, "learning_rate", low=0.0, low_open=True, group="train.")
+    common.check_numbers(self, "min_accuracy", low=0.0, high=1.0)
+    if not self.out:
+      common.refuse("out", "expected a file name, got ''")
+
+
+def smoke_config(cfg: Config) -> Config:
+  return common.smoke_sized(cfg, dataclasses.replace(
+      cfg, train=dataclasses.replace(cfg.train, steps=50), min_accuracy=0.0,
+      out=str(Path("results") / "train_digits_classifier_smoke" / "digits_classifier.npz")),
+      derived=())
 
 
 def main(cfg: Config) -> float:
   if cfg.smoke:
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, steps=50), min_accuracy=0.0,
-        out=str(results_dir("train_digits_classifier_smoke") / "digits_classifier.npz"))
+    cfg = smoke_config(cfg)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   params, acc = train_classifier(cfg.train)
   print(f"held-out accuracy {acc:.4f} after {cfg.train.steps} steps "
@@ -45,4 +63,4 @@ def main(cfg: Config) -> float:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(Config))
+  main(common.parse(Config))

@@ -27,11 +27,13 @@ import jax
 import numpy as np
 
 from jaxinf.checkpoints.native import CheckpointStore
+from jaxinf.config import check_bool_fields, check_int
 from jaxinf.data.stdlib_code import load_corpus
 from jaxinf.models import families
 from jaxinf.models import transformer as transformer_lib
 from jaxinf.train.lm import LMTrainConfig, train_lm
 from jaxinf.train.step import OptimizerConfig
+from pallas_kernels.dispatch import IMPLS as KERNEL_IMPLS
 
 # the families of `jaxinf.models.families` the studies compare, in the order they report them
 FAMILIES = ("transformer", "transnormer", "rwkv7", "mamba")
@@ -71,6 +73,20 @@ class FamilyTraining:
   seed: int = 0                    # parameter initialisation
   out_dir: str = "results/lm_families"  # checkpoints in <out_dir>/train/<family>/
   tiny: bool = False               # the "-tiny" sizes instead of "-1m" (smoke runs)
+
+  def __post_init__(self):
+    # checked as the options are parsed: a bad one must not cost a training run first
+    if not isinstance(self.train, LMTrainConfig):  # it checks its own fields
+      raise TypeError(f"train: expected an LMTrainConfig, got {self.train!r}")
+    if self.mamba_train_impl not in KERNEL_IMPLS:
+      raise ValueError(f"mamba_train_impl: unknown {self.mamba_train_impl!r}; expected one of "
+                       f"{list(KERNEL_IMPLS)}")
+    if self.corpus_bytes is not None:
+      check_int("corpus_bytes", self.corpus_bytes, 1)
+    check_int("seed", self.seed, 0)
+    if not isinstance(self.out_dir, str) or not self.out_dir:
+      raise ValueError(f"out_dir: expected a folder, got {self.out_dir!r}")
+    check_bool_fields(self)
 
   def folder(self, family: str) -> Path:
     return Path(self.out_dir) / "train" / family

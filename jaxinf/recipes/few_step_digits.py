@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinf.config import check_int
 from jaxinf.data import digits
 from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import Denoiser
@@ -63,6 +65,17 @@ class FewStepBudget:
       counted = f.name.endswith("_steps") or f.name == "mlcm_segments"
       if counted and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise ValueError(f"{f.name}: expected a positive int, got {v!r}")
+    check_int("slim_hidden_size", self.slim_hidden_size, 1)
+    check_int("slim_num_heads", self.slim_num_heads, 1)
+    if self.slim_hidden_size % self.slim_num_heads:
+      raise ValueError(f"slim_hidden_size: {self.slim_hidden_size} does not split into "
+                       f"slim_num_heads={self.slim_num_heads} heads")
+    lr = self.finetune_learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+      raise ValueError(f"finetune_learning_rate: expected a finite number > 0, got {lr!r}")
+    for name, cls in (("coupling", distill.CouplingConfig), ("lcm", consistency.LCMConfig)):
+      if not isinstance(getattr(self, name), cls):  # each checks its own fields
+        raise TypeError(f"{name}: expected a {cls.__name__}, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from jaxinf.checkpoints.native import CheckpointStore
 from jaxinf.data import digits
 from jaxinf.diffusion import schedules
 from jaxinf.diffusion.denoiser import dit_denoiser
-from jaxinf.models.dit import dit_config
+from jaxinf.models.dit import DIT_CONFIGS, dit_config
 from jaxinf.recipes.dit_digits import train_dit_on_digits
 from jaxinf.train.diffusion import DiffusionTrainConfig
 
@@ -41,6 +41,13 @@ class QuickstartDiT:
   # eps error times 1/sqrt(abar) = 158, and deterministic DDIM keeps that error (see the README).
   train: DiffusionTrainConfig = DiffusionTrainConfig(steps=2500, prediction_type="v_prediction")
   beta_schedule: str = "linear"   # the noise schedule's betas
+
+  def __post_init__(self):
+    # checked as the options are parsed: a bad one must not cost a training run first
+    check_digits_dit("model", self.model)
+    if not isinstance(self.train, DiffusionTrainConfig):  # it checks its own fields
+      raise TypeError(f"train: expected a DiffusionTrainConfig, got {self.train!r}")
+    self.schedule()  # NoiseSchedule names a bad beta_schedule
 
   def schedule(self) -> schedules.NoiseSchedule:
     return schedules.NoiseSchedule(self.beta_schedule)
@@ -60,6 +67,20 @@ class QuickstartDiT:
     """The EMA weights' denoiser (`options`: e.g. `features` for feature caching)."""
     return dit_denoiser(apply, state["ema"], model_cfg,
                         prediction_type=self.train.prediction_type, **options)
+
+
+def check_digits_dit(name: str, model) -> None:
+  """`model` names a `jaxinf.models.dit.DIT_CONFIGS` entry that fits the digits (8x8x1 inputs,
+  10 classes); errors name the option `name`."""
+  if not isinstance(model, str) or model not in DIT_CONFIGS:
+    raise ValueError(f"{name}: unknown DiT config {model!r}; known: {sorted(DIT_CONFIGS)}")
+  cfg = DIT_CONFIGS[model]
+  if cfg.sample_shape != digits.IMAGE_SHAPE or cfg.num_classes != digits.NUM_CLASSES:
+    fits = sorted(k for k, c in DIT_CONFIGS.items()
+                  if c.sample_shape == digits.IMAGE_SHAPE and c.num_classes == digits.NUM_CLASSES)
+    raise ValueError(f"{name}: {model!r} takes {cfg.sample_shape} inputs and {cfg.num_classes} "
+                     f"classes, not the digits' {digits.IMAGE_SHAPE} and {digits.NUM_CLASSES}; "
+                     f"digits configs: {fits}")
 
 
 def smoke_dit(dit: QuickstartDiT) -> QuickstartDiT:
