@@ -47,8 +47,8 @@ import numpy as np
 
 from jaxinf.config import check_bool_fields, strict_config
 from jaxinf.decoding import sampling
-from jaxinf.decoding.checks import (check_block, check_context, check_prompts, check_same_vocab,
-                                    check_sampler)
+from jaxinf.decoding.checks import (check_block, check_context, check_key, check_params,
+                                    check_prompts, check_same_vocab, check_sampler)
 from jaxinf.decoding.sampling import SamplerConfig
 
 LOG2 = math.log(2.0)
@@ -58,8 +58,8 @@ LOG2 = math.log(2.0)
 class EADConfig:
   """window: w, tokens in the rolling entropy mean. threshold: tau in bits (+-inf allowed: never /
   always the large model). min_run: tokens a model makes after a switch before the next switch.
-  catch_up: C, tokens per `step` when a model catches up on the tokens it missed (at most the
-  models' `max_step`). eager: step both models with every token instead of catching up."""
+  catch_up: C, tokens per `step` when a model catches up on the tokens it missed (a recurrent
+  model's `max_step` is raised to C when smaller: `checks.check_block`). eager: step both models with every token instead of catching up."""
 
   window: int = 5
   threshold: float = 2.0
@@ -115,6 +115,9 @@ def ead_generate(small, small_params, large, large_params, prompts, key, *, max_
   the entropy that drives switching is that of the raw logits, before temperature. All checks run
   before tracing."""
   check_same_vocab("small", small, "large", large)
+  check_params("small_params", small, small_params, "small model")
+  check_params("large_params", large, large_params, "large model")
+  check_key(key)
   if not isinstance(config, EADConfig):
     raise TypeError(f"config: expected an EADConfig, got {type(config).__name__}")
   prompts, lengths, cap = check_prompts(small, prompts, prompt_lengths,
@@ -123,7 +126,9 @@ def ead_generate(small, small_params, large, large_params, prompts, key, *, max_
   check_sampler(sampler, small.vocab_size)
   for name, m in (("small", small), ("large", large)):
     check_context(name, m, cap)
-    check_block(m, f"{name} model", config.catch_up, "catch_up")
+  # a recurrent model's rollback history is sized from catch_up (checks.check_block)
+  small = check_block(small, "small model", config.catch_up, "catch_up")
+  large = check_block(large, "large model", config.catch_up, "catch_up")
   # the threshold is traced (one compile serves every threshold); the rest of config is static
   out = _ead(small, large, (small_params, large_params), jnp.asarray(prompts),
              jnp.asarray(lengths), key, jnp.float32(config.threshold),

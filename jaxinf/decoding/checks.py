@@ -4,7 +4,10 @@ contrastive, inference-time scaling), run on concrete values before tracing: a b
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.data.tokenizer import pad_batch
@@ -24,6 +27,9 @@ def check_prompts(model, prompts, prompt_lengths, *, max_new_tokens: int, eos_id
   or a list of non-empty token lists. Returns (prompts int32 [B, T], lengths int32 [B], cache
   positions): the longest prompt plus max_new_tokens plus `extra` (the slack a decoder writes past
   the last kept token, e.g. one block of drafts), or `max_len` if given."""
+  check_model("model", model)
+  if pad_id is None:
+    raise ValueError("pad_id: expected an id in the vocabulary, got None")
   if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
     if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
       raise ValueError(f"{name}: expected a non-empty list of non-empty token lists or an "
@@ -59,8 +65,6 @@ def check_prompts(model, prompts, prompt_lengths, *, max_new_tokens: int, eos_id
                      f"[0, {v})")
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-  if pad_id is None:
-    raise ValueError("pad_id: expected an id in the vocabulary, got None")
   for arg, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
     if tok is not None and (not _is_int(tok) or not 0 <= tok < v):
       raise ValueError(f"{arg}: {tok!r} outside the vocabulary [0, {v})")
@@ -74,6 +78,56 @@ def check_prompts(model, prompts, prompt_lengths, *, max_new_tokens: int, eos_id
                      + f" needs {need} cache positions, max_len is {cap}")
   check_context(name, model, int(cap))
   return prompts.astype(np.int32), lengths.astype(np.int32), int(cap)
+
+
+_MODEL_METHODS = ("vocab_size", "init_cache", "prefill", "step", "rollback")
+
+
+def check_model(name: str, model) -> None:
+  """`model` is a SequenceModel (`jaxinf.models.functional.SequenceModel`: vocab_size, init_cache,
+  prefill, step, rollback), not, say, an untrained module or a params dict passed in its place."""
+  missing = [a for a in _MODEL_METHODS if not hasattr(model, a)]
+  if missing:
+    raise TypeError(f"{name}: expected a SequenceModel (a jaxinf.models family such as "
+                    f"TransformerLM), got {type(model).__name__} (no {', '.join(missing)})")
+  v = model.vocab_size
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+    raise TypeError(f"{name}: vocab_size must be a positive int, got {v!r}")
+
+
+def check_params(name: str, model, params, model_name: str = "model") -> None:
+  """`params` has `model`'s parameter tree (missing / extra / shape / dtype, by path), when the
+  model can say what it expects (`check_params`, every jaxinf family); a tree of another
+  structure is refused here rather than as a reshape error deep in the traced model."""
+  if params is None:
+    raise TypeError(f"{name}: expected the {model_name}'s parameter tree, got None")
+  checker = getattr(model, "check_params", None)
+  if checker is not None:
+    checker(params, name=name)
+
+
+def check_key(key, name: str = "key") -> None:
+  """One PRNG key: a typed key of shape () (`jax.random.key(seed)`) or a legacy raw uint32 key of
+  shape (2,) (`jax.random.PRNGKey(seed)`). An int (a seed), a float array or a batch of keys is
+  refused by name (a batch would otherwise be split and broadcast into the wrong shapes)."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is None or not hasattr(key, "shape"):
+    raise TypeError(f"{name}: expected a PRNG key such as jax.random.key(seed), got "
+                    f"{type(key).__name__} {key!r}"[:200])
+  if isinstance(key, jax.core.Tracer):
+    return  # inside a user's jit/vmap: the caller's key is its business
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"{name}: expected a single key, got a batch of keys of shape "
+                       f"{tuple(key.shape)} (split it and call once per key, or vmap)")
+    return
+  if dtype == np.uint32 and tuple(key.shape) == (2,):
+    return
+  if dtype == np.uint32 and key.ndim >= 2 and key.shape[-1] == 2:
+    raise ValueError(f"{name}: expected a single key, got a batch of raw keys of shape "
+                     f"{tuple(key.shape)}")
+  raise TypeError(f"{name}: expected a PRNG key such as jax.random.key(seed), got an array of "
+                  f"dtype {dtype} and shape {tuple(key.shape)}")
 
 
 def check_context(name: str, model, cap: int) -> None:
@@ -100,21 +154,27 @@ def check_sampler(sampler, vocab_size: int, name: str = "sampler", *,
 
 def check_same_vocab(name_a: str, a, name_b: str, b) -> None:
   """Two SequenceModels over one vocabulary (their distributions are compared id by id)."""
-  for name, m in ((name_a, a), (name_b, b)):
-    if not all(hasattr(m, attr) for attr in ("vocab_size", "init_cache", "prefill", "step",
-                                             "rollback")):
-      raise TypeError(f"{name}: expected a SequenceModel, got {type(m).__name__}")
+  check_model(name_a, a)
+  check_model(name_b, b)
   if a.vocab_size != b.vocab_size:
     raise ValueError(f"{name_b}: its vocabulary of {b.vocab_size} ids differs from the "
                      f"{name_a}'s {a.vocab_size}: the two models must share one tokenizer")
 
 
-def check_block(model, name: str, tokens: int, arg: str) -> None:
-  """One `step` over `tokens` positions fits the state history `model` keeps for rollback;
-  `arg` names the option that sets the block size."""
+def check_block(model, name: str, tokens: int, arg: str):
+  """The model to run so that one `step` over `tokens` positions fits the state history it keeps
+  for rollback (`max_step`, recurrent families); `arg` names the option that sets the block size.
+
+  A jaxinf family (a frozen dataclass with a `max_step` field) whose history is too short is
+  resized: `dataclasses.replace(model, max_step=tokens)` — the parameters do not depend on it,
+  only the cache's history axis does, so the output is the same. Any other model with too small a
+  `max_step` is refused, naming `arg` and the `max_step` it needs."""
   limit = getattr(model, "max_step", None)
-  if limit is not None and tokens > limit:
-    raise ValueError(f"{arg}: a block of {tokens} tokens per step exceeds the {name}'s "
-                     f"max_step={limit} (the state history it keeps for rollback); use a smaller "
-                     "block or build the model with a larger max_step")
+  if limit is None or tokens <= limit:
+    return model
+  if dataclasses.is_dataclass(model) and "max_step" in {f.name for f in dataclasses.fields(model)}:
+    return dataclasses.replace(model, max_step=tokens)
+  raise ValueError(f"{arg}: a block of {tokens} tokens per step exceeds the {name}'s "
+                   f"max_step={limit} (the state history it keeps for rollback); use a smaller "
+                   f"block or build the {name} with max_step >= {tokens}")
 

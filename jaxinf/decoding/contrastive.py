@@ -41,7 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.config import strict_config
-from jaxinf.decoding.checks import check_context, check_prompts, check_same_vocab
+from jaxinf.decoding.checks import (
+  check_context,
+  check_key,
+  check_params,
+  check_prompts,
+  check_same_vocab,
+)
 from jaxinf.decoding.sampling import NEG_INF
 
 
@@ -138,6 +144,9 @@ def contrastive_generate(expert, expert_params, prompts, key, *, max_new_tokens:
   elif amateur_params is None:
     raise ValueError("amateur_params: required with an amateur model")
   check_same_vocab("expert", expert, "amateur", amateur)
+  check_params("expert_params", expert, expert_params, "expert")
+  check_params("amateur_params", amateur, amateur_params, "amateur")
+  check_key(key)
   opts = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
   prompts, lengths, cap = check_prompts(expert, prompts, prompt_lengths, **opts)
   if amateur_prompts is None:

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import sampling
-from jaxinf.decoding.checks import check_block, check_prompts, check_sampler
+from jaxinf.decoding.checks import (check_block, check_key, check_params, check_prompts,
+                                    check_sampler)
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import (SpeculativeOutput, append_tokens, probs, verify,
                                     verify_branches)
@@ -83,20 +84,22 @@ class Checked:
   prompts: np.ndarray   # [B, T] int32
   lengths: np.ndarray   # [B] int32
   cap: int              # cache positions
+  model: Any = None     # the model to run (`checks.check_block` may widen a recurrent history)
 
 
 def check_inputs(model, prompts, prompt_lengths, *, max_new_tokens, sampler, eos_id, pad_id,
                  max_len, step_tokens: int, step_arg: str = "draft_len") -> Checked:
   """`generate`'s checks (`checks.check_prompts`), plus: the sampler is stateless, one step of
-  `step_tokens` tokens fits the model's `max_step`, and the cache holds the longest prompt, the
+  `step_tokens` tokens fits the model's `max_step` (a jaxinf recurrent family's is raised to fit:
+  `Checked.model`, `checks.check_block`), and the cache holds the longest prompt, the
   new tokens and one block of drafts past them (T + max_new_tokens + γ, γ = step_tokens - 1).
   `step_arg` names the option that sets γ in the messages."""
   prompts, lengths, cap = check_prompts(model, prompts, prompt_lengths,
                                         max_new_tokens=max_new_tokens, eos_id=eos_id,
                                         pad_id=pad_id, max_len=max_len, extra=step_tokens - 1)
   check_sampler(sampler, model.vocab_size, stateless=True)
-  check_block(model, "model", step_tokens, step_arg)
-  return Checked(prompts, lengths, cap)
+  run_model = check_block(model, "model", step_tokens, step_arg)
+  return Checked(prompts, lengths, cap, run_model)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -196,7 +199,11 @@ run_drafted = jax.jit(draft_verify_loop, static_argnames=_STATIC)
 
 def run_checked(model, params, checked: Checked, key, drafter, *, sampler, max_new_tokens, eos_id,
                 pad_id, rule=None) -> SpeculativeOutput:
-  """Runs the jitted loop on checked inputs and waits for it (as `generate` does)."""
+  """Checks `params` and `key`, then runs the jitted loop on checked inputs and waits for it (as
+  `generate` does)."""
+  check_params("params", model, params)
+  check_key(key)
+  model = model if checked.model is None else checked.model
   out = run_drafted(model, params, jnp.asarray(checked.prompts), jnp.asarray(checked.lengths),
                     key, drafter=drafter, sampler=sampler, max_new_tokens=max_new_tokens,
                     eos_id=eos_id, pad_id=pad_id, cap=checked.cap, rule=rule)

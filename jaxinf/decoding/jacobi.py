@@ -45,11 +45,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinf.config import check_int
 from jaxinf.decoding import sampling
+from jaxinf.decoding.checks import check_model
 from jaxinf.decoding.draft_verify import check_inputs, run_checked
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import SpeculativeOutput
-from jaxinf.config import check_int
 
 
 def _random_prompt_tokens(key, ctx, prompt_lengths, width):
@@ -214,7 +215,7 @@ def jacobi_generate(model, params, prompts, key, *, max_new_tokens: int, window:
                     max_len: int | None = None) -> SpeculativeOutput:
   """Jacobi decoding (Santilli et al. 2023): `window` W guesses refined per target step, the
   verified prefix emitted. Greedy output equals `generate`'s; other stateless samplers are exact
-  (the guesses are point-mass drafts). One step takes W + 1 tokens (must fit `max_step`).
+  (the guesses are point-mass drafts). One step takes W + 1 tokens (`checks.check_block`).
   Arguments otherwise as `generate`; `max_len` defaults to longest prompt + max_new_tokens + W."""
   check_int("window", window)
   checked = check_inputs(model, prompts, prompt_lengths, max_new_tokens=max_new_tokens,
@@ -233,6 +234,7 @@ def lookahead_generate(model, params, prompts, key, *, max_new_tokens: int, wind
   and G = `candidates` verification n-grams per step, from a pool of `pool_size` (default G)
   n-grams per first token. Each prompt row runs as 1 + G cache rows; one step takes
   max(W, N-1) + 1 tokens. Greedy output equals `generate`'s; stateless samplers are exact."""
+  check_model("model", model)
   check_int("window", window)
   check_int("ngram", ngram, low=2)
   check_int("candidates", candidates)

@@ -168,7 +168,8 @@ def prompt_lookup_generate(model, params, prompts, key, *, max_new_tokens: int, 
   occurrence exists, none without a match: then the round is one plain step).
 
   Arguments as `generate`; `max_len` (default: longest prompt + max_new_tokens + draft_len) sizes
-  the cache. One step takes draft_len + 1 tokens, which must fit the model's `max_step`.
+  the cache. One step takes draft_len + 1 tokens (a recurrent model's `max_step` is raised to
+  fit: `checks.check_block`).
   """
   check_int("ngram", ngram)
   check_int("draft_len", draft_len)

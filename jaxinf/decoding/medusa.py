@@ -183,6 +183,9 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
   if not (hasattr(model, "tree_step") and hasattr(model, "commit_path")):
     raise ValueError(f"model: Medusa's tree attention needs a transformer target with tree_step "
                      f"and commit_path; {type(model).__name__} has none")
+  checks.check_model("model", model)
+  checks.check_params("params", model, params)
+  checks.check_key(key)
   if not isinstance(tree, MedusaTree):
     raise TypeError(f"tree: expected a MedusaTree, got {type(tree).__name__}")
   # the tree's n nodes are written past the last kept token: n positions of slack
@@ -197,7 +200,7 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
     raise ValueError(f"heads: built for vocabulary {heads.vocab_size} and hidden size "
                      f"{heads.config.hidden_size}, the target has {v} and "
                      f"{model.config.hidden_size}")
-  heads.check_params(head_params)
+  checks.check_params("head_params", heads, head_params, "Medusa heads")
   if tree.depth > heads.num_heads:
     raise ValueError(f"tree: {tree.depth} levels deep, but there are only {heads.num_heads} heads")
   if max(tree.top_k) > v:
@@ -210,9 +213,6 @@ def medusa_generate(model, params, heads: MedusaHeads, head_params, prompts, key
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (
         high is not None and value > high):
       raise ValueError(f"{name}: expected a number in (0, {high or 'inf'}], got {value!r}")
-  if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                          or (key.dtype == jnp.uint32 and key.shape == (2,)))):
-    raise TypeError(f"key: expected a jax.random key, got {type(key).__name__}")
   out = _medusa(model, params, heads, head_params, jnp.asarray(prompts, jnp.int32),
                 jnp.asarray(lengths, jnp.int32), key, tree=tree, sampler=sampler,
                 acceptance=acceptance, epsilon=float(typical_epsilon),

@@ -24,18 +24,42 @@ from jaxinf.config import strict_config
 
 NEG_INF = -1e30  # a finite "minus infinity": keeps softmax of a fully masked row NaN-free
 
+# The numeric ranges every SamplerConfig is held to. Temperature and repetition penalty divide
+# fp32 logits: below these bounds a logit of a few units overflows to inf (temperature 1e-40
+# makes every logit ±inf and the softmax NaN), so they are refused instead of computed. Together
+# they scale logits by at most 1 / (MIN_TEMPERATURE · MIN_REPETITION_PENALTY) = 1e6, far inside
+# fp32's range. For (near-)greedy decoding use temperature=0, which is an exact argmax.
+MIN_TEMPERATURE = 1e-3
+MIN_REPETITION_PENALTY = 1e-3
+MAX_REPETITION_PENALTY = 1e3
+# Mirostat's mu starts at 2·tau and moves by eta·(surprise - tau) per token: both stay finite
+# fp32 numbers far below these bounds (surprise is at most a few dozen bits).
+MAX_MIROSTAT_TAU = 1e3
+MAX_MIROSTAT_ETA = 1e3
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Which rules to apply. Unset (None) rules are skipped.
 
-  temperature: 0 means greedy (argmax); otherwise logits / temperature.
+  temperature: 0 means greedy (argmax); otherwise logits / temperature, with temperature in
+    [MIN_TEMPERATURE, inf) = [1e-3, inf) (smaller ones overflow fp32 logits; they are refused).
   top_k: keep the k most likely tokens. top_p: keep the smallest set with mass >= p.
   min_p: keep tokens with p >= min_p * p_max. typical_p: keep the tokens whose surprise is closest
     to the entropy until their mass reaches typical_p.
-  repetition_penalty: > 1 divides positive logits (multiplies negative ones) of tokens already seen.
-  mirostat: 1 or 2; mirostat_tau is the target surprise in bits, mirostat_eta the learning rate,
-    mirostat_m the number of tokens v1 fits its Zipf exponent on.
+  repetition_penalty: > 1 divides positive logits (multiplies negative ones) of tokens already seen;
+    in [1e-3, 1e3] (< 1 favours repetition).
+  mirostat: 1 or 2; mirostat_tau is the target surprise in bits (0, 1e3], mirostat_eta the learning
+    rate (0, 1e3], mirostat_m the number of tokens v1 fits its Zipf exponent on.
   """
 
   temperature: float = 1.0
@@ -50,30 +74,37 @@ class SamplerConfig:
   mirostat_m: int = 100
 
   def __post_init__(self):
-    if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0
-            and math.isfinite(self.temperature)):
+    if not (_is_number(self.temperature) and self.temperature >= 0):
       raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
-    if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+    if 0 < self.temperature < MIN_TEMPERATURE:
+      raise ValueError(f"temperature: {self.temperature!r} is below the minimum {MIN_TEMPERATURE} "
+                       "(fp32 logits divided by it overflow); use temperature=0 for greedy")
+    if self.top_k is not None and (not _is_count(self.top_k) or self.top_k < 1):
       raise ValueError(f"top_k: expected an int >= 1, got {self.top_k!r}")
     for name in ("top_p", "typical_p"):
       v = getattr(self, name)
-      if v is not None and not 0.0 < v <= 1.0:
-        raise ValueError(f"{name}: expected in (0, 1], got {v!r}")
-    if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-      raise ValueError(f"min_p: expected in [0, 1], got {self.min_p!r}")
-    if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-      raise ValueError(f"repetition_penalty: expected > 0, got {self.repetition_penalty!r}")
-    if self.mirostat not in (None, 1, 2):
+      if v is not None and not (_is_number(v) and 0.0 < v <= 1.0):
+        raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
+    if self.min_p is not None and not (_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0):
+      raise ValueError(f"min_p: expected a number in [0, 1], got {self.min_p!r}")
+    if self.repetition_penalty is not None and not (
+        _is_number(self.repetition_penalty)
+        and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+      raise ValueError(f"repetition_penalty: expected a number in [{MIN_REPETITION_PENALTY}, "
+                       f"{MAX_REPETITION_PENALTY}] (1 = no penalty), got "
+                       f"{self.repetition_penalty!r}")
+    if isinstance(self.mirostat, bool) or self.mirostat not in (None, 1, 2):
       raise ValueError(f"mirostat: expected None, 1 or 2, got {self.mirostat!r}")
     if self.mirostat is not None:
       if self.temperature == 0:
         raise ValueError("mirostat: cannot be combined with temperature 0 (greedy)")
       if any(getattr(self, n) is not None for n in ("top_k", "top_p", "min_p", "typical_p")):
         raise ValueError("mirostat: replaces top_k/top_p/min_p/typical_p; unset them")
-      if not self.mirostat_tau > 0 or not self.mirostat_eta > 0:
-        raise ValueError(f"mirostat_tau, mirostat_eta: expected > 0, got "
-                         f"{self.mirostat_tau}, {self.mirostat_eta}")
-      if not isinstance(self.mirostat_m, int) or self.mirostat_m < 2:
+      for name, high in (("mirostat_tau", MAX_MIROSTAT_TAU), ("mirostat_eta", MAX_MIROSTAT_ETA)):
+        v = getattr(self, name)
+        if not (_is_number(v) and 0 < v <= high):
+          raise ValueError(f"{name}: expected a finite number in (0, {high}], got {v!r}")
+      if not _is_count(self.mirostat_m) or self.mirostat_m < 2:
         raise ValueError(f"mirostat_m: expected an int >= 2, got {self.mirostat_m!r}")
 
   @property

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.data.tokenizer import pad_batch
 from jaxinf.decoding import sampling
+from jaxinf.decoding.checks import check_key, check_model, check_params, check_prompts
 from jaxinf.decoding.generate import generate
 from jaxinf.decoding.sampling import SamplerConfig
 
@@ -42,20 +42,6 @@ RESAMPLING = ("multinomial", "systematic")
 def _check_n(name: str, n) -> None:
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"{name}: expected an int >= 1, got {n!r}")
-
-
-def _prompt_batch(prompts, prompt_lengths, pad_id):
-  if isinstance(prompts, (list, tuple)) and prompt_lengths is None:
-    prompts, prompt_lengths = pad_batch(prompts, pad_id)
-  prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-    raise ValueError(f"prompts: expected integer ids [B, T] or a list of id lists, got "
-                     f"{prompts.dtype} {prompts.shape}")
-  b, t = prompts.shape
-  lengths = np.full((b,), t, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths)
-  if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
-    raise ValueError(f"prompt_lengths: expected [{b}] values in [1, {t}], got {lengths}")
-  return prompts.astype(np.int32), lengths.astype(np.int32)
 
 
 # --- repeated sampling ------------------------------------------------------------------------
@@ -71,7 +57,8 @@ def sample_n(model, params, prompts, key, *, n: int, max_new_tokens: int,
              prompt_lengths=None, pad_id: int = 0) -> Samples:
   """`n` samples of each prompt from one `generate` call on the prompts repeated n times."""
   _check_n("n", n)
-  prompts, lengths = _prompt_batch(prompts, prompt_lengths, pad_id)
+  prompts, lengths, _ = check_prompts(model, prompts, prompt_lengths,
+                                      max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
   b = prompts.shape[0]
   out = generate(model, params, np.repeat(prompts, n, axis=0), key,
                  max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id,
@@ -256,6 +243,9 @@ def particle_filter(model, params, prompts, key, *, n: int, scorer: Callable,
   static argument: reuse one function object). A step ends at `delimiter_id` or `eos_id`, or after
   `max_step_tokens`; a particle ends at EOS or after `max_new_tokens`.
   """
+  check_model("model", model)
+  check_params("params", model, params)
+  check_key(key)
   _check_n("n", n)
   _check_n("max_new_tokens", max_new_tokens)
   max_step_tokens = max_new_tokens if max_step_tokens is None else max_step_tokens
@@ -276,15 +266,10 @@ def particle_filter(model, params, prompts, key, *, n: int, scorer: Callable,
     if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < v:
       raise ValueError(f"{name}: expected an id in [0, {v}), got {tok!r}")
   sampling.check_vocab(sampler, v)
-  prompts, lengths = _prompt_batch(prompts, prompt_lengths, pad_id)
-  valid = np.arange(prompts.shape[1])[None] < lengths[:, None]
-  if ((prompts[valid] < 0) | (prompts[valid] >= v)).any():
-    raise ValueError(f"prompts: token ids outside the vocabulary [0, {v})")
-  cap = int(lengths.max()) + max_new_tokens + 1  # +1: a spare slot for masked rows' writes
-  if model.max_len is not None and cap > model.max_len:
-    raise ValueError(f"max_new_tokens: the longest prompt ({lengths.max()}) plus "
-                     f"{max_new_tokens} new tokens (+1) exceed the model's context of "
-                     f"{model.max_len}")
+  # extra=1: a spare cache slot for masked rows' writes
+  prompts, lengths, cap = check_prompts(model, prompts, prompt_lengths,
+                                        max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                        pad_id=pad_id, extra=1)
   return _particle_filter(model, params, scorer, scorer_params, jnp.asarray(prompts),
                           jnp.asarray(lengths), key, n=n, delimiter_id=delimiter_id,
                           eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.decoding import sampling
-from jaxinf.decoding.checks import (check_block, check_context, check_prompts, check_same_vocab,
-                                    check_sampler)
+from jaxinf.decoding.checks import (check_block, check_context, check_key, check_params,
+                                    check_prompts, check_same_vocab, check_sampler)
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.verify import SpeculativeOutput, append_tokens, probs, verify
 
@@ -92,9 +92,13 @@ def speculative_generate(target, target_params, draft, draft_params, prompts, ke
   `written` [B] (tokens emitted, including any past max_new_tokens in the last round).
   """
   check_same_vocab("target", target, "draft", draft)
+  check_params("target_params", target, target_params, "target")
+  check_params("draft_params", draft, draft_params, "draft")
+  check_key(key)
   spec = SpeculativeConfig(gamma, gamma_schedule, gamma_init, draft_confidence)
-  check_block(target, "target", gamma + 1, "gamma")
-  check_block(draft, "draft", gamma + 1, "gamma")
+  # a recurrent model's rollback history is sized from gamma (checks.check_block)
+  target = check_block(target, "target", gamma + 1, "gamma")
+  draft = check_block(draft, "draft", gamma + 1, "gamma")
   check_sampler(sampler, target.vocab_size, stateless=True)
   draft_sampler = sampler if draft_sampler is None else draft_sampler
   check_sampler(draft_sampler, draft.vocab_size, "draft_sampler", stateless=True)

@@ -161,7 +161,6 @@ class TestBadInput:
       (dict(max_new_tokens=0), "max_new_tokens"),
       (dict(eos_id=64), "eos_id"),
       (dict(max_new_tokens=60), "context"),
-      (dict(config=EADConfig(catch_up=9)), "max_step"),
   ])
   def test_decode_args(self, pair, kw, match):
     small, sp, large, lp = pair

@@ -115,14 +115,11 @@ def test_jacobi_and_lookahead_are_exact_under_sampling(drafter):
 
 @pytest.mark.parametrize("decode,kwargs,error,match", [
     (jacobi_generate, dict(window=0), ValueError, "window"),
-    (jacobi_generate, dict(window=8), ValueError, "window: .*max_step=8"),
     (sjd_generate, dict(window=-1), ValueError, "window"),
-    (sjd_generate, dict(window=8), ValueError, "window: .*max_step=8"),
     (lookahead_generate, dict(window=0), ValueError, "window"),
     (lookahead_generate, dict(ngram=1), ValueError, "ngram"),
     (lookahead_generate, dict(candidates=0), ValueError, "candidates"),
     (lookahead_generate, dict(candidates=3, pool_size=2), ValueError, "pool_size"),
-    (lookahead_generate, dict(window=2, ngram=9), ValueError, "ngram: .*max_step=8"),
     (sjd_generate, dict(sampler=SamplerConfig(temperature=1.0, mirostat=1)), ValueError,
      "sampler"),
     (jacobi_generate, dict(sampler=None), TypeError, "sampler"),
@@ -130,7 +127,7 @@ def test_jacobi_and_lookahead_are_exact_under_sampling(drafter):
     (sjd_generate, dict(prompt_lengths=np.array([3, 3, 3])), ValueError, "prompt_lengths"),
 ])
 def test_bad_input_is_named(decode, kwargs, error, match):
-  model, params = tiny_model("rwkv7")  # max_step 8
+  model, params = tiny_model("rwkv7")
   prompts = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
   with pytest.raises(error, match=match):
     decode(model, params, prompts, jax.random.key(0), max_new_tokens=4, **kwargs)

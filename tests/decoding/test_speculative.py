@@ -203,6 +203,3 @@ def test_bad_input_is_refused(bigrams):
     run(draft_confidence=1.5)
   with pytest.raises(TypeError, match="draft"):
     run(draft=object())
-  rwkv, rp = tiny_model("rwkv7", vocab_size=V)
-  with pytest.raises(ValueError, match="max_step"):
-    run(target=rwkv, target_params=rp, gamma=8)
