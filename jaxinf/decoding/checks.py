@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_key  # noqa: F401  (re-exported: every decoder imports it here)
 from jaxinf.data.tokenizer import pad_batch
 from jaxinf.decoding import sampling
 from jaxinf.decoding.sampling import SamplerConfig
@@ -104,30 +104,6 @@ def check_params(name: str, model, params, model_name: str = "model") -> None:
   checker = getattr(model, "check_params", None)
   if checker is not None:
     checker(params, name=name)
-
-
-def check_key(key, name: str = "key") -> None:
-  """One PRNG key: a typed key of shape () (`jax.random.key(seed)`) or a legacy raw uint32 key of
-  shape (2,) (`jax.random.PRNGKey(seed)`). An int (a seed), a float array or a batch of keys is
-  refused by name (a batch would otherwise be split and broadcast into the wrong shapes)."""
-  dtype = getattr(key, "dtype", None)
-  if dtype is None or not hasattr(key, "shape"):
-    raise TypeError(f"{name}: expected a PRNG key such as jax.random.key(seed), got "
-                    f"{type(key).__name__} {key!r}"[:200])
-  if isinstance(key, jax.core.Tracer):
-    return  # inside a user's jit/vmap: the caller's key is its business
-  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    if key.shape != ():
-      raise ValueError(f"{name}: expected a single key, got a batch of keys of shape "
-                       f"{tuple(key.shape)} (split it and call once per key, or vmap)")
-    return
-  if dtype == np.uint32 and tuple(key.shape) == (2,):
-    return
-  if dtype == np.uint32 and key.ndim >= 2 and key.shape[-1] == 2:
-    raise ValueError(f"{name}: expected a single key, got a batch of raw keys of shape "
-                     f"{tuple(key.shape)}")
-  raise TypeError(f"{name}: expected a PRNG key such as jax.random.key(seed), got an array of "
-                  f"dtype {dtype} and shape {tuple(key.shape)}")
 
 
 def check_context(name: str, model, cap: int) -> None:
