@@ -150,13 +150,20 @@ def check_seed(cfg) -> None:
 
 
 def check_model_params(model, params) -> None:
-  """Before a language-model trainer starts: `model` a jaxinf language-model family and `params`
-  its parameter tree (`jaxinf.checkpoints.validate.check_params`: missing, extra, shape, dtype)."""
-  from jaxinf.models.functional import FamilyLM
-  if not isinstance(model, FamilyLM):
-    raise TypeError(f"model: expected a jaxinf language model (a FamilyLM such as TransformerLM), "
-                    f"got {type(model).__name__}")
-  model.check_params(params)
+  """Before a language-model trainer starts: `model` a SequenceModel (every jaxinf family, or a
+  user's model on the same contract: trainers need its vocab_size and parallel form) and `params`
+  its parameter tree, checked by the model where it can say what it expects (every jaxinf family:
+  `jaxinf.checkpoints.validate.check_params`: missing, extra, shape, dtype)."""
+  missing = [a for a in ("vocab_size", "init_cache", "prefill") if not hasattr(model, a)]
+  if missing:
+    raise TypeError(f"model: expected a language model on the SequenceModel contract (a jaxinf "
+                    f"family such as TransformerLM), got {type(model).__name__} (no "
+                    f"{', '.join(missing)})")
+  if params is None:
+    raise TypeError("params: expected the model's parameter tree, got None")
+  checker = getattr(model, "check_params", None)
+  if checker is not None:
+    checker(params)
 
 
 def check_apply_params(apply, params) -> None:

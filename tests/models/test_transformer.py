@@ -71,7 +71,7 @@ def test_token_ids_out_of_range_raise():
   with pytest.raises(TypeError, match="tokens: expected integer token ids"):
     model.prefill(params, jnp.zeros((1, 3)), cache, jnp.asarray([3]))
   with pytest.raises(ValueError, match="prompts: token ids"):
-    generate(model, params, [[1, 99]], None, max_new_tokens=2)
+    generate(model, params, [[1, 99]], jax.random.key(0), max_new_tokens=2)
   # a padded position may hold anything: only positions < lengths are ids
   model.prefill(params, jnp.asarray([[1, 2, 999]]), cache, jnp.asarray([2]))
 
@@ -88,7 +88,7 @@ def test_prompt_longer_than_cache_or_context_raises():
   with pytest.raises(ValueError, match="tokens: 2 more tokens overflow the cache of 4"):
     model.step(params, jnp.ones((1, 2), jnp.int32), cache)
   with pytest.raises(ValueError, match="exceed the model's context of 48"):
-    generate(model, params, [[1] * 40], None, max_new_tokens=10)
+    generate(model, params, [[1] * 40], jax.random.key(0), max_new_tokens=10)
   with pytest.raises(ValueError, match=r"lengths: expected values in \[0, T=3\]"):
     model.prefill(params, jnp.ones((1, 3), jnp.int32), model.init_cache(1, 8), jnp.asarray([4]))
 
