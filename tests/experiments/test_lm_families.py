@@ -12,6 +12,7 @@ from jaxinf.recipes import code_models
 
 @pytest.mark.slow
 def test_smoke_run(tmp_path):
+  pytest.importorskip("torch")  # its peers (transformers, the rwkv package) run on torch
   cfg = lm_families.Config(out_dir=str(tmp_path / "lm_families"), smoke=True, progress=False)
   rows = lm_families.run(cfg)
   out = tmp_path / "lm_families_smoke"

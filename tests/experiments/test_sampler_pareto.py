@@ -11,6 +11,7 @@ from experiments import sampler_pareto
 
 @pytest.mark.slow
 def test_smoke_run(tmp_path):
+  pytest.importorskip("torch")  # the study runs its peer (diffusers' DiTPipeline) on torch
   cfg = sampler_pareto.Config(quickstart_dir=str(tmp_path / "quickstart"),
                               out_dir=str(tmp_path / "sampler_pareto"), smoke=True, progress=False)
   rows = sampler_pareto.run(cfg)
