@@ -1,0 +1,7 @@
+"""`python -m jaxinf`: the command line (`jaxinf.cli`)."""
+
+import sys
+
+from jaxinf.cli import main
+
+sys.exit(main())
