@@ -3,6 +3,10 @@
 Notation (Ho et al. 2020): `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`, `abar_t = prod_{s<=t}
 (1 - beta_s)` for training timesteps `t = 0 .. T-1`. Tables are computed once, in float64 numpy,
 outside any compiled loop; option names follow diffusers' scheduler configs.
+
+`NoiseSchedule(dtype="float32")` builds the training-step buffers (betas, abar, the noise levels)
+the way diffusers does, in float32 (see `NoiseSchedule`), for replaying a diffusers run exactly;
+`jaxinf.diffusion.from_diffusers` uses it by default.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 from jaxinf.config import check_bool_fields
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# the precision the schedule's training-step buffers are built in (`NoiseSchedule.dtype`)
+TABLE_DTYPES = ("float64", "float32")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # what a denoiser on a variance-preserving schedule may predict
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -38,6 +44,21 @@ class NoiseSchedule:
   - `scaled_linear`: sqrt(betas) evenly spaced (latent diffusion / Stable Diffusion).
   - `squaredcos_cap_v2`: the cosine schedule of Nichol & Dhariwal 2021, eq. 17, with
     abar(t) = cos²((t/T + 0.008)/1.008 · π/2) and betas capped at 0.999.
+
+  `dtype` is the precision of the training-step buffers (`betas`, `alphas_cumprod`, `sigmas`,
+  `log_sigmas`), which every solver's table is computed from:
+
+  - `"float64"` (default): exact to float64; the most accurate table.
+  - `"float32"`: built as diffusers' schedulers build theirs (diffusers 0.42.1, torch's CPU
+    kernels): betas from a float32 `torch.linspace` (start + step·i rounded once, as the fused
+    multiply-add of torch's x86-64 kernel), alphas = 1 - betas and the zero-terminal-SNR rescaling
+    in float32 arithmetic, abar as torch's float32 `cumprod` (a float64 running product, each
+    entry rounded to float32), sigma = sqrt((1 - abar) / abar) and its log in float32. Where abar
+    is near 1 or tiny this differs from the float64 table by far more than float32 sampling
+    arithmetic does (linear betas: sigma_0 moves by ~1e-4 relative, since 1 - abar_0 = 1e-4 keeps
+    only a few bits in float32), so replaying a diffusers run step for step needs it. The buffers
+    are still returned as float64 arrays (holding float32 values): the solvers' own arithmetic on
+    them stays float64 either way.
   """
 
   beta_schedule: str = "linear"
@@ -45,9 +66,13 @@ class NoiseSchedule:
   beta_start: float = 1e-4
   beta_end: float = 0.02
   rescale_betas_zero_snr: bool = False
+  dtype: str = "float64"
 
   def __post_init__(self):
     _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+    if not isinstance(self.dtype, str):
+      raise TypeError(f"dtype: expected one of {list(TABLE_DTYPES)} (a str), got {self.dtype!r}")
+    _check_choice("dtype", self.dtype, TABLE_DTYPES)
     check_bool_fields(self)
     if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
       raise ValueError(
@@ -64,21 +89,39 @@ class NoiseSchedule:
   @property
   def betas(self) -> np.ndarray:
     betas = self._base_betas()
-    return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+    if not self.rescale_betas_zero_snr:
+      return betas
+    if self.dtype == "float32":
+      return _rescale_zero_terminal_snr_f32(betas)
+    return rescale_zero_terminal_snr(betas)
 
   def _base_betas(self) -> np.ndarray:
     n = self.num_train_timesteps
+    if self.dtype == "float32":
+      if self.beta_schedule == "linear":
+        return _torch_linspace_f32(self.beta_start, self.beta_end, n).astype(np.float64)
+      if self.beta_schedule == "scaled_linear":
+        root = _torch_linspace_f32(self.beta_start**0.5, self.beta_end**0.5, n)
+        return (root * root).astype(np.float64)
     if self.beta_schedule == "linear":
       return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
     if self.beta_schedule == "scaled_linear":
       return np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float64) ** 2
     abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
+    betas = np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
+    # diffusers computes the cosine betas in Python floats and stores them as float32
+    return betas.astype(np.float32).astype(np.float64) if self.dtype == "float32" else betas
 
   @property
   def alphas_cumprod(self) -> np.ndarray:
-    """abar_t for t = 0 .. T-1, float64 (exactly 0 at T-1 under zero-terminal-SNR rescaling)."""
-    abar = np.cumprod(1.0 - self.betas)
+    """abar_t for t = 0 .. T-1 as float64 (exactly 0 at T-1 under zero-terminal-SNR rescaling);
+    float32 values under `dtype="float32"`."""
+    if self.dtype == "float32":
+      alphas = 1.0 - self.betas.astype(np.float32)
+      # torch's CPU cumprod keeps a float64 running product and rounds each entry to float32
+      abar = np.cumprod(alphas.astype(np.float64)).astype(np.float32).astype(np.float64)
+    else:
+      abar = np.cumprod(1.0 - self.betas)
     if self.rescale_betas_zero_snr:
       abar[-1] = 0.0  # cumprod leaves ~1e-17 of rounding where the rescaling means exactly 0
     return abar
@@ -87,11 +130,51 @@ class NoiseSchedule:
   def sigmas(self) -> np.ndarray:
     """The variance-exploding noise level sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al.
     2022, Table 1, VP column), t = 0 .. T-1. Under zero-terminal SNR sigma_{T-1} is infinite; as
-    diffusers does, abar_{T-1} is floored at 2^-24 here so that sigma-space solvers stay finite."""
+    diffusers does, abar_{T-1} is floored at 2^-24 here so that sigma-space solvers stay finite.
+    Computed in float32 (diffusers' arithmetic) under `dtype="float32"`."""
     abar = self.alphas_cumprod.copy()
     if self.rescale_betas_zero_snr:
       abar[-1] = 2.0**-24
+    if self.dtype == "float32":
+      abar = abar.astype(np.float32)
+      return np.sqrt((np.float32(1.0) - abar) / abar).astype(np.float64)
     return np.sqrt((1.0 - abar) / abar)
+
+  @property
+  def log_sigmas(self) -> np.ndarray:
+    """log sigma_t, the table `sigma_to_t` interpolates in (float32 logs under `dtype="float32"`,
+    as diffusers takes `np.log` of its float32 sigmas)."""
+    if self.dtype == "float32":
+      return np.log(self.sigmas.astype(np.float32)).astype(np.float64)
+    return np.log(self.sigmas)
+
+
+def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+  """`torch.linspace(start, end, n, dtype=torch.float32)` on CPU: step = (end - start) / (n - 1)
+  in float32; the first half counts up from start, the second down from end, each entry
+  start + step * i rounded once (the fused multiply-add torch's x86-64 kernel compiles to; a
+  float64 product of a float32 step and an integer below 2^29 is exact)."""
+  lo, hi = np.float32(start), np.float32(end)
+  if n == 1:
+    return np.array([lo])
+  step = (hi - lo) / np.float32(n - 1)
+  i = np.arange(n, dtype=np.float64)
+  up = np.float64(lo) + np.float64(step) * i
+  down = np.float64(hi) - np.float64(step) * (n - 1 - i)
+  return np.where(np.arange(n) < n // 2, up, down).astype(np.float32)
+
+
+def _rescale_zero_terminal_snr_f32(betas: np.ndarray) -> np.ndarray:
+  """`rescale_zero_terminal_snr` in float32 arithmetic, step for step as diffusers' torch code
+  (cumprod as torch's: a float64 running product rounded to float32)."""
+  alphas = np.float32(1.0) - betas.astype(np.float32)
+  sqrt_abar = np.sqrt(np.cumprod(alphas.astype(np.float64)).astype(np.float32))
+  first, last = sqrt_abar[0], sqrt_abar[-1]
+  sqrt_abar = sqrt_abar - last
+  sqrt_abar = sqrt_abar * (first / (first - last))
+  abar = sqrt_abar**2
+  alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+  return (np.float32(1.0) - alphas).astype(np.float64)
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:

@@ -329,7 +329,7 @@ def _multistep_grid(schedule: schedules.NoiseSchedule, steps: int, spacing: str,
   full = schedule.sigmas
   if use_karras_sigmas:
     sig = schedules.karras_sigmas(full[0], full[-1], steps)
-    ts = schedules.sigma_to_t(sig, np.log(full))
+    ts = schedules.sigma_to_t(sig, schedule.log_sigmas)
     if round_karras_t:
       ts = ts.round()
   else:
@@ -576,7 +576,7 @@ def _edm_grid(schedule: schedules.NoiseSchedule, steps: int, spacing: str, steps
   sig = np.interp(ts, np.arange(t_max), full)
   if use_karras_sigmas:
     sig = schedules.karras_sigmas(sig[-1], sig[0], steps)
-    ts = schedules.sigma_to_t(sig, np.log(full))
+    ts = schedules.sigma_to_t(sig, schedule.log_sigmas)
   return ts, np.append(sig, 0.0)
 
 
