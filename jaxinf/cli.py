@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -60,16 +61,24 @@ def _cut(line: str, width: int) -> str:
   return line if len(line) <= width else line[:width - 1].rstrip() + "…"
 
 
+def _experiments_dir() -> Path:
+  """Where the `experiments` package lives, found by name and not imported: the library never
+  depends on a study (tests/experiments/test_layout.py); the command line only launches them."""
+  spec = importlib.util.find_spec("experiments")
+  if spec is None or not spec.submodule_search_locations:
+    raise SystemExit("jaxinf: the experiments package is not installed beside jaxinf "
+                     "(pip install -e . from the repository)")
+  return Path(list(spec.submodule_search_locations)[0])
+
+
 def experiment_names() -> list[str]:
   """Runnable experiments: the modules of the `experiments` package except its shared helpers."""
-  import experiments
-  return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
+  return sorted(m.name for m in pkgutil.iter_modules([str(_experiments_dir())])
                 if m.name != "common" and not m.name.startswith("_"))
 
 
 def experiment_lines() -> list[tuple[str, str]]:
-  import experiments
-  root = Path(experiments.__path__[0])
+  root = _experiments_dir()
   return [(name, first_line(ast.get_docstring(ast.parse((root / f"{name}.py").read_text()))))
           for name in experiment_names()]
 
