@@ -19,7 +19,8 @@ from tests.bad_input import raises_before_tracing
 
 EXPERIMENTS = ("quickstart", "sampler_pareto", "train_dit", "lm_families", "speculative",
                "mirostat", "adaptive_decoding", "inference_scaling", "sample_dit_imagenet",
-               "sharded_sampling", "scaling", "train_digits_classifier", "bench_kernels")
+               "sharded_sampling", "scaling", "train_digits_classifier", "bench_kernels",
+               "roofline")
 
 
 def module(name: str):
@@ -145,6 +146,16 @@ BAD_OPTIONS = [
     ("bench_kernels", ["--dtype", "int8"], r"^dtype: "),
     ("bench_kernels", ["--dtype", "float99"], r"^dtype: "),
     ("bench_kernels", ["--repeats", "0"], r"^repeats: "),
+    ("roofline", ["--models", "gpt-9b"], r"^models: .*'gpt-9b'"),
+    ("roofline", ["--models"], r"^models: "),
+    ("roofline", ["--devices", "a100"], r"^devices: .*'a100'"),
+    ("roofline", ["--dtype", "float8"], r"^dtype: "),
+    ("roofline", ["--batches", "1", "0"], r"^batches: "),
+    ("roofline", ["--decode-steps", "600"], r"^decode_steps: "),
+    ("roofline", ["--dit", "DiT-foo"], r"^dit: .*'DiT-foo'"),
+    ("roofline", ["--dit-latent", "15"], r"^dit_latent: "),
+    ("roofline", ["--dit-batch", "3"], r"^dit_batch: .*even"),
+    ("roofline", ["--host-matmul", "8"], r"^host_matmul: "),
 ]
 
 
@@ -203,6 +214,7 @@ BAD_VALUES = [
     ("scaling", dict(pcpp_fraction=math.inf), ValueError, r"^pcpp_fraction"),
     ("train_digits_classifier", dict(min_accuracy=math.nan), ValueError, r"^min_accuracy"),
     ("bench_kernels", dict(lengths=(64, 128.0)), ValueError, r"^lengths: "),
+    ("roofline", dict(batches=(1, 64.0)), ValueError, r"^batches: "),
 ]
 
 
@@ -241,6 +253,8 @@ GOOD_OPTIONS = [
      dict(min_accuracy=0.0)),
     ("bench_kernels", ["--ops", "wkv7", "--dtype", "bfloat16"],
      dict(ops=("wkv7",), dtype="bfloat16")),
+    ("roofline", ["--models", "mamba-1m", "--devices", "tpu-v5e", "--dtype", "float32"],
+     dict(models=("mamba-1m",), devices=("tpu-v5e",), dtype="float32")),
 ]
 
 
