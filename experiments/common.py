@@ -283,6 +283,8 @@ def smoke_dir(out_dir: str | os.PathLike) -> str:
 
 
 def _cell(value: Any) -> str:
+  if value is None:  # not measured for this row (e.g. the timing of a sweep row)
+    return "–"
   if isinstance(value, float):
     if math.isnan(value):
       return "nan"

@@ -124,7 +124,7 @@ def run(cfg: Config) -> list[dict]:
         jax.random.key(cfg.seed), denoiser, schedule, make_solver(name, cfg.spacing), shape,
         steps=steps, cond=labels, guidance=CFG(scale))))
     rows.append(dict(study="guidance sweep", sampler=name, steps=steps, nfe=2 * steps,
-                     guidance=float(scale), seconds=float("nan"), compile_seconds=float("nan"),
+                     guidance=float(scale), seconds=None, compile_seconds=None,  # not timed
                      **scores(x)))
     print(f"sweep {name.upper()}-{steps} CFG {scale:<4g}  FD {rows[-1]['fd']:7.3f}  "
           f"cond acc {rows[-1]['cond_accuracy']:.3f}", flush=True)
