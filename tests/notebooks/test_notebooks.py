@@ -34,8 +34,10 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ["01_diffusion_quickstart", "02_samplers_guidance_caching", "03_kernels",
             "04_language_models_decoding", "05_scale_out"]
 CELL_TIMEOUT = 240  # seconds per cell: a hang guard (every smoke cell takes seconds)
-# Smoke runs are compilation-bound: XLA's CPU backend without its LLVM optimisations compiles
-# ~40% faster (same results to float rounding), which keeps this directory inside its CI budget.
+# Smoke runs are compilation-bound: XLA's CPU backend at optimisation level 0 and without its
+# expensive LLVM passes compiles ~40% faster (same results to float rounding), which keeps this
+# directory inside its CI budget; like tests/conftest.py's level 0, JAXINF_TEST_XLA_OPT=1 turns
+# it off.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 FORCE_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\S*")
 # a line each notebook prints only once it has done its job (its asserts passed before it)
@@ -82,7 +84,9 @@ def kernel(tmp_path_factory, monkeypatch_module):
   monkeypatch_module.setenv("JUPYTER_PATH", str(root / "jupyter"))
   env = dict(os.environ)
   flags = FORCE_DEVICES.sub("", env.get("XLA_FLAGS", "")).split()
-  env["XLA_FLAGS"] = " ".join(flags + [f for f in FAST_COMPILE if f not in flags])
+  if os.environ.get("JAXINF_TEST_XLA_OPT") != "1":  # tests/conftest.py's switch for the default level
+    flags += [f for f in FAST_COMPILE if f.split("=")[0] not in " ".join(flags)]
+  env["XLA_FLAGS"] = " ".join(flags)
   env.update(JAXINF_EXPECT_PYTHON=sys.executable, IPYTHONDIR=str(root / "ipython"),
              JUPYTER_PATH=str(root / "jupyter"), PYTHONWARNINGS="ignore::DeprecationWarning")
   workdir = root / "work"
