@@ -204,10 +204,7 @@ def _patch_params(dcfg, seed):
   """Random DiT weights (for every DiT row) with the zero-initialised adaLN and output layers perturbed, so that
   every token's output depends on the others (at init the model outputs zeros)."""
   params = to_functional(dit.DiT(dcfg, rngs=nnx.Rngs(seed)))[1]
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+  return dit.jitter_params(params, seed + 1)
 
 
 def _patch_rows(cfg: Config, n: int, ref: dict, params) -> list[dict]:

@@ -114,7 +114,8 @@ def outputs(cfg: Config, mesh, checkpoint_dir: Path | None = None) -> dict:
   model, _ = families.build(lm_config(cfg))  # params come from init_params, in their shards
   lm_params = shard.init_params(model, mesh, seed=cfg.seed)
   dit_cfg = dit_config(cfg)
-  dit_params = shard.init_params(dit_cfg, mesh, seed=cfg.seed)
+  # adaLN-Zero: a fresh DiT outputs zeros; jittered weights make the sample depend on the network
+  dit_params = dit.jitter_params(shard.init_params(dit_cfg, mesh, seed=cfg.seed), cfg.seed + 1)
   if checkpoint_dir is not None:
     store = CheckpointStore(checkpoint_dir)
     step = (store.latest_step() or 0) + 1  # a fresh step after an earlier run's

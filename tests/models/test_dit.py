@@ -97,3 +97,26 @@ class TestBadInput:
   def test_unknown_name(self):
     with pytest.raises(ValueError, match="name"):
       dit_config("DiT-XXL/2")
+
+
+def test_jitter_params_adds_scaled_noise_and_makes_a_fresh_dit_non_zero():
+  """A fresh DiT outputs exactly zero (adaLN-Zero); `jitter_params` adds scale * N(0, 1) to every
+  leaf (std within 10 % of the scale over the DiT-tiny's ~50k weights) and the output is no
+  longer zero."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from jaxinf.models import dit
+  from jaxinf.models.functional import to_functional
+
+  cfg = dit.dit_config("DiT-tiny")
+  apply, params = to_functional(dit.DiT(cfg, rngs=nnx.Rngs(0)))
+  x, t, y = jnp.ones((2, *cfg.sample_shape)), jnp.full((2,), 10.0), jnp.arange(2)
+  assert float(jnp.abs(apply(params, x, t, y)).max()) == 0.0
+  jittered = dit.jitter_params(params, 3, scale=0.05)
+  diff = np.concatenate([np.ravel(np.asarray(b) - np.asarray(a))
+                         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jittered))])
+  assert abs(diff.std() - 0.05) < 0.005 and abs(diff.mean()) < 0.005
+  assert float(jnp.abs(apply(jittered, x, t, y)).max()) > 0.01

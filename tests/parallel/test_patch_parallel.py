@@ -41,10 +41,7 @@ def setup():
   module = dit.DiT(cfg, rngs=nnx.Rngs(0))
   apply, params = to_functional(module)
   # the zero-initialised adaLN / final layers would make every token's output 0: perturb all
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  params = dit.jitter_params(params, 1)
   mesh = make_mesh(data=2, sequence=4)
   labels = jnp.arange(B, dtype=jnp.int32)
   return dict(cfg=cfg, apply=apply, params=params, mesh=mesh, labels=labels,

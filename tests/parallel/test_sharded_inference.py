@@ -142,8 +142,13 @@ def _dit_sample(params, labels):
 
 @pytest.fixture(scope="module")
 def dit_reference():
-  params = nnx.to_pure_dict(nnx.state(dit.DiT(DIT, rngs=nnx.Rngs(0))))
+  # jittered: a fresh DiT (adaLN-Zero) outputs exactly zero, which would leave only the noise and
+  # the solver's arithmetic to compare
+  params = dit.jitter_params(nnx.to_pure_dict(nnx.state(dit.DiT(DIT, rngs=nnx.Rngs(0)))), 1)
   labels = np.arange(BATCH, dtype=np.int32) % DIT.num_classes
+  out = _dit_apply()(params, jnp.zeros((BATCH, *DIT.sample_shape)), jnp.full((BATCH,), 500.0),
+                     jnp.asarray(labels))
+  assert float(jnp.std(out)) > 0.05  # the network contributes to every sample
   return params, labels, np.asarray(_dit_sample(params, jnp.asarray(labels)))
 
 
