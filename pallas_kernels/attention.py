@@ -115,19 +115,23 @@ def _check(q, k, v, kv_lengths, q_offsets, scale, causal) -> float:
     raise ValueError(f"q and k must share the head dim D, got {dim} and {k.shape[3]}")
   if k.shape[1] == 0 or q.shape[1] == 0:
     raise ValueError(f"q and k need at least one position, got Tq={q.shape[1]}, Tk={k.shape[1]}")
+  if dim == 0 or heads == 0 or k.shape[2] == 0 or v.shape[3] == 0:
+    raise ValueError(f"q, k, v need at least one head and one channel, got {q.shape}, "
+                     f"{k.shape}, {v.shape}")
   kv_heads = k.shape[2]
   if heads % kv_heads:
     raise ValueError(
-        f"the number of query heads (q.shape[2]={heads}) must be a multiple of the number of "
+        f"q: the number of query heads (q.shape[2]={heads}) must be a multiple of the number of "
         f"key/value heads (k.shape[2]={kv_heads}) for grouped-query attention")
   scale = _check_scale(scale, dim)
   if not isinstance(causal, bool):
     raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
   if causal and q.shape[1] != k.shape[1] and q_offsets is None:
     raise ValueError(
-        f"causal attention with Tq={q.shape[1]} != Tk={k.shape[1]} needs q_offsets, the absolute "
-        "position of each sequence's first query: zeros for top-left alignment, Tk - Tq for "
-        "bottom-right, kv_lengths - Tq for the newest queries of a cache (or use attention_step)")
+        f"q_offsets: causal attention with Tq={q.shape[1]} != Tk={k.shape[1]} needs q_offsets, "
+        "the absolute position of each sequence's first query: zeros for top-left alignment, "
+        "Tk - Tq for bottom-right, kv_lengths - Tq for the newest queries of a cache (or use "
+        "attention_step)")
   if kv_lengths is not None:
     dispatch.check_lengths("kv_lengths", kv_lengths, batch)
     value = dispatch.concrete_value(kv_lengths)
@@ -248,12 +252,25 @@ def attention_step(
   Returns:
     [B, K, H, Dv] in q's dtype (and the log-sum-exp [B, H, K] with `return_lse`).
   """
+  # The cache's own names here: `attention` would report k_cache as "k" and lengths as
+  # "kv_lengths".
   dispatch.check_array("q", q, 4)
+  dispatch.check_array("k_cache", k_cache, 4)
+  dispatch.check_array("v_cache", v_cache, 4)
+  if k_cache.shape[:3] != v_cache.shape[:3]:
+    raise ValueError(f"k_cache and v_cache must agree on [B, S, Hkv], got {k_cache.shape} and "
+                     f"{v_cache.shape}")
+  if k_cache.shape[0] != q.shape[0] or k_cache.shape[3] != q.shape[3]:
+    raise ValueError(f"k_cache must share q's batch size B and head dim D, got {k_cache.shape} "
+                     f"and q {q.shape}")
   dispatch.check_lengths("lengths", lengths, q.shape[0])
   value = dispatch.concrete_value(lengths)
   if value is not None and (value < q.shape[1]).any():
     raise ValueError(
         f"lengths must count the {q.shape[1]} new tokens already in the cache, got {value.tolist()}")
+  if value is not None and (value > k_cache.shape[1]).any():
+    raise ValueError(f"lengths must be at most the cache size S={k_cache.shape[1]}, got "
+                     f"{value.tolist()}")
   offsets = lengths.astype(jnp.int32) - q.shape[1]
   return attention(q, k_cache, v_cache, causal=True, scale=scale, kv_lengths=lengths,
                    q_offsets=offsets, impl=impl, interpret=interpret, blocks=blocks,

@@ -182,6 +182,10 @@ def concrete_value(x) -> np.ndarray | None:
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
           TypeError):
     return None
+  # bfloat16 and the other ml_dtypes floats have numpy kind "V": read them as float32 (exact
+  # for every value they hold), or their values would go unchecked.
+  if value.dtype.kind == "V" and jnp.issubdtype(value.dtype, jnp.floating):
+    value = value.astype(np.float32)
   # Placeholders and other objects come back as object arrays: no value to check.
   return value if value.dtype.kind in "biuf" else None
 
@@ -194,6 +198,16 @@ def check_unit_interval(name: str, x) -> None:
   if not np.all((value > 0) & (value <= 1)):
     bad = value[~((value > 0) & (value <= 1))]
     raise ValueError(f"{name} must lie in (0, 1], got values such as {bad.ravel()[:4].tolist()}")
+
+
+def check_blocks(blocks, cls: type, fields: Sequence[str]) -> None:
+  """`blocks` is a `cls` whose `fields` (the sizes the chosen form reads) are positive ints."""
+  if not isinstance(blocks, cls):
+    raise TypeError(f"blocks must be a {cls.__name__}, got {type(blocks).__name__}")
+  for field in fields:
+    size = getattr(blocks, field)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+      raise ValueError(f"blocks.{field} must be a positive int, got {size!r}")
 
 
 def next_power_of_2(n: int) -> int:

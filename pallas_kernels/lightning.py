@@ -101,6 +101,8 @@ def lightning_attention(
   """
   _check(q, k, v, decay, initial_state)
   impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  dispatch.check_blocks(blocks, LightningBlocks, {"xla": ("xla_chunk",),
+                                                  "pallas_gpu": ("chunk", "block_v")}.get(impl, ()))
   if impl == "pallas_tpu":
     lightning_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, q.dtype, v.shape[3],
                                    "blocks", "q")

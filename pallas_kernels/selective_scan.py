@@ -78,7 +78,8 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
   elif B.shape[:2] != (batch, t_len) or B.shape[-1] != n_state:
     raise ValueError(f"B must be [B={batch}, T={t_len}, (G,) N={n_state}], got {B.shape}")
   if B.ndim == 4 and channels % B.shape[2]:
-    raise ValueError(f"the number of groups (B.shape[2]={B.shape[2]}) must divide D={channels}")
+    raise ValueError(f"B: the number of groups (B.shape[2]={B.shape[2]}) must divide "
+                     f"D={channels}")
   for name, x in (("D", D), ("delta_bias", delta_bias)):
     if x is not None:
       dispatch.check_array(name, x, 1)
@@ -132,10 +133,13 @@ def selective_scan(
   _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
   if not isinstance(delta_softplus, bool):
     raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+  dispatch.check_blocks(blocks, SelectiveScanBlocks, ())
   if blocks.xla_inner not in ("auto", "associative", "sequential"):
     raise ValueError("blocks.xla_inner must be 'auto', 'associative' or 'sequential', got "
                      f"{blocks.xla_inner!r}")
   impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  dispatch.check_blocks(blocks, SelectiveScanBlocks,
+                        {"xla": ("xla_chunk",), "pallas_gpu": ("block_d",)}.get(impl, ()))
   if impl == "pallas_tpu":
     selective_scan_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_d, u.dtype, "blocks",
                                         "u")
@@ -198,8 +202,13 @@ def selective_scan_step(
   # The shapes with a time axis of 1, for `_check` (placeholders: nothing is computed here).
   add_time = lambda x: (jax.ShapeDtypeStruct((x.shape[0], 1, *x.shape[1:]), x.dtype)
                         if hasattr(x, "shape") and hasattr(x, "dtype") and x.ndim else x)
+  dispatch.check_array("u", u, 2)  # the step's own ranks and names, before `_check`'s
+  dispatch.check_array("delta", delta, 2)
   _check(add_time(u), add_time(delta), A, add_time(B), add_time(C), D, add_time(z), delta_bias,
-         state)
+         None)
+  if state is not None:
+    dispatch.check_array("state", state, 3)
+    dispatch.check_shape("state", state, (*u.shape, A.shape[1]))
   if not isinstance(delta_softplus, bool):
     raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
   if state is None:

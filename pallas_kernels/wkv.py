@@ -118,10 +118,13 @@ def wkv7(
     y [B, T, H, Dv] in r's dtype; with `return_final_state`, (y, S_{T-1} [B, H, Dv, Dk] fp32).
   """
   _check(r, w, k, v, a, b, initial_state)
+  dispatch.check_blocks(blocks, WKVBlocks, ())
   if blocks.xla_form not in ("auto", "chunked", "recurrent"):
     raise ValueError("blocks.xla_form must be 'auto', 'chunked' or 'recurrent', got "
                      f"{blocks.xla_form!r}")
   impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
+  dispatch.check_blocks(blocks, WKVBlocks,
+                        {"xla": ("xla_chunk",), "pallas_gpu": ("block_v",)}.get(impl, ()))
   if impl == "pallas_tpu":
     wkv_tpu.check_tpu_blocks(blocks.tpu_chunk, blocks.tpu_block_v, r.dtype, v.shape[3], "blocks",
                              "r")

@@ -71,6 +71,11 @@ class SpeculativeConfig:
                                         or not 1 <= self.gamma_init <= self.gamma):
       raise ValueError(f"gamma_init: expected an int in [1, gamma={self.gamma}], got "
                        f"{self.gamma_init!r}")
+    if self.draft_confidence is not None and (
+        isinstance(self.draft_confidence, bool)
+        or not isinstance(self.draft_confidence, (int, float, np.integer, np.floating))):
+      raise TypeError(f"draft_confidence: expected a number in [0, 1] or None, got "
+                      f"{type(self.draft_confidence).__name__} {self.draft_confidence!r}")
     if self.draft_confidence is not None and not 0.0 <= self.draft_confidence <= 1.0:
       raise ValueError(f"draft_confidence: expected in [0, 1], got {self.draft_confidence!r}")
 
