@@ -10,7 +10,6 @@ size, schedule and budget for it, and its denoiser, are `jaxinf.recipes.quicksta
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from flax import nnx
@@ -34,9 +33,9 @@ def train_dit_on_digits(out_dir: str | os.PathLike, *,
   if model_cfg.sample_shape != digits.IMAGE_SHAPE or model_cfg.num_classes != digits.NUM_CLASSES:
     raise ValueError(f"model_cfg: a digits DiT needs input 8x8x1 and 10 classes, got "
                      f"{model_cfg.sample_shape} and {model_cfg.num_classes}")
-  out_dir = claim_out_dir(out_dir, {"model": model_cfg.__dict__,
-                                    "train": dataclasses.asdict(train_cfg),
-                                    "schedule": schedule.__dict__})
+  out_dir = claim_out_dir(out_dir, {"model": model_cfg,
+                                    "train": train_cfg,
+                                    "schedule": schedule})
   apply, params = to_functional(DiT(model_cfg, rngs=nnx.Rngs(train_cfg.seed)))
   images, labels = digits.load_digits_images()
   state, records = train_diffusion(

@@ -153,7 +153,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
   finetune = dataclasses.replace(FlowTrainConfig().optimizer,
                                  learning_rate=budget.finetune_learning_rate)
   ft = FlowTrainConfig(steps=budget.reflow_steps, optimizer=finetune)
-  rdir = claim_out_dir(out / "reflow", {"train": dataclasses.asdict(ft), "coupling": coupling,
+  rdir = claim_out_dir(out / "reflow", {"train": ft, "coupling": coupling,
                                         "stage": "reflow"})
   state, _ = train_regression(distill.reflow_loss(apply, schedule=fs, cfg=ft), teacher_params,
                               pairs1, cfg=ft, out_dir=rdir, progress=progress, desc="reflow")
@@ -166,7 +166,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
                      budget.coupling, None)
   lap("reflow coupling")
   ft = FlowTrainConfig(steps=budget.instaflow_steps, optimizer=finetune)
-  idir = claim_out_dir(out / "instaflow", {"train": dataclasses.asdict(ft), "coupling": coupling,
+  idir = claim_out_dir(out / "instaflow", {"train": ft, "coupling": coupling,
                                            "stage": "instaflow"})
   state, _ = train_regression(distill.one_step_loss(apply, schedule=fs), reflow_params, pairs2,
                               cfg=ft, out_dir=idir, progress=progress, desc="instaflow")
@@ -179,7 +179,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
                                  num_heads=budget.slim_num_heads)
   slim_apply, slim_init = to_functional(DiT(slim_cfg, rngs=nnx.Rngs(1)))
   sr = FlowTrainConfig(steps=budget.slimflow_reflow_steps)
-  sdir = claim_out_dir(out / "slimflow_reflow", {"train": dataclasses.asdict(sr),
+  sdir = claim_out_dir(out / "slimflow_reflow", {"train": sr,
                                                  "coupling": coupling, "model": slim_cfg.__dict__,
                                                  "stage": "slim_reflow"})
   state, _ = train_regression(
@@ -193,7 +193,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
                      slim_reflow, budget.coupling, None)
   lap("slimflow coupling")
   sd = FlowTrainConfig(steps=budget.slimflow_distill_steps, optimizer=finetune)
-  ddir = claim_out_dir(out / "slimflow", {"train": dataclasses.asdict(sd), "coupling": coupling,
+  ddir = claim_out_dir(out / "slimflow", {"train": sd, "coupling": coupling,
                                           "model": slim_cfg.__dict__, "stage": "slim_distill"})
   state, _ = train_regression(distill.flow_guided_distillation_loss(slim_apply, schedule=fs),
                               slim_reflow_params, pairs3, cfg=sd, out_dir=ddir,
@@ -206,7 +206,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
   x0_apply = consistency.FlowAsVP(apply, fs.num_train_timesteps, vp)
   lc = FlowTrainConfig(steps=budget.lcm_steps,  # LCM's target-network EMA
                        optimizer=dataclasses.replace(finetune, ema_decay=0.95))
-  ldir = claim_out_dir(out / "lcm", {"train": dataclasses.asdict(lc), "lcm": budget.lcm.__dict__,
+  ldir = claim_out_dir(out / "lcm", {"train": lc, "lcm": budget.lcm,
                                        "stage": "lcm"})
   images, labels = digits.load_digits_images()
   state, _ = train_regression(
@@ -219,7 +219,7 @@ def few_step_models_on_digits(out_dir, budget: FewStepBudget = FewStepBudget(), 
 
   # 6. MLCM: multistep consistency distillation over segments, sampled by trailing DDIM
   mc = dataclasses.replace(lc, steps=budget.mlcm_steps)
-  mdir = claim_out_dir(out / "mlcm", {"train": dataclasses.asdict(mc), "lcm": budget.lcm.__dict__,
+  mdir = claim_out_dir(out / "mlcm", {"train": mc, "lcm": budget.lcm,
                                       "segments": budget.mlcm_segments, "stage": "mlcm"})
   state, _ = train_regression(
       consistency.multistep_consistency_loss(x0_apply, x0_apply, schedule=vp, cfg=budget.lcm,

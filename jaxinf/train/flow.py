@@ -145,16 +145,63 @@ def train_regression(loss_fn: Callable, params, arrays: tuple, *, cfg: FlowTrain
                       progress=progress, desc=desc)
 
 
+_NO_DEFAULT = object()
+
+
+def _plain(value):
+  """(the JSON form of `value`, its spec): the spec maps each dataclass field to (the JSON form of
+  its default, or _NO_DEFAULT; the field's own spec), so a field added to a config class after a
+  run was written can be recognised at its default."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    plain, spec = {}, {}
+    for f in dataclasses.fields(value):
+      plain[f.name], sub = _plain(getattr(value, f.name))
+      if f.default is not dataclasses.MISSING:
+        default = _plain(f.default)[0]
+      elif f.default_factory is not dataclasses.MISSING:
+        default = _plain(f.default_factory())[0]
+      else:
+        default = _NO_DEFAULT
+      spec[f.name] = (default, sub)
+    return plain, spec
+  if isinstance(value, dict):
+    plain, spec = {}, {}
+    for k, v in value.items():
+      plain[str(k)], sub = _plain(v)
+      spec[str(k)] = (_NO_DEFAULT, sub)
+    return plain, spec
+  return json.loads(json.dumps(value, default=str)), None
+
+
+def _same_run(stored, new, spec) -> bool:
+  """Whether the config written to a folder (`stored`) is the run `new` describes: equal, except
+  that a field missing from `stored` may take its default (fields added since)."""
+  if not (isinstance(stored, dict) and isinstance(new, dict) and isinstance(spec, dict)):
+    return stored == new
+  if set(stored) - set(new):
+    return False
+  for key, value in new.items():
+    default, sub = spec.get(key, (_NO_DEFAULT, None))
+    if key in stored:
+      if not _same_run(stored[key], value, sub):
+        return False
+    elif default is _NO_DEFAULT or default != value:
+      return False
+  return True
+
+
 def claim_out_dir(out_dir: str | os.PathLike, config: dict) -> Path:
   """Creates `out_dir` and writes `config.json`; refuses a folder written with another config
-  (resuming it would mix two runs)."""
+  (resuming it would mix two runs). `config` maps names to dataclass configs (or plain JSON
+  values); a field added to a config class since the folder was written counts as the same run
+  when it holds its default (so a new option does not orphan every finished run)."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / "config.json"
-  text = json.dumps(config, indent=2, default=str)
-  if path.exists() and json.loads(path.read_text()) != json.loads(text):
+  plain, spec = _plain(config)
+  if path.exists() and not _same_run(json.loads(path.read_text()), plain, spec):
     raise ValueError(f"out_dir: {out_dir} holds a run with another configuration; use a new folder")
-  path.write_text(text)
+  path.write_text(json.dumps(plain, indent=2))
   return out_dir
 
 
@@ -183,9 +230,9 @@ def train_flow_dit_on_digits(out_dir: str | os.PathLike, *, model_cfg: DiTConfig
   check_digits_model(model_cfg)
   if not isinstance(schedule, schedules.FlowSchedule):
     raise TypeError(f"schedule: expected a FlowSchedule, got {type(schedule).__name__}")
-  out_dir = claim_out_dir(out_dir, {"model": model_cfg.__dict__,
-                                    "train": dataclasses.asdict(train_cfg),
-                                    "schedule": schedule.__dict__, "method": "flow_matching"})
+  out_dir = claim_out_dir(out_dir, {"model": model_cfg,
+                                    "train": train_cfg,
+                                    "schedule": schedule, "method": "flow_matching"})
   apply, params = to_functional(DiT(model_cfg, rngs=nnx.Rngs(train_cfg.seed)))
   images, labels = digits.load_digits_images()
 
