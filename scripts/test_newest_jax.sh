@@ -30,7 +30,7 @@ echo "test_newest_jax: $python ($("$python" --version))"
 .venv-newest/bin/pip install -q --upgrade pip
 .venv-newest/bin/pip install -q -e '.[dev]'
 .venv-newest/bin/python -c 'import jax; print("test_newest_jax: JAX", jax.__version__)'
-.venv-newest/bin/python -m pytest -q -m "not slow" \
+.venv-newest/bin/python -m pytest -q -n 2 --dist worksteal -m "not slow" \
   tests/pallas_kernels/test_attention_tpu.py tests/pallas_kernels/test_lightning_tpu.py \
   tests/pallas_kernels/test_selective_scan_tpu.py tests/pallas_kernels/test_wkv_tpu.py \
   tests/pallas_kernels/test_triton_lowering.py \
