@@ -9,6 +9,8 @@ fast: the softmax and lightning references are quadratic in T, the recurrences a
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
@@ -236,3 +238,29 @@ def wkv7(
   inputs = tuple(rearrange(x.astype(f32), "b t h d -> t b h d") for x in (r, w, k, v, a, b))
   last, ys = lax.scan(step, s0, inputs)
   return rearrange(ys, "t b h d -> b t h d").astype(r.dtype), last
+
+
+def lut_matmul(x: jax.Array, codes: jax.Array, lut: jax.Array, *, bits: int,
+               in_features: int) -> jax.Array:
+  """y = x W with W[k, n] = lut[n, idx[k, n]]: a per-output-channel lookup table (SqueezeLLM,
+  Kim et al. 2023, Sec. 4), the b-bit indices packed as `pallas_kernels.lut_matmul` documents.
+
+  Read bit by bit: row k lies in group g = k // P at position r = k % P, P = lcm(8, b) / b; bit t
+  of idx[k, n] is bit (r b + t) mod 8 of byte (r b + t) // 8 of that group, `codes[byte, g, n]`.
+
+  Args:
+    x: [M, K].  codes: uint8 [lcm(8, b) / 8, ceil(K / P), N].  lut: [N, 2^b].
+  Returns:
+    [M, N] in x's dtype (computed in fp32).
+  """
+  groups = 8 // math.gcd(8, bits)
+  k = jnp.arange(in_features)
+  g, r = k // groups, k % groups
+  idx = jnp.zeros((in_features, codes.shape[2]), jnp.int32)
+  for t in range(bits):
+    position = r * bits + t  # [K]
+    byte = codes[position // 8, g, :].astype(jnp.int32)  # [K, N]
+    idx = idx + (((byte >> (position % 8)[:, None]) & 1) << t)
+  n = jnp.arange(codes.shape[2])
+  w = lut.astype(jnp.float32)[n[None, :], idx]  # [K, N]
+  return jnp.dot(x.astype(jnp.float32), w, precision=_HIGHEST).astype(x.dtype)
