@@ -1,0 +1,179 @@
+"""Post-training quantization of a parameter tree: every selected matmul weight becomes a `QArray`.
+
+    params_q, report = quantize_params(params, QuantConfig(format="int4", group_size=32))
+    print(report.bytes_before, report.bytes_after)   # from the arrays themselves
+
+Which leaves: 2-D floating leaves whose '/'-joined path (dict keys and list indices, e.g.
+`layers/0/mlp/up_proj/kernel`) fully matches one of `include` and none of `exclude`. The default
+`include` is every `kernel` (the `[in, out]` weight of every `layers.Linear`; the families'
+`matmul_weights` regexes, `jaxinf.models.families`, name exactly the weights a model applies as
+`x @ w` and can be passed as `include`). The default `exclude` keeps in floating point what the
+literature keeps in higher precision and what is not a product `x @ w`:
+
+- the LM head (`lm_head`): its errors go straight into the logits; it is also the largest single
+  matrix of a small model, so `exclude=()` offers quantizing it (then also the DiT's last layer);
+- embeddings (any path part containing `embed`: token tables, the DiT's patch, timestep and label
+  embedders): tables are gathered, not multiplied, and the patch/time embedders are the first
+  layers, which diffusion PTQ work (Q-Diffusion, PTQ4DiT) keeps in full precision;
+- the DiT's final projection (`final_layer/linear`), the last layer, for the same reason;
+- norms, biases and other 1-D leaves never match (only 2-D leaves are candidates).
+
+adaLN modulation weights are quantized by default (they are ordinary matmuls; list them in
+`exclude` to keep them).
+
+Rounding: "nearest" (round-to-nearest) or "adaround" (learned rounding on calibration inputs per
+weight, `jaxinf.quant.adaround`; gather them with `record_matmul_inputs`). A searched float format
+("fp4", "fp8") uses a leaf's calibration inputs when given, else the weight MSE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxinf.quant.adaround import AdaRoundConfig, adaround, path_name, select_paths
+from jaxinf.quant.base import is_quantized
+from jaxinf.quant.formats import FloatSearch, get_format
+from jaxinf.quant.qarray import QArray, check_act_format, quantize
+
+DEFAULT_INCLUDE = (r"(.*/)?kernel",)
+DEFAULT_EXCLUDE = (r"(.*/)?lm_head/.*", r"(.*/)?[^/]*embed[^/]*/.*", r"(.*/)?final_layer/linear/.*")
+ROUNDINGS = ("nearest", "adaround")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """format: a name of `jaxinf.quant.formats.FORMATS` or a format object; group_size: None (one
+  scale per output column) or input rows per scale group; act_format: None or a W8A8 activation
+  format ("int8", "fp8_e4m3", "fp8_e5m2"); include / exclude: regexes over '/'-joined leaf paths
+  (module docstring); rounding: "nearest" or "adaround" (needs calibration inputs); adaround: its
+  options; compute_dtype: the QArrays' compute dtype."""
+
+  format: Any = "int8"
+  group_size: int | None = None
+  act_format: str | None = None
+  include: tuple[str, ...] = DEFAULT_INCLUDE
+  exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+  rounding: str = "nearest"
+  adaround: AdaRoundConfig = dataclasses.field(default_factory=AdaRoundConfig)
+  compute_dtype: str = "float32"
+
+  def __post_init__(self):
+    get_format(self.format)
+    g = self.group_size
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+      raise ValueError(f"group_size: expected None or a positive int, got {g!r}")
+    check_act_format(self.act_format)
+    for name in ("include", "exclude"):
+      pats = getattr(self, name)
+      if not isinstance(pats, tuple) or not all(isinstance(p, str) for p in pats):
+        raise TypeError(f"{name}: expected a tuple of regex strings, got {pats!r}")
+      for p in pats:
+        try:
+          re.compile(p)
+        except re.error as e:
+          raise ValueError(f"{name}: {p!r} is not a regular expression ({e})") from e
+    if not self.include:
+      raise ValueError("include: expected at least one regex, got ()")
+    if self.rounding not in ROUNDINGS:
+      raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {self.rounding!r}")
+    if not isinstance(self.adaround, AdaRoundConfig):
+      raise TypeError(f"adaround: expected an AdaRoundConfig, got {type(self.adaround).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+  """One quantized leaf: its path, shape, format (after any search), clipping ratio, bytes before
+  and after and, with AdaRound, the calibration objective of round-to-nearest and of the result."""
+
+  path: str
+  shape: tuple[int, int]
+  format: str
+  clip_ratio: float
+  bytes_before: int
+  bytes_after: int
+  objective_nearest: float | None = None
+  objective: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantReport:
+  """The quantized leaves and the bytes of the whole tree before and after (`param_bytes`)."""
+
+  leaves: tuple[LeafReport, ...]
+  bytes_before: int
+  bytes_after: int
+
+  @property
+  def ratio(self) -> float:
+    return self.bytes_after / self.bytes_before
+
+
+def param_bytes(tree: Any) -> int:
+  """Bytes of every array of `tree` as stored (a `QuantizedWeight` counts its codes and scales)."""
+  return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
+                 for leaf in jax.tree.leaves(tree)))
+
+
+def quantize_params(params: Any, config: QuantConfig,
+                    calibration: Mapping[str, Any] | None = None) -> tuple[Any, QuantReport]:
+  """`params` with every selected leaf replaced by its `QArray` (module docstring), and the
+  report. `calibration`: inputs `[N, in]` by leaf path (`record_matmul_inputs`), required for
+  every selected leaf with `rounding="adaround"`, optional for a searched float format."""
+  if not isinstance(config, QuantConfig):
+    raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
+  if calibration is not None and not isinstance(calibration, Mapping):
+    raise TypeError(f"calibration: expected a mapping path -> [N, in] array, got "
+                    f"{type(calibration).__name__}")
+  calibration = dict(calibration or {})
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+  floating = [path_name(p) for p, leaf in flat if hasattr(leaf, "dtype")]
+  selected = select_paths(params, config.include, config.exclude)
+  if not selected:
+    raise ValueError(f"params: no 2-D floating parameter matches include={config.include} and "
+                     f"not exclude={config.exclude} (the tree has {len(floating)} array leaves, "
+                     f"e.g. {floating[:3]})")
+  unknown = sorted(set(calibration) - set(selected))
+  if unknown:
+    raise ValueError(f"calibration: paths not among the selected weights: {unknown[:5]}")
+  if config.rounding == "adaround":
+    missing = [p for p in selected if p not in calibration]
+    if missing:
+      raise ValueError(f"calibration: rounding='adaround' needs inputs for every selected weight; "
+                       f"missing {missing[:5]}")
+  by_name = {path_name(p): leaf for p, leaf in flat}
+  for name in selected:
+    n_in = by_name[name].shape[0]
+    if config.group_size is not None and n_in % config.group_size:
+      raise ValueError(f"group_size: {config.group_size} does not divide the input dimension "
+                       f"{n_in} of {name}")
+
+  done: dict[str, QArray] = {}
+  leaves = []
+  for name in selected:
+    w = by_name[name]
+    kw = {"group_size": config.group_size, "act_format": config.act_format,
+          "compute_dtype": config.compute_dtype}
+    obj_n = obj = None
+    try:
+      if config.rounding == "adaround":
+        res = adaround(w, calibration[name], config.format, config=config.adaround, **kw)
+        qw, obj_n = res.weight, res.objective_nearest
+        obj = min(res.objective_learned, res.objective_nearest)
+      else:
+        x = calibration.get(name) if isinstance(get_format(config.format), FloatSearch) else None
+        qw = quantize(w, config.format, calibration=x, **kw)
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"params: {name}: {e}") from e
+    done[name] = qw
+    leaves.append(LeafReport(name, tuple(w.shape), qw.fmt.name, qw.clip_ratio,
+                             param_bytes(w), qw.nbytes, obj_n, obj))
+
+  new = jax.tree_util.tree_map_with_path(lambda p, leaf: done.get(path_name(p), leaf), params,
+                                         is_leaf=is_quantized)
+  return new, QuantReport(tuple(leaves), param_bytes(params), param_bytes(new))

@@ -1,0 +1,305 @@
+"""`QArray`: a weight stored in a low-bit format with per-channel or per-group scales.
+
+A `[in, out]` weight `W` is stored as codes on a format's grid (`jaxinf.quant.formats`) and an fp32
+scale `s [G, out]` per output column and group of `group_size` input rows (`G = in / group_size`;
+per-channel is one group, `G = 1`): `W[i, o] ≈ s[i // group_size, o] · q[i, o]`.
+
+Storage (what `nbytes` counts):
+
+| format | data | bytes per weight |
+|---|---|---|
+| int8 (and int5–int7) | `int8 [in, out]` | 1 |
+| int4 (and int2, int3) | `uint8 [ceil(in/2), out]`, two's-complement nibbles, two per byte | 1/2 |
+| fp8 E4M3 / E5M2 | `float8_e4m3fn` / `float8_e5m2` `[in, out]` (JAX's dtypes) | 1 |
+| other 5–8-bit floats | `uint8 [in, out]` bit patterns, decoded by a 2^bits-entry table | 1 |
+| fp4 E2M1 and other ≤4-bit floats | `uint8 [ceil(in/2), out]` bit patterns, two per byte | 1/2 |
+
+plus the fp32 scales, `4 · G · out` bytes (fp32 rather than bf16: the scale of a group is
+applied to a sum of up to `group_size` products, and 8 mantissa bits would add a relative error of
+up to 2^-9 to every output, more than int8's own; the cost is 4 / group_size bytes per weight).
+Packing (`pack_nibbles`): row `2i` of the codes goes to the low nibble of packed row `i`, row
+`2i + 1` to the high nibble; an odd `in` is padded with one zero nibble (counted in `nbytes`). JAX's
+own `int4` dtype is not packed in host memory (one byte per value on CPU), hence our packing.
+
+The product `x @ W` (`QArray.__rmatmul__`, the XLA path) never materialises the scaled weight:
+
+- per channel: `(x @ q) · s` — the dot over the grid values (int codes or float8 converted to the
+  compute dtype inside the dot), the scale applied to its `[..., out]` result;
+- per group: `x` reshaped to `[..., G, g]`, `q` to `[G, g, out]`, contracted per group by einsum to
+  `[..., G, out]`, each group's partial sum scaled by its `s[G, out]` and summed over groups;
+- with `act_format` (W8A8): each row ("token") of `x` is quantized too, with its own dynamic scale
+  `s_x = max|x_row| / max_value` (1 for an all-zero row), `x ≈ s_x · q_x`, and
+  `y = s_x · ((q_x @ q) · s)`: with int8 activations and integer weights the dot is an integer dot
+  accumulated in int32 (exact for `in` below 2^31 / 127² ≈ 133k), otherwise an fp32 dot of the
+  grid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf.quant.base import QuantizedWeight
+from jaxinf.quant.formats import (
+  ACT_FORMATS,
+  FORMATS,
+  FloatSearch,
+  Format,
+  IntFormat,
+  fake_quantize,
+  get_format,
+  native_dtype,
+  search_float_format,
+)
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+  """uint8 codes `[n, ...]` (each < 16) -> uint8 `[ceil(n / 2), ...]`: row 2i in the low nibble
+  of row i, row 2i + 1 in the high nibble; an odd n is padded with a zero nibble."""
+  codes = jnp.asarray(codes, jnp.uint8)
+  if codes.shape[0] % 2:
+    codes = jnp.concatenate([codes, jnp.zeros((1,) + codes.shape[1:], jnp.uint8)])
+  return codes[0::2] | (codes[1::2] << 4)
+
+
+def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
+  """The inverse of `pack_nibbles`: uint8 `[ceil(n / 2), ...]` -> the n uint8 codes `[n, ...]`."""
+  packed = jnp.asarray(packed, jnp.uint8)
+  both = jnp.stack([packed & 0xF, packed >> 4], axis=1)
+  return both.reshape((-1,) + packed.shape[1:])[:n]
+
+
+def storage_kind(fmt: Format) -> str:
+  """How `fmt`'s codes are stored: "int8", "int_packed", "native" (a float8 dtype),
+  "float_packed" (≤4-bit bit patterns, two per byte) or "float_code" (5–8-bit bit patterns)."""
+  if isinstance(fmt, IntFormat):
+    return "int_packed" if fmt.bits <= 4 else "int8"
+  if native_dtype(fmt) is not None:
+    return "native"
+  return "float_packed" if fmt.bits <= 4 else "float_code"
+
+
+def _check_float_dtype(dtype: Any, arg: str) -> str:
+  try:
+    dt = np.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"{arg}: expected a floating dtype, got {dtype!r}") from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"{arg}: expected a floating dtype, got {dt.name}")
+  return dt.name
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QArray(QuantizedWeight):
+  """A low-bit `[in, out]` weight (module docstring). Children: `data` (the stored codes) and
+  `scale` (fp32 `[G, out]`); static: the format (after any search), the logical shape, the group
+  size, the compute dtype, the activation format (None: weight-only) and the clipping ratio the
+  scale was computed with (1: absmax)."""
+
+  data: jax.Array
+  scale: jax.Array
+  fmt: Format
+  logical_shape: tuple[int, int]
+  group_size: int
+  compute_dtype: str = "float32"
+  act_format: str | None = None
+  clip_ratio: float = 1.0
+
+  # numpy's `ndarray @ QArray` defers to `QArray.__rmatmul__` too.
+  __array_ufunc__ = None
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.logical_shape
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(self.compute_dtype)
+
+  @property
+  def num_groups(self) -> int:
+    return self.logical_shape[0] // self.group_size
+
+  def astype(self, dtype: Any) -> QArray:
+    return dataclasses.replace(self, compute_dtype=_check_float_dtype(dtype, "dtype"))
+
+  def codes(self) -> jax.Array:
+    """The integer codes `[in, out]` as int8 (integer formats only)."""
+    kind = storage_kind(self.fmt)
+    if kind == "int8":
+      return self.data
+    if kind == "int_packed":
+      nib = unpack_nibbles(self.data, self.logical_shape[0]).astype(jnp.int8)
+      return (nib ^ 8) - 8  # sign-extend the 4-bit two's complement
+    raise TypeError(f"codes: a {self.fmt.name} QArray holds float codes; use grid_values()")
+
+  def grid_values(self, dtype: Any = jnp.float32) -> jax.Array:
+    """The stored values on the format's grid `q [in, out]` (the weight is `q · scale`)."""
+    kind = storage_kind(self.fmt)
+    if kind in ("int8", "int_packed"):
+      return self.codes().astype(dtype)
+    if kind == "native":
+      return self.data.astype(dtype)
+    table = jnp.asarray(self.fmt.decode_table(), jnp.float32)
+    codes = self.data
+    if kind == "float_packed":
+      codes = unpack_nibbles(codes, self.logical_shape[0])
+    return table[codes.astype(jnp.int32)].astype(dtype)
+
+  def dequantize(self) -> jax.Array:
+    n_in, n_out = self.logical_shape
+    q = self.grid_values().reshape(self.num_groups, self.group_size, n_out)
+    return (q * self.scale[:, None, :]).reshape(n_in, n_out).astype(self.dtype)
+
+  def __rmatmul__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.logical_shape
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != n_in:
+      raise ValueError(f"x: expected [..., {n_in}] for a [{n_in}, {n_out}] weight, got shape "
+                       f"{tuple(x.shape)}")
+    out_dtype = jnp.result_type(x.dtype, self.dtype)
+    if self.act_format is not None:
+      return self._matmul_quantized_input(x).astype(out_dtype)
+    q = self.grid_values(out_dtype)
+    x = x.astype(out_dtype)
+    scale = self.scale.astype(out_dtype)
+    if self.num_groups == 1:
+      return (x @ q) * scale[0]
+    xg = x.reshape(x.shape[:-1] + (self.num_groups, self.group_size))
+    qg = q.reshape(self.num_groups, self.group_size, n_out)
+    return (jnp.einsum("...Gg,Ggo->...Go", xg, qg) * scale).sum(axis=-2)
+
+  def _matmul_quantized_input(self, x: jax.Array) -> jax.Array:
+    """W8A8: `s_x · ((q_x @ q) · s)` in fp32 (module docstring)."""
+    act = FORMATS[self.act_format]
+    xf = x.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    sx = jnp.where(absmax > 0, absmax / act.max_value, 1.0)
+    qx = act.round_to_grid(xf / sx)
+    if isinstance(act, IntFormat) and isinstance(self.fmt, IntFormat):
+      qx, qw, acc = qx.astype(jnp.int8), self.codes(), jnp.int32
+    else:
+      qw, acc = self.grid_values(), jnp.float32
+    if self.num_groups == 1:
+      y = jnp.matmul(qx, qw, preferred_element_type=acc).astype(jnp.float32) * self.scale[0]
+    else:
+      xg = qx.reshape(qx.shape[:-1] + (self.num_groups, self.group_size))
+      qg = qw.reshape(self.num_groups, self.group_size, self.logical_shape[1])
+      part = jnp.einsum("...Gg,Ggo->...Go", xg, qg, preferred_element_type=acc)
+      y = (part.astype(jnp.float32) * self.scale).sum(axis=-2)
+    return y * sx
+
+
+jax.tree_util.register_dataclass(
+    QArray, data_fields=["data", "scale"],
+    meta_fields=["fmt", "logical_shape", "group_size", "compute_dtype", "act_format",
+                 "clip_ratio"])
+
+
+def from_grid(q: jax.Array, scale: jax.Array, fmt: Format, *, group_size: int,
+              compute_dtype: str = "float32", act_format: str | None = None,
+              clip_ratio: float = 1.0) -> QArray:
+  """A `QArray` from grid values `q [in, out]` (exactly on `fmt`'s grid) and `scale [G, out]`."""
+  kind = storage_kind(fmt)
+  if kind in ("int8", "int_packed"):
+    codes = q.astype(jnp.int8)
+    data = codes if kind == "int8" else pack_nibbles(codes.astype(jnp.uint8) & 0xF)
+  elif kind == "native":
+    data = q.astype(native_dtype(fmt))
+  else:
+    data = fmt.encode(q)
+    if kind == "float_packed":
+      data = pack_nibbles(data)
+  return QArray(data, scale.astype(jnp.float32), fmt, tuple(int(d) for d in q.shape),
+                int(group_size), compute_dtype, act_format, float(clip_ratio))
+
+
+def check_weight(w: Any, arg: str = "w") -> jax.Array:
+  """`w` as a concrete floating 2-D array `[in, out]`; TypeError/ValueError naming `arg`."""
+  if isinstance(w, QuantizedWeight):
+    raise TypeError(f"{arg}: already a quantized weight ({type(w).__name__})")
+  if isinstance(w, jax.core.Tracer):
+    raise TypeError(f"{arg}: quantization runs on concrete weights, outside jit (got a tracer)")
+  if not hasattr(w, "dtype") or not hasattr(w, "shape"):
+    raise TypeError(f"{arg}: expected a floating [in, out] array, got {type(w).__name__}")
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise TypeError(f"{arg}: expected a floating [in, out] array, got dtype {np.dtype(w.dtype)}")
+  if w.ndim != 2:
+    raise ValueError(f"{arg}: expected a 2-D [in, out] matmul weight, got shape {tuple(w.shape)}")
+  if not bool(np.isfinite(np.asarray(w, np.float32)).all()):
+    raise ValueError(f"{arg}: has non-finite values")
+  return jnp.asarray(w)
+
+
+def check_group_size(group_size: Any, n_in: int) -> int:
+  """`group_size` (None: per channel, the whole input dim) as an int dividing `n_in`."""
+  if group_size is None:
+    return n_in
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    raise ValueError(f"group_size: expected None or a positive int, got {group_size!r}")
+  if n_in % group_size:
+    raise ValueError(f"group_size: {group_size} does not divide the input dimension {n_in}")
+  return group_size
+
+
+def check_act_format(act_format: Any) -> str | None:
+  if act_format is not None and act_format not in ACT_FORMATS:
+    raise ValueError(f"act_format: expected None or one of {ACT_FORMATS}, got {act_format!r}")
+  return act_format
+
+
+def check_calibration(x: Any, n_in: int, arg: str = "calibration") -> jax.Array | None:
+  """Calibration inputs `[N, in]` (floating, finite) or None."""
+  if x is None:
+    return None
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{arg}: expected a floating [N, {n_in}] array, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}")
+  if x.ndim != 2 or x.shape[1] != n_in or x.shape[0] < 1:
+    raise ValueError(f"{arg}: expected shape [N, {n_in}], got {tuple(x.shape)}")
+  if not bool(np.isfinite(np.asarray(x, np.float32)).all()):
+    raise ValueError(f"{arg}: has non-finite values")
+  return jnp.asarray(x)
+
+
+_fake_quantize = jax.jit(fake_quantize, static_argnums=(1, 2))
+
+
+def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: str | None = None,
+             compute_dtype: Any = "float32", calibration: Any = None,
+             clip_ratio: float = 1.0) -> QArray:
+  """Round-to-nearest quantization of a floating `w [in, out]` (the models' layout) to `format`
+  (a name of `jaxinf.quant.formats.FORMATS` or a format object), with one scale per output column
+  (`group_size=None`) or per group of `group_size` input rows. A searched float format ("fp4",
+  "fp6", "fp8") picks its split and clipping ratio here (`search_float_format`, on `calibration
+  [N, in]` when given, else on the weight MSE); `clip_ratio` scales the absmax scale of a fixed
+  format (< 1 saturates the largest weights). `act_format` ("int8", "fp8_e4m3", "fp8_e5m2")
+  quantizes the matmul input per token too (W8A8). Host-side: not for use under jit."""
+  w = check_weight(w)
+  fmt = get_format(format)
+  g = check_group_size(group_size, w.shape[0])
+  act_format = check_act_format(act_format)
+  compute_dtype = _check_float_dtype(compute_dtype, "compute_dtype")
+  x = check_calibration(calibration, w.shape[0])
+  if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) \
+      or not 0 < clip_ratio <= 1:
+    raise ValueError(f"clip_ratio: expected a number in (0, 1], got {clip_ratio!r}")
+  if isinstance(fmt, FloatSearch):
+    found = search_float_format(w, fmt, group_size=g, x=x)
+    fmt, clip_ratio = found.format, found.clip_ratio
+  q, scale = _fake_quantize(w, fmt, g, jnp.float32(clip_ratio))
+  return from_grid(q, scale, fmt, group_size=g, compute_dtype=compute_dtype,
+                   act_format=act_format, clip_ratio=clip_ratio)
+
+
+def dequantize(w: QuantizedWeight) -> jax.Array:
+  """The floating weight of a quantized one (`w.dequantize()`)."""
+  if not isinstance(w, QuantizedWeight):
+    raise TypeError(f"w: expected a QuantizedWeight, got {type(w).__name__}")
+  return w.dequantize()
+
