@@ -21,6 +21,9 @@ Two forms of one model (DESIGN.md, "every fast path has a slow twin"):
 state (after the final norm, before the head) `[B, T, C]` — what Medusa's heads read.
 
 The KV cache is `{"k", "v": [L, B, S, Hkv, D], "length": [B], "last_k": [B]}` in the compute dtype.
+`TransformerLM(..., kv_policy=KVPolicy(...))` compresses it (fixed-size caches with StreamingLLM,
+H2O, SnapKV or D2O eviction; int8 / fp8 storage): `jaxinf.models.kv_policies`, which runs both
+forms for it; `kv_policy=None` (the default) is the cache above, unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinf.config import check_fields, check_flag
-from jaxinf.models import layers, tree_attention
+from jaxinf.models import kv_policies, layers, tree_attention
 from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
 from jaxinf.parallel import kernels as mesh_kernels
@@ -226,7 +229,10 @@ class Transformer(nnx.Module):
     return out if return_hidden else out[0]
 
   def prefill(self, tokens, cache, lengths, *, impl: str = "auto", interpret: bool = False,
-              return_hidden: bool = False):
+              return_hidden: bool = False, kv_policy: kv_policies.KVPolicy | None = None):
+    if kv_policy is not None:
+      return kv_policies.prefill(self, kv_policy, tokens, cache, lengths, impl=impl,
+                                 interpret=interpret, return_hidden=return_hidden)
     b, t = tokens.shape
     lengths = lengths.astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -246,7 +252,10 @@ class Transformer(nnx.Module):
     return (*self._outputs(x, return_hidden), cache)
 
   def step(self, tokens, cache, *, impl: str = "auto", interpret: bool = False,
-           return_hidden: bool = False):
+           return_hidden: bool = False, kv_policy: kv_policies.KVPolicy | None = None):
+    if kv_policy is not None:
+      return kv_policies.step(self, kv_policy, tokens, cache, impl=impl, interpret=interpret,
+                              return_hidden=return_hidden)
     b, k_new = tokens.shape
     start = cache["length"]
     positions = start[:, None] + jnp.arange(k_new, dtype=jnp.int32)[None]
@@ -272,14 +281,36 @@ class TransformerLM(FamilyLM):
 
   Hashable by value, so it is a static argument of jit (`generate`). `impl`/`interpret` choose the
   attention kernels' implementation ("auto": Pallas on GPU, the chunked XLA form on CPU).
+  `kv_policy`: KV-cache compression (`jaxinf.models.kv_policies.KVPolicy`; None: the full cache).
+  An evicting policy's cache holds a fixed number of slots whatever `max_len`, attends through the
+  XLA reference path (it needs the probabilities) and refuses `rollback`, `tree_step` and
+  `commit_path` by name.
   """
+
+  kv_policy: kv_policies.KVPolicy | None = None
 
   config_type: ClassVar[type] = TransformerConfig
   module_type: ClassVar[type] = Transformer
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.kv_policy is not None:
+      if not isinstance(self.kv_policy, kv_policies.KVPolicy):
+        raise TypeError(f"kv_policy: expected a KVPolicy or None, got "
+                        f"{type(self.kv_policy).__name__}")
+      self.kv_policy.check_cache(self.config.max_len, "the model's context")
+
+  def _refuse_evicting(self, what: str) -> None:
+    if self.kv_policy is not None and self.kv_policy.evicts:
+      raise ValueError(f"kv_policy: {what} is not possible with the evicting KV policy "
+                       f"{self.kv_policy.policy!r} (evicted and merged entries cannot be restored);"
+                       " use kv_policy=None or policy 'none'")
+
   def init_cache(self, batch: int, max_len: int) -> dict:
     self.check_cache_request(batch, max_len)
     cfg = self.config
+    if self.kv_policy is not None:
+      return self.constrain_cache(kv_policies.init_cache(self.kv_policy, cfg, batch, max_len))
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     return self.constrain_cache({"k": zeros, "v": zeros,
@@ -305,7 +336,10 @@ class TransformerLM(FamilyLM):
     b, t = tokens.shape
     check_cache_batch(cache, b)
     check_prefill_lengths(lengths, b, t)
-    if t > cache["k"].shape[2]:
+    compressed = self.kv_policy is not None and self.kv_policy.evicts
+    if compressed and t > self.max_len:
+      raise ValueError(f"tokens: {t} positions exceed the model's context of {self.max_len}")
+    if not compressed and t > cache["k"].shape[2]:
       raise ValueError(f"tokens: a prompt of {t} positions does not fit the cache of "
                        f"{cache['k'].shape[2]} (init_cache(batch, max_len >= {t}))")
     check_flag("return_hidden", return_hidden)
@@ -316,7 +350,9 @@ class TransformerLM(FamilyLM):
     check_token_ids("tokens", tokens, self.vocab_size)
     b, k = tokens.shape
     check_cache_batch(cache, b)
-    size = cache["k"].shape[2]
+    # an evicting cache absorbs any number of tokens; positions stay within the model's context
+    size = self.max_len if self.kv_policy is not None and self.kv_policy.evicts \
+        else cache["k"].shape[2]
     length = dispatch.concrete_value(cache["length"])
     if k > size or (length is not None and (length + k > size).any()):
       raise ValueError(f"tokens: {k} more tokens overflow the cache of {size} positions (rows "
@@ -334,20 +370,30 @@ class TransformerLM(FamilyLM):
                 return_hidden: bool = False):
     """Medusa's tree attention over the nodes `tokens` `[B, n]` of the static tree `parents`:
     `jaxinf.models.tree_attention.tree_step`."""
+    if self.kv_policy is not None:
+      raise ValueError("kv_policy: tree_step reads the uncompressed cache; build the model with "
+                       "kv_policy=None")
     return tree_attention.tree_step(self, params, tokens, cache, parents,
                                     return_hidden=return_hidden)
 
   def commit_path(self, cache: dict, node_indices, n_accept) -> dict:
     """After `tree_step`, keeps each row's accepted root-to-node path:
     `jaxinf.models.tree_attention.commit_path`."""
+    if self.kv_policy is not None:
+      raise ValueError("kv_policy: commit_path moves entries of the uncompressed cache; build the "
+                       "model with kv_policy=None")
     return tree_attention.commit_path(cache, node_indices, n_accept)
 
   def cache_batch_axes(self, cache: dict) -> dict:
+    if self.kv_policy is not None:
+      return kv_policies.cache_batch_axes(cache)
     return {"k": 1, "v": 1, "length": 0, "last_k": 0}
 
   def rollback(self, cache: dict, keep) -> dict:
     """Keeps the first keep[b] tokens of the last step: the KV slots past the new length are dead
-    and get overwritten by the next step, so this is exact."""
+    and get overwritten by the next step, so this is exact (also for the int8 / fp8 storage of
+    policy 'none'); an evicting `kv_policy` refuses it (ValueError naming it)."""
+    self._refuse_evicting("rollback")
     check_keep(keep, cache)
     keep = jnp.asarray(keep, jnp.int32)
     return dict(cache, length=cache["length"] - cache["last_k"] + keep, last_k=keep)
@@ -362,10 +408,11 @@ def _forward_jit(model: TransformerLM, params, tokens, return_hidden=False):
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefill_jit(model: TransformerLM, params, tokens, cache, lengths, return_hidden=False):
   return model.pure("prefill")(params, tokens, cache, lengths, impl=model.impl,
-                               interpret=model.interpret, return_hidden=return_hidden)
+                               interpret=model.interpret, return_hidden=return_hidden,
+                               kv_policy=model.kv_policy)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _step_jit(model: TransformerLM, params, tokens, cache, return_hidden=False):
   return model.pure("step")(params, tokens, cache, impl=model.impl, interpret=model.interpret,
-                            return_hidden=return_hidden)
+                            return_hidden=return_hidden, kv_policy=model.kv_policy)
