@@ -46,9 +46,10 @@ Policies (`KVPolicy.policy`):
   min(2 * budget, max_len) physical slots, so sum_l b_l <= L * budget (the cache keeps the
   per-layer budgets in `budget`). Token-level, H2O's eviction within the layer, and a
   compensation: each evicted token e finds the retained slot c of its KV head whose key is most
-  similar, u_e = max_c cos(k_e, k_c); the threshold tau is an exponential moving average of the mean of
-  these maxima over eviction events, tau_t = beta * tau_{t-1} + (1 - beta) * mean_e u_e (tau_0 the
-  first event's mean); evicted tokens with u_e >= tau_t are merged, the others discarded:
+  similar, u_e = max_c cos(k_e, k_c); the threshold tau is an exponential moving average of the
+  mean of these maxima over eviction events, tau_t = beta * tau_{t-1} + (1 - beta) * mean_e u_e
+  (tau_0 the first event's mean); evicted tokens with u_e >= tau_t are merged, the others
+  discarded:
   k_c <- (e * k_c + sum_{e -> c} exp(u_e) k_e) / (e + sum_{e -> c} exp(u_e)) and the same for v
   (the retained token's own weight is exp(cos(k_c, k_c)) = e). The merged slot keeps its position
   and score.
