@@ -290,6 +290,7 @@ def plot(path: Path, cfg: Config, rows: list[dict]) -> None:
         ax.plot(*zip(*pts), "o-", color=color, label=policy)
     ax.axhline(full[name], color="k", ls=":", lw=1, label="uncompressed")
     ax.set(xscale="log", xlabel="KV budget (slots per layer)", ylabel=label)
+    ax.minorticks_off()
     ax.set_xticks(list(cfg.budgets), [str(b) for b in cfg.budgets])
   axes[0].legend(fontsize=8)
   fig.suptitle("KV-cache compression on a byte-level code model")
