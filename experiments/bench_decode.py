@@ -17,8 +17,8 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
 - transformers: `LlamaForCausalLM.generate(do_sample=False, use_cache=True)` on torch CPU, fp32;
 - llama.cpp through `llama-cpp-python` (the `bench` extra): the same folder converted by llama.cpp's
   own `convert_hf_to_gguf.py` at f32, then `llama_model_quantize` to Q8_0 and Q4_0 (its defaults,
-  as `llama-quantize` would: the tied output / embedding matrix gets Q6_K in the Q4_0 file, Q8_0 in
-  the Q8_0 file), flash attention off, `threads` threads, F16 KV cache (its default). Decoding is
+  as `llama-quantize` would: the output / tied embedding matrix gets Q6_K in the Q4_0 file where
+  its rows allow, else Q8_0; Q8_0 in the Q8_0 file; norms stay F32), flash attention off, `threads` threads, F16 KV cache (its default). Decoding is
   this module's loop over the low-level API: one `llama_decode` of all prompts (each row its own
   sequence id), then one `llama_decode` per step of a batch holding one token of every sequence —
   llama.cpp's batched decoding, as its `batched` example does — greedy as argmax of the logits.
@@ -159,12 +159,25 @@ def convert_script(cfg: Config) -> Path | None:
   return script if script.is_file() else None
 
 
+# jaxinf's low-bit rows: int8 one scale per output channel, int4 one per 32 inputs (Q4_0's block)
+JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None},
+                "int4": {"format": "int4", "group_size": 32}}
+
+
 def quantizer():
-  """`jaxinf.quant.ptq.quantize_params`, or None while it does not exist."""
+  """fn(params, weights name) -> quantized params through `jaxinf.quant.ptq.quantize_params`
+  (its default selection: every `kernel`; embeddings and an untied head stay fp32), or None while
+  that module does not exist."""
   if not _installed("jaxinf.quant.ptq"):
     return None
   from jaxinf.quant import ptq
-  return getattr(ptq, "quantize_params", None)
+  if not hasattr(ptq, "quantize_params"):
+    return None
+
+  def quantize(params, weights: str):
+    qparams, _ = ptq.quantize_params(params, ptq.QuantConfig(**JAXINF_QUANT[weights]))
+    return qparams
+  return quantize
 
 
 def available(cfg: Config) -> tuple[list[str], dict[str, str]]:
@@ -440,7 +453,12 @@ def build_entries(cfg: Config, size: str, runtimes: list[str], folder: Path,
         entries.append(Entry("jaxinf", w, jaxinf_runner(model, params, cfg.seed),
                              fp32_bytes_per_step(c), 4, warm_full=True))
       elif quantize is not None:
-        qparams = quantize(params, w)
+        try:
+          qparams = quantize(params, w)
+        except Exception as e:  # noqa: BLE001 - a library in progress: say why, time the rest
+          skipped[f"jaxinf {w}"] = f"quantize_params failed: {type(e).__name__}: {e}"
+          print(f"skipped jaxinf {w}: {skipped[f'jaxinf {w}']}", flush=True)
+          continue
         entries.append(Entry("jaxinf", w, jaxinf_runner(model, qparams, cfg.seed),
                              tree_bytes_per_step(qparams, c), 4, warm_full=True))
   if "transformers" in runtimes:
@@ -585,11 +603,43 @@ def run(cfg: Config) -> list[dict]:
           "bandwidth_gbps": bandwidth / 1e9, "bandwidth_curve": bw_curve, "threads": threads,
           "load_before": before, "load_after": after, "versions": versions(runtimes),
           "cpu": cpu_name(), "seconds": time.perf_counter() - t_start}
-  common.write_report(out, rows, title="Decode speed: jaxinf, transformers, llama.cpp",
-                      notes=report_notes(cfg, rows, meta), columns=COLUMNS, extra=meta)
-  plot(rows, out / "bench_decode.png")
+  write_outputs(out, cfg, rows, meta)
   common.print_report(out, time.perf_counter() - t_start)
   return rows
+
+
+def write_outputs(out: Path, cfg: Config, rows: list[dict], meta: dict) -> None:
+  """results.json, meta.json, report.md (the side-by-side summary, then every row) and the plot."""
+  side = summary(rows)
+  common.write_report(out, rows, title="Decode speed: jaxinf, transformers, llama.cpp",
+                      notes=report_notes(cfg, rows, meta) + "\n\n## Side by side (tokens/s)\n\n"
+                      + common.markdown_table(side, list(dict.fromkeys(k for r in side for k in r)))
+                      + "\n## Every row",
+                      columns=COLUMNS, extra=meta)
+  plot(rows, out / "bench_decode.png")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+  """One line per size and batch: tokens/s of every runtime and width, jaxinf / llama.cpp at
+  each width, and the fp32 DRAM roofline."""
+  table = []
+  for size, batch in sorted({(r["size"], r["batch"]) for r in rows},
+                            key=lambda p: (-SIZES[p[0]].hidden_size, p[1])):
+    sel = {f"{r['runtime']} {r['weights']}": r for r in rows
+           if r["size"] == size and r["batch"] == batch}
+    line = {"size": size, "batch": batch}
+    for name in ("jaxinf float32", "transformers float32", "llama.cpp f32", "jaxinf int8",
+                 "llama.cpp q8_0", "jaxinf int4", "llama.cpp q4_0"):
+      if name in sel:
+        line[name] = sel[name]["tokens_per_s"]
+    for ours in ("jaxinf float32", "jaxinf int8", "jaxinf int4"):
+      if ours in sel and sel[ours]["vs_llama_cpp"] is not None:
+        line[f"{ours.split()[1]}: jaxinf / llama.cpp"] = sel[ours]["vs_llama_cpp"]
+    fp32 = sel.get("jaxinf float32") or sel.get("transformers float32")
+    if fp32 is not None:
+      line["fp32 roofline"] = fp32["roofline_tok_s"]
+    table.append(line)
+  return table
 
 
 COLUMNS = ["size", "batch", "runtime", "weights", "tokens_per_s", "vs_llama_cpp", "weight_mb",
