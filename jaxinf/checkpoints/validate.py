@@ -43,9 +43,17 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def _is_quantized(x: Any) -> bool:
+  from jaxinf.quant.base import (
+    QuantizedWeight,  # here: jaxinf.quant may import this module
+  )
+  return isinstance(x, QuantizedWeight)
+
+
 def leaf_paths(tree: Any) -> dict[str, Any]:
-  """{'/'-joined path: leaf} of any pytree (dicts, lists, tuples, NNX pure dicts)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  """{'/'-joined path: leaf} of any pytree (dicts, lists, tuples, NNX pure dicts). A low-bit weight
+  (`jaxinf.quant.base.QuantizedWeight`) is one leaf, checked by its logical shape and dtype."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_quantized)
   return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
@@ -94,7 +102,7 @@ def param_differences(expected: Any, given: Any, *, dtypes: str = "exact") -> tu
 
 
 def _signature(tree: Any) -> tuple | None:
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_quantized)
   try:
     return treedef, tuple((tuple(x.shape), np.dtype(x.dtype).str) for x in leaves)
   except (AttributeError, TypeError):
@@ -143,7 +151,8 @@ def check_params(expected: Any, given: Any, *, name: str = "params", dtypes: str
 
 def abstract_tree(tree: Any) -> Any:
   """`tree` as `jax.ShapeDtypeStruct`s (no data read)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), tree,
+                      is_leaf=_is_quantized)
 
 
 @jax.jit

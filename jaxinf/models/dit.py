@@ -162,6 +162,10 @@ DIT_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"final_layer/linear/bias", ("patch",)),
 )
 
+# The DiT's `[in, out]` matmul weights (every `layers.Linear` kernel): the leaves a low-bit weight
+# (`jaxinf.quant.base.QuantizedWeight`) may replace; the label table and biases stay floating.
+DIT_MATMUL_WEIGHTS = r".*/kernel"
+
 
 def dit_config(name: str, **overrides: Any) -> DiTConfig:
   """A named configuration (`DiT-XL/2`, ..., `DiT-digits`), optionally with fields replaced."""
@@ -175,8 +179,8 @@ class Attention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, dtype, *, rngs: nnx.Rngs):
     self.num_heads = num_heads
-    self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
-    self.proj = nnx.Linear(dim, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+    self.qkv = layers.Linear(dim, 3 * dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+    self.proj = layers.Linear(dim, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
@@ -192,8 +196,8 @@ class Mlp(nnx.Module):
   """fc1 -> tanh-GELU -> fc2 (timm's `Mlp` with `GELU(approximate="tanh")`)."""
 
   def __init__(self, dim: int, hidden: int, dtype, *, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(dim, hidden, kernel_init=_xavier, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+    self.fc1 = layers.Linear(dim, hidden, kernel_init=_xavier, dtype=dtype, rngs=rngs)
+    self.fc2 = layers.Linear(hidden, dim, kernel_init=_xavier, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -209,7 +213,7 @@ class DiTBlock(nnx.Module):
     self.mlp_eps = cfg.layer_norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
     self.attn = Attention(d, cfg.num_heads, dtype, rngs=rngs)
     self.mlp = Mlp(d, int(d * cfg.mlp_ratio), dtype, rngs=rngs)
-    self.adaLN_modulation = nnx.Linear(
+    self.adaLN_modulation = layers.Linear(
         d, 6 * d, kernel_init=_zeros, bias_init=_zeros, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -243,10 +247,10 @@ class FinalLayer(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     d = cfg.hidden_size
     self.eps = cfg.layer_norm_eps
-    self.linear = nnx.Linear(
+    self.linear = layers.Linear(
         d, cfg.patch_size**2 * cfg.out_channels, kernel_init=_zeros, bias_init=_zeros,
         dtype=dtype, rngs=rngs)
-    self.adaLN_modulation = nnx.Linear(
+    self.adaLN_modulation = layers.Linear(
         d, 2 * d, kernel_init=_zeros, bias_init=_zeros, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -262,10 +266,10 @@ class TimestepEmbedder(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.frequency_embedding_size = cfg.frequency_embedding_size
     self.freq_shift = cfg.timestep_freq_shift
-    self.linear_1 = nnx.Linear(cfg.frequency_embedding_size, cfg.hidden_size, kernel_init=init,
-                               dtype=dtype, rngs=rngs)
-    self.linear_2 = nnx.Linear(cfg.hidden_size, cfg.hidden_size, kernel_init=init, dtype=dtype,
-                               rngs=rngs)
+    self.linear_1 = layers.Linear(cfg.frequency_embedding_size, cfg.hidden_size, kernel_init=init,
+                                  dtype=dtype, rngs=rngs)
+    self.linear_2 = layers.Linear(cfg.hidden_size, cfg.hidden_size, kernel_init=init, dtype=dtype,
+                                  rngs=rngs)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     freq = layers.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
@@ -283,8 +287,8 @@ class DiT(nnx.Module):
     self.cfg = cfg
     d = cfg.hidden_size
     dtype = jnp.dtype(cfg.dtype)
-    self.x_embedder = nnx.Linear(cfg.patch_size**2 * cfg.in_channels, d, kernel_init=_xavier,
-                                 dtype=dtype, rngs=rngs)
+    self.x_embedder = layers.Linear(cfg.patch_size**2 * cfg.in_channels, d, kernel_init=_xavier,
+                                    dtype=dtype, rngs=rngs)
     self.t_embedder = TimestepEmbedder(cfg, rngs=rngs)
     num_rows = cfg.num_classes + (1 if cfg.null_class is not None else 0)
     self.y_embedder = nnx.Embed(num_rows, d, embedding_init=nnx.initializers.normal(

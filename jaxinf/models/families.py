@@ -51,11 +51,16 @@ class Family:
 
   `axis_rules`: (regex over the '/'-joined parameter path, logical axis names), first full match
   wins; every parameter must match exactly one rank-compatible rule.
+  `matmul_weights`: a regex fully matching the paths of the `[in, out]` weights the model applies
+  as `x @ w` (`layers.Linear` or a plain product) — those a low-bit weight
+  (`jaxinf.quant.base.QuantizedWeight`) may replace; embeddings, norms, biases, convolution and
+  state parameters are not among them.
   """
   name: str
   model_type: type[FamilyLM]
   sizes: Mapping[str, Any]
   axis_rules: tuple[tuple[str, tuple[str, ...]], ...]
+  matmul_weights: str
 
   @property
   def config_type(self) -> type:
@@ -84,7 +89,8 @@ FAMILIES: dict[str, Family] = {
             (r"layers/\d+/mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
             (r"layers/\d+/mlp/down_proj/kernel", ("mlp", "embed")),
             (r"lm_head/kernel", ("embed", "vocab")),
-        )),
+        ),
+        r"layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel|lm_head/kernel"),
     "mamba": Family(
         "mamba", mamba.MambaLM, mamba.MAMBA_CONFIGS, (
             (r"embeddings/embedding", ("vocab", "embed")),
@@ -99,7 +105,8 @@ FAMILIES: dict[str, Family] = {
             (r"layers/\d+/mixer/out_proj/kernel", ("ssm_inner", "embed")),
             (r"layers/\d+/mixer/out_proj/bias", ("embed",)),
             (r"lm_head/kernel", ("embed", "vocab")),
-        )),
+        ),
+        r"layers/\d+/mixer/(in|x|dt|out)_proj/kernel|lm_head/kernel"),
     "rwkv7": Family(
         "rwkv7", rwkv.RWKV7LM, rwkv.RWKV7_CONFIGS, (
             (r"emb", ("vocab", "embed")),
@@ -121,7 +128,8 @@ FAMILIES: dict[str, Family] = {
             (r"blocks/\d+/ffn/x_k", ("embed",)),
             (r"blocks/\d+/ffn/key", ("embed", "mlp")),
             (r"blocks/\d+/ffn/value", ("mlp", "embed")),
-        )),
+        ),
+        r"head|blocks/\d+/att/(receptance|key|value|output|[wavg][12])|blocks/\d+/ffn/(key|value)"),
     "transnormer": Family(
         "transnormer", transnormer.TransNormerLM, transnormer.TRANSNORMER_CONFIGS, (
             (r"embed_tokens", ("vocab", "embed")),
@@ -131,7 +139,8 @@ FAMILIES: dict[str, Family] = {
             (r"layers/\d+/token_mixer/theta", ("head_count", "head_dim")),
             (r"layers/\d+/channel_mixer/l[12]", ("embed", "mlp")),
             (r"layers/\d+/channel_mixer/l3", ("mlp", "embed")),
-        )),
+        ),
+        r"lm_head|layers/\d+/(token_mixer/(qkvu|out)_proj|channel_mixer/l[123])"),
 }
 
 
@@ -225,3 +234,13 @@ def param_axes_from_rules(axis_rules, params, *, owner: str = "model") -> dict:
     raise ValueError(f"params: no {owner} axis rule covers parameter {name!r}")
 
   return jax.tree_util.tree_map_with_path(axes_of, params)
+
+
+def matmul_weight_paths(model: FamilyLM, params: dict | None = None) -> list[str]:
+  """The '/'-joined paths of the model's `[in, out]` matmul weights (the family's
+  `matmul_weights`): the leaves a low-bit weight may replace (`jaxinf.quant`)."""
+  pattern = re.compile(family_of(model).matmul_weights)
+  if params is None:
+    params = model.abstract_params()
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return [name for name in (_path_name(path) for path, _ in flat) if pattern.fullmatch(name)]

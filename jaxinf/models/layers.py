@@ -138,3 +138,24 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.weight[...], self.eps)
+
+
+class Linear(nnx.Linear):
+  """`nnx.Linear` (same parameters, initialisation and dtype promotion) whose kernel may also be a
+  low-bit weight (`jaxinf.quant.base.QuantizedWeight`): then the product is `x @ kernel`, which the
+  weight computes from its stored form. Every family's projections go through this layer or through
+  `x @ w`, so a quantized parameter tree runs through the same model code."""
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    from jaxinf.quant.base import (
+      QuantizedWeight,  # here: jaxinf.quant may import the models
+    )
+    kernel = self.kernel[...]
+    if not isinstance(kernel, QuantizedWeight):
+      return super().__call__(inputs, out_sharding=out_sharding)
+    bias = self.bias[...] if self.bias is not None else None
+    dtype = self.dtype or jnp.result_type(inputs.dtype, kernel.dtype)
+    y = inputs.astype(dtype) @ kernel.astype(dtype)
+    if bias is not None:
+      y = y + bias.astype(dtype)
+    return y

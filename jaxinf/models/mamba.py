@@ -115,8 +115,8 @@ class MambaMixer(nnx.Module):
     self.cfg = cfg
     di, n, r, w = cfg.inner_size, cfg.state_size, cfg.dt_rank, cfg.conv_kernel
     dtype = jnp.dtype(cfg.dtype)
-    self.in_proj = nnx.Linear(cfg.hidden_size, 2 * di, use_bias=cfg.use_bias, dtype=dtype,
-                              rngs=rngs)
+    self.in_proj = layers.Linear(cfg.hidden_size, 2 * di, use_bias=cfg.use_bias, dtype=dtype,
+                                 rngs=rngs)
     # nn.Conv1d's default init: uniform(+-1/sqrt(fan_in)), fan_in = W for a depthwise conv.
     bound = 1.0 / math.sqrt(w)
     self.conv_weight = nnx.Param(
@@ -124,9 +124,9 @@ class MambaMixer(nnx.Module):
     if cfg.use_conv_bias:
       self.conv_bias = nnx.Param(
           jax.random.uniform(rngs.params(), (di,), jnp.float32, -bound, bound))
-    self.x_proj = nnx.Linear(di, r + 2 * n, use_bias=False, dtype=dtype, rngs=rngs)
+    self.x_proj = layers.Linear(di, r + 2 * n, use_bias=False, dtype=dtype, rngs=rngs)
     dt_std = r ** -0.5  # mamba_ssm's dt_init="random": uniform(-dt_rank^-0.5, dt_rank^-0.5)
-    self.dt_proj = nnx.Linear(
+    self.dt_proj = layers.Linear(
         r, di, use_bias=False, dtype=dtype, rngs=rngs,
         kernel_init=lambda key, shape, dt: jax.random.uniform(key, shape, dt, -dt_std, dt_std))
     dt = jnp.exp(jax.random.uniform(rngs.params(), (di,), jnp.float32)
@@ -136,7 +136,8 @@ class MambaMixer(nnx.Module):
     self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(
         jnp.arange(1, n + 1, dtype=jnp.float32), (di, n))))
     self.D = nnx.Param(jnp.ones((di,), jnp.float32))
-    self.out_proj = nnx.Linear(di, cfg.hidden_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+    self.out_proj = layers.Linear(di, cfg.hidden_size, use_bias=cfg.use_bias, dtype=dtype,
+                                  rngs=rngs)
 
   def _conv(self, x: jax.Array, conv_state: jax.Array):
     """silu(causal depthwise conv) of x [B, T, Di] continuing from conv_state [B, W-1, Di].
@@ -210,8 +211,8 @@ class Mamba(nnx.Module):
     self.layers = nnx.List([MambaBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm_f = layers.RMSNorm(cfg.hidden_size, cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
-                                dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+      self.lm_head = layers.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
+                                   dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
   def _logits(self, x: jax.Array) -> jax.Array:
     h = self.norm_f(x).astype(jnp.dtype(self.cfg.dtype))

@@ -123,7 +123,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+    linear = functools.partial(layers.Linear, use_bias=False, dtype=jnp.dtype(cfg.dtype),
                                kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
     self.q_proj = linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
     self.k_proj = linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
@@ -151,7 +151,7 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)) (Shazeer 2020), transformers' `LlamaMLP`."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+    linear = functools.partial(layers.Linear, use_bias=False, dtype=jnp.dtype(cfg.dtype),
                                kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
     self.gate_proj = linear(cfg.hidden_size, cfg.mlp_hidden)
     self.up_proj = linear(cfg.hidden_size, cfg.mlp_hidden)
@@ -191,9 +191,9 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
-                                dtype=jnp.dtype(cfg.dtype),
-                                kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+      self.lm_head = layers.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
+                                   dtype=jnp.dtype(cfg.dtype),
+                                   kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
 
   def _final_hidden(self, x: jax.Array) -> jax.Array:
     """The last hidden state: the final norm of the residual stream, in the compute dtype."""
