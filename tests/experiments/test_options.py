@@ -20,7 +20,7 @@ from tests.bad_input import raises_before_tracing
 EXPERIMENTS = ("quickstart", "sampler_pareto", "train_dit", "lm_families", "speculative",
                "mirostat", "adaptive_decoding", "inference_scaling", "sample_dit_imagenet",
                "sharded_sampling", "scaling", "train_digits_classifier", "bench_kernels",
-               "roofline")
+               "roofline", "kv_compression", "bench_decode")
 
 
 def module(name: str):
@@ -156,6 +156,12 @@ BAD_OPTIONS = [
     ("roofline", ["--dit-latent", "15"], r"^dit_latent: "),
     ("roofline", ["--dit-batch", "3"], r"^dit_batch: .*even"),
     ("roofline", ["--host-matmul", "8"], r"^host_matmul: "),
+    ("kv_compression", ["--policies", "foo"], r"^policies: .*'foo'"),
+    ("kv_compression", ["--budgets", "0"], r"^budgets: "),
+    ("kv_compression", ["--key-len", "0"], r"^key_len"),
+    ("bench_decode", ["--sizes", "7m"], r"^sizes: .*'7m'"),
+    ("bench_decode", ["--batches", "0"], r"^batches: "),
+    ("bench_decode", ["--new-tokens", "0"], r"^new_tokens"),
 ]
 
 
