@@ -292,7 +292,8 @@ def channel_scale(w: jax.Array, fmt: Format, group_size: int, clip_ratio: float 
                   ) -> jax.Array:
   """The fp32 scale `[in / group_size, out]` of `w [in, out]`: `clip_ratio · absmax / max_value`
   over each group of `group_size` input rows and each output column; 1 where a group is all zero
-  (its codes are then all zero: exact)."""
+  (its codes are then all zero: exact). The error bounds of the module docstring assume the scale
+  is an fp32 normal number (absmax above ~1e-38 · max_value), as for any real weight."""
   n_in, n_out = w.shape
   absmax = jnp.max(jnp.abs(w.astype(jnp.float32)).reshape(n_in // group_size, group_size, n_out),
                    axis=1)
