@@ -20,7 +20,7 @@ from tests.bad_input import raises_before_tracing
 EXPERIMENTS = ("quickstart", "sampler_pareto", "train_dit", "lm_families", "speculative",
                "mirostat", "adaptive_decoding", "inference_scaling", "sample_dit_imagenet",
                "sharded_sampling", "scaling", "train_digits_classifier", "bench_kernels",
-               "roofline", "kv_compression", "bench_decode")
+               "roofline", "kv_compression", "bench_decode", "quantization")
 
 
 def module(name: str):
@@ -162,6 +162,9 @@ BAD_OPTIONS = [
     ("bench_decode", ["--sizes", "7m"], r"^sizes: .*'7m'"),
     ("bench_decode", ["--batches", "0"], r"^batches: "),
     ("bench_decode", ["--new-tokens", "0"], r"^new_tokens"),
+    ("quantization", ["--dit-formats", "int2"], r"^dit_formats: .*'int2'"),
+    ("quantization", ["--lm-formats", "squeeze9"], r"^lm_formats: .*'squeeze9'"),
+    ("quantization", ["--steps", "0"], r"^steps"),
 ]
 
 
