@@ -36,11 +36,8 @@ from tqdm.auto import tqdm
 from experiments import common
 from jaxinf.data.stdlib_code import load_corpus
 from jaxinf.decoding.generate import generate
-from jaxinf.models import families
 from jaxinf.models.kv_policies import POLICIES, STORAGES, KVPolicy
-from jaxinf.models.transformer import TransformerConfig
-from jaxinf.train.lm import LMTrainConfig, train_lm
-from jaxinf.train.step import OptimizerConfig
+from jaxinf.recipes import code_models
 
 EVICTING = tuple(p for p in POLICIES if p != "none")
 
@@ -111,25 +108,18 @@ def plant_header(key: str) -> str:
   return f'SECRET_KEY = "{key}"\n'
 
 
-def model_config(cfg: Config) -> TransformerConfig:
-  longest = max(cfg.prefix + cfg.stream, cfg.prompt_len + cfg.key_len, cfg.seq_len)
-  return TransformerConfig(vocab_size=259, hidden_size=cfg.hidden_size,
-                           num_layers=cfg.num_layers, num_heads=4, num_kv_heads=2,
-                           mlp_hidden=int(cfg.hidden_size * 2.75), tie_embeddings=True,
-                           max_len=longest)
+def lm_recipe(cfg: Config) -> code_models.WindowLM:
+  """The study's model: `code_models.WindowLM` long enough for every measured sequence."""
+  return code_models.WindowLM(
+      hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+      max_len=max(cfg.prefix + cfg.stream, cfg.prompt_len + cfg.key_len),
+      train_steps=cfg.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
 
 
 def trained_model(cfg: Config, train: np.ndarray):
-  """(model, params): trains (resuming) or reuses the checkpoint in `<out_dir>/train`."""
-  model, params = families.build(model_config(cfg), seed=cfg.seed)
-  tcfg = LMTrainConfig(steps=cfg.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                       checkpoint_every=max(cfg.train_steps // 4, 1), seed=cfg.seed,
-                       optimizer=OptimizerConfig(learning_rate=3e-3,
-                                                 warmup_steps=max(cfg.train_steps // 10, 1),
-                                                 weight_decay=0.1))
-  state, records = train_lm(model, params, train, cfg=tcfg,
-                            out_dir=Path(cfg.out_dir) / "train", progress=cfg.progress)
-  return model, state["params"], records
+  """(model, params, records): trains (resuming) or reuses the checkpoint in `<out_dir>/train`."""
+  return code_models.window_lm(lm_recipe(cfg), train, Path(cfg.out_dir) / "train",
+                               progress=cfg.progress)
 
 
 def recall_prompts(cfg: Config, heldout: np.ndarray):

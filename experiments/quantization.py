@@ -18,7 +18,8 @@ unchanged through the models' own code (`x @ w` reaches the quantized leaf):
   the per-tensor searched (exponent, mantissa, bias) split ("fp4"), W8A8 int8 and fp8 (weights
   and per-token dynamic activation quantization), and AdaRound int4 (learned rounding on matmul
   inputs recorded from one denoiser call on noised digits).
-* Code LM: the byte-level transformer `experiments.kv_compression` trains on the stdlib's source
+* Code LM: `jaxinf.recipes.code_models.WindowLM`, the byte transformer `experiments.kv_compression`
+  trains on the stdlib's source
   (its checkpoint in `results/kv_compression/train/` is reused, else trained there, ~3 min);
   held-out bits per byte (one full-sequence forward pass) at fp32, int8, int4, fp8 (searched),
   fp4 (searched), uniform 3-bit int (per channel) and SqueezeLLM 3- and 4-bit (Fisher diagonal
@@ -39,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from experiments import kv_compression as kvc
 from jaxinf.data import digits
 from jaxinf.data.stdlib_code import load_corpus
 from jaxinf.diffusion import solvers
@@ -57,7 +57,7 @@ from jaxinf.quant import (
   squeeze_params,
 )
 from jaxinf.quant.ptq import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-from jaxinf.recipes import quickstart_dit
+from jaxinf.recipes import code_models, quickstart_dit
 
 # DiT rows: name -> QuantConfig options (None: the fp32 tree); "group" is replaced by the config's
 # group size. AdaRound is added apart (it needs calibration inputs).
@@ -114,9 +114,13 @@ class Config(common.StudyConfig):
     if self.eval_len < 2:
       common.refuse("eval_len", f"expected >= 2 bytes, got {self.eval_len}")
 
-  def lm_config(self) -> kvc.Config:
-    lm = kvc.Config(out_dir=self.lm_dir, seed=self.seed, progress=self.progress)
-    return kvc.smoke_config(dataclasses.replace(lm, smoke=True)) if self.smoke else lm
+  def lm_recipe(self) -> code_models.WindowLM:
+    """The code LM: `experiments.kv_compression`'s model at its default size (so its checkpoint
+    in `<lm_dir>/train` is reused), or a tiny one for `--smoke`."""
+    if self.smoke:
+      return code_models.WindowLM(hidden_size=32, num_layers=2, max_len=64, train_steps=3,
+                                  batch_size=2, seq_len=64, seed=self.seed)
+    return code_models.WindowLM(seed=self.seed)
 
 
 def smoke_config(cfg: Config) -> Config:
@@ -208,9 +212,10 @@ def mean_bits(model, params, tokens):
 
 
 def lm_rows(cfg: Config) -> tuple[list[dict], dict]:
-  lcfg = cfg.lm_config()
-  train, heldout = load_corpus(max_bytes=lcfg.corpus_bytes)
-  model, params, records = kvc.trained_model(lcfg, train)
+  recipe = cfg.lm_recipe()
+  train, heldout = load_corpus(max_bytes=code_models.SMOKE_BYTES if cfg.smoke else None)
+  model, params, records = code_models.window_lm(recipe, train, Path(cfg.lm_dir) / "train",
+                                                 progress=cfg.progress)
   n_len = min(cfg.eval_len, model.config.max_len)
   tokens = jnp.asarray(common.heldout_prompts(heldout, cfg.eval_rows, n_len, cfg.seed + 21))
   calib = jnp.asarray(common.heldout_prompts(train, cfg.fisher_batches, n_len, cfg.seed + 22))
@@ -244,7 +249,7 @@ def lm_rows(cfg: Config) -> tuple[list[dict], dict]:
     print(f"lm  {name:14s} {bpb:.4f} bits/byte  {rows[-1]['weight_bytes']:>9,} B", flush=True)
   return rows, {"lm_params": common.param_count(params), "lm_eval_bytes": int(tokens.size),
                     "lm_final_train_loss": records[-1]["loss"] if records else None,
-                    "lm_config": dataclasses.asdict(lcfg)}
+                    "lm_config": dataclasses.asdict(recipe)}
 
 
 # --------------------------------------------------------------------------- claims

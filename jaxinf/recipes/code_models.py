@@ -187,3 +187,45 @@ def code_model(name: str, *, smoke: bool = False, progress: bool = True):
                         progress=progress)
     params = state["params"]
   return model, jax.tree.map(lambda x: x, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowLM:
+  """The 4-layer GQA byte transformer trained on long code windows that the KV-compression and
+  quantization studies share (`experiments.kv_compression` trains it into `<its out_dir>/train`,
+  `experiments.quantization` reuses that checkpoint): `hidden_size`, `num_layers` (4 heads, 2 KV
+  heads, tied embeddings, MLP 2.75x), `max_len` the longest context asked of it, trained
+  `train_steps` of `batch_size` x `seq_len` bytes (AdamW 3e-3, 10 % warm-up, decay 0.1)."""
+  hidden_size: int = 128
+  num_layers: int = 4
+  max_len: int = 512
+  train_steps: int = 200
+  batch_size: int = 8
+  seq_len: int = 512
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("hidden_size", "num_layers", "max_len", "train_steps", "batch_size", "seq_len"):
+      check_int(name, getattr(self, name), low=1)
+    check_int("seed", self.seed, low=0)
+
+  def config(self) -> transformer_lib.TransformerConfig:
+    return transformer_lib.TransformerConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=self.hidden_size, num_layers=self.num_layers,
+        num_heads=4, num_kv_heads=2, mlp_hidden=int(self.hidden_size * 2.75),
+        tie_embeddings=True, max_len=max(self.max_len, self.seq_len))
+
+
+def window_lm(recipe: WindowLM, train: np.ndarray, out_dir: str | Path, *, progress: bool = True):
+  """(model, params, training records): trains `recipe` on the byte stream `train` into
+  `out_dir` (resuming a killed run) or reuses the finished checkpoint there."""
+  model, params = families.build(recipe.config(), seed=recipe.seed)
+  tcfg = LMTrainConfig(steps=recipe.train_steps, batch_size=recipe.batch_size,
+                       seq_len=recipe.seq_len, checkpoint_every=max(recipe.train_steps // 4, 1),
+                       seed=recipe.seed,
+                       optimizer=OptimizerConfig(learning_rate=3e-3,
+                                                 warmup_steps=max(recipe.train_steps // 10, 1),
+                                                 weight_decay=0.1))
+  state, records = train_lm(model, params, train, cfg=tcfg, out_dir=Path(out_dir),
+                            progress=progress)
+  return model, state["params"], records
