@@ -154,7 +154,7 @@ class Linear(nnx.Linear):
     if not isinstance(kernel, QuantizedWeight):
       return super().__call__(inputs, out_sharding=out_sharding)
     bias = self.bias[...] if self.bias is not None else None
-    dtype = self.dtype or jnp.result_type(inputs.dtype, kernel.dtype)
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(inputs.dtype, kernel.dtype)
     y = inputs.astype(dtype) @ kernel.astype(dtype)
     if bias is not None:
       y = y + bias.astype(dtype)

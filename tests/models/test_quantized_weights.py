@@ -123,3 +123,15 @@ def test_dit_runs_quantized_weights_unchanged():
   got = run(denoiser=dit_denoiser(apply, quantized, cfg))
   assert float(jnp.abs(want).max()) > 0
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_computes_a_quantized_kernel_in_its_dtype():
+  from jaxinf.models.layers import Linear
+  layer = Linear(8, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  want = layer(x)  # nnx.Linear's own path: inputs, kernel and bias promoted to bfloat16
+  layer.kernel.set_value(_int8(layer.kernel[...]))
+  got = layer(x)
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=0.05, atol=0.05)
