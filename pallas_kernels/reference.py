@@ -24,6 +24,18 @@ def softplus(x: jax.Array) -> jax.Array:
   return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
+def masked_softmax(logits: jax.Array, visible: jax.Array):
+  """Softmax over the last axis of the `visible` entries of fp32 `logits` (invisible ones get
+  probability 0; a row that sees nothing is all zeros, not NaN). Returns (probs, row max, row sum
+  of exp(logits - row max)), the last two with a kept last axis, for the log-sum-exp."""
+  logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  return weights / jnp.where(denom > 0, denom, 1.0), row_max, denom
+
+
 def softmax_attention(
     q: jax.Array,
     k: jax.Array,
@@ -73,12 +85,7 @@ def softmax_attention(
     query_pos = offsets[:, None] + jnp.arange(tq)[None, :]  # [B, Tq]
     visible = visible & (key_pos[None, None, :] <= query_pos[:, :, None])
   visible = visible[:, None]  # [B, 1, Tq or 1, Tk]
-  logits = jnp.where(visible, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  probs, row_max, denom = masked_softmax(logits, visible)
   out = jnp.einsum("bhis,bshd->bihd", probs, v, precision=_HIGHEST).astype(q.dtype)
   if not return_lse:
     return out

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.parallel import kernels as mesh_kernels
+from pallas_kernels import reference
 
 POLICIES = ("none", "streaming", "h2o", "snapkv", "d2o")
 STORAGES = ("native", "int8", "float8_e4m3fn")
@@ -248,12 +249,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, key_pos: jax.Array,
                                   precision=hi)
   kp = jnp.transpose(key_pos, (0, 2, 1))[:, :, None, None, :]          # [B, Hkv, 1, 1, C]
   visible = (kp >= 0) & (kp <= q_pos[:, None, None, :, None])
-  logits = jnp.where(visible, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  probs, _, _ = reference.masked_softmax(logits, visible)
   out = jnp.einsum("bhgtc,bchd->bthgd", probs, values.astype(jnp.float32), precision=hi)
   return out.reshape(b, t, h, d).astype(q.dtype), probs
 

@@ -20,6 +20,8 @@ Subclasses are registered pytrees (`jax.tree_util.register_dataclass` or `flax.s
 from __future__ import annotations
 
 import abc
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -70,3 +72,20 @@ class QuantizedWeight(abc.ABC):
 def is_quantized(x: Any) -> bool:
   """True for a `QuantizedWeight` leaf (the `is_leaf` of tree walks over quantized trees)."""
   return isinstance(x, QuantizedWeight)
+
+
+def check_patterns(name: str, value) -> tuple[str, ...]:
+  """`value` (None, one regex string or a sequence of them: which parameter paths a quantizer
+  takes or leaves) as a tuple; TypeError / ValueError naming `name` otherwise."""
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    value = (value,)
+  if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+    raise TypeError(f"{name}: expected a regex string or a sequence of them, got {value!r}")
+  for pattern in value:
+    try:
+      re.compile(pattern)
+    except re.error as error:
+      raise ValueError(f"{name}: {pattern!r} is not a regular expression ({error})") from None
+  return tuple(value)

@@ -29,7 +29,6 @@ weight, `jaxinf.quant.adaround`; gather them with `record_matmul_inputs`). A sea
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 
 from jaxinf.quant.adaround import AdaRoundConfig, adaround, path_name, select_paths
-from jaxinf.quant.base import is_quantized
+from jaxinf.quant.base import check_patterns, is_quantized
 from jaxinf.quant.formats import FloatSearch, get_format
 from jaxinf.quant.qarray import QArray, check_act_format, quantize
 
@@ -71,13 +70,9 @@ class QuantConfig:
     check_act_format(self.act_format)
     for name in ("include", "exclude"):
       pats = getattr(self, name)
-      if not isinstance(pats, tuple) or not all(isinstance(p, str) for p in pats):
+      if not isinstance(pats, tuple):
         raise TypeError(f"{name}: expected a tuple of regex strings, got {pats!r}")
-      for p in pats:
-        try:
-          re.compile(p)
-        except re.error as e:
-          raise ValueError(f"{name}: {p!r} is not a regular expression ({e})") from e
+      check_patterns(name, pats)
     if not self.include:
       raise ValueError("include: expected at least one regex, got ()")
     if self.rounding not in ROUNDINGS:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxinf.quant.base import QuantizedWeight
+from jaxinf.quant.base import QuantizedWeight, check_patterns
 from pallas_kernels import dispatch
 from pallas_kernels import lut_matmul as lut_ops
 
@@ -379,21 +379,6 @@ def path_name(path) -> str:
   return "/".join(parts)
 
 
-def _patterns(name: str, value) -> tuple[str, ...]:
-  if value is None:
-    return ()
-  if isinstance(value, str):
-    value = (value,)
-  if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-    raise TypeError(f"{name} must be a regex string or a sequence of them, got {value!r}")
-  for pattern in value:
-    try:
-      re.compile(pattern)
-    except re.error as error:
-      raise ValueError(f"{name}: {pattern!r} is not a regular expression ({error})") from None
-  return tuple(value)
-
-
 def squeeze_params(params: Any, fisher: Any, *, bits: int = 3, outlier_fraction: float = 0.005,
                    include: str | Sequence[str] | None = None,
                    exclude: str | Sequence[str] | None = ("embed",), method: str = "auto",
@@ -424,7 +409,7 @@ def squeeze_params(params: Any, fisher: Any, *, bits: int = 3, outlier_fraction:
     "bytes_after" (the whole tree)).
   """
   _check_options(bits, outlier_fraction, method, iters, lut_dtype, impl, interpret)
-  include_p, exclude_p = _patterns("include", include), _patterns("exclude", exclude)
+  include_p, exclude_p = check_patterns("include", include), check_patterns("exclude", exclude)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   f_leaves, f_treedef = jax.tree_util.tree_flatten_with_path(fisher)
   if f_treedef != treedef:
