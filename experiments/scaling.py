@@ -248,7 +248,8 @@ def _quality_rows(cfg: Config) -> list[dict]:
     params, pred = _patch_params(dcfg, cfg.seed), "epsilon"
   else:
     dcfg, _, state, _ = qs.trained(dit_folder(cfg.quickstart_results), progress=cfg.progress)
-    params, pred = state["ema"], qs.train.prediction_type
+    # restored arrays are committed to device 0; host copies let the patch mesh place them
+    params, pred = jax.device_get(state["ema"]), qs.train.prediction_type
   n = cfg.quality_devices
   mesh = make_mesh(sequence=n, devices=jax.devices()[:n])
   labels = balanced_labels(cfg.quality_per_class)
