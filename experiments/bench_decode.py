@@ -13,7 +13,11 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
 - jaxinf: `jaxinf.checkpoints.transformers_lm.load_llama` (through `build_peer`), then
   `jaxinf.decoding.generate` (greedy; prefill + one compiled `while_loop`), fp32; int8 / int4
   weights through `jaxinf.quant.ptq.quantize_params` where that module exists (rows skipped, with
-  the reason, where it does not);
+  the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
+  inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
+  (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512
+  registers, fp32 activations; compiled on first use). The tied embedding / output head stays fp32
+  in every jaxinf row (quantize_params leaves embeddings alone), while llama.cpp quantizes it;
 - transformers: `LlamaForCausalLM.generate(do_sample=False, use_cache=True)` on torch CPU, fp32;
 - llama.cpp through `llama-cpp-python` (the `bench` extra): the same folder converted by llama.cpp's
   own `convert_hf_to_gguf.py` at f32, then `llama_model_quantize` to Q8_0 and Q4_0 (its defaults,
@@ -75,10 +79,10 @@ from jaxinf.models.transformer import TransformerConfig, transformer_config
 
 RUNTIMES = ("jaxinf", "transformers", "llama.cpp")
 GGUF_TYPES = ("f32", "q8_0", "q4_0")
-JAXINF_WEIGHTS = ("float32", "int8", "int4")
+JAXINF_WEIGHTS = ("float32", "int8", "int4", "int8-ffi", "int4-ffi")
 # which llama.cpp row each row is compared with (same weight width)
 PEER_OF = {"float32": "f32", "f32": "f32", "int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0",
-           "q4_0": "q4_0"}
+           "q4_0": "q4_0", "int8-ffi": "q8_0", "int4-ffi": "q4_0"}
 
 # Named sizes. llama-110m: llama2.c's stories110M shape (dim 768, 12 layers, 12 heads, SwiGLU
 # 2048, Llama's 32000 vocabulary, tied head): 109.5M parameters, 438 MB in fp32.
@@ -161,7 +165,9 @@ def convert_script(cfg: Config) -> Path | None:
 
 # jaxinf's low-bit rows: int8 one scale per output channel, int4 one per 32 inputs (Q4_0's block)
 JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None},
-                "int4": {"format": "int4", "group_size": 32}}
+                "int4": {"format": "int4", "group_size": 32},
+                "int8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi"},
+                "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi"}}
 
 
 def quantizer():
@@ -629,10 +635,12 @@ def summary(rows: list[dict]) -> list[dict]:
            if r["size"] == size and r["batch"] == batch}
     line = {"size": size, "batch": batch}
     for name in ("jaxinf float32", "transformers float32", "llama.cpp f32", "jaxinf int8",
-                 "llama.cpp q8_0", "jaxinf int4", "llama.cpp q4_0"):
+                 "jaxinf int8-ffi", "llama.cpp q8_0", "jaxinf int4", "jaxinf int4-ffi",
+                 "llama.cpp q4_0"):
       if name in sel:
         line[name] = sel[name]["tokens_per_s"]
-    for ours in ("jaxinf float32", "jaxinf int8", "jaxinf int4"):
+    for ours in ("jaxinf float32", "jaxinf int8", "jaxinf int4", "jaxinf int8-ffi",
+                 "jaxinf int4-ffi"):
       if ours in sel and sel[ours]["vs_llama_cpp"] is not None:
         line[f"{ours.split()[1]}: jaxinf / llama.cpp"] = sel[ours]["vs_llama_cpp"]
     fp32 = sel.get("jaxinf float32") or sel.get("transformers float32")

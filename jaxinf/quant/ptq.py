@@ -38,7 +38,8 @@ import numpy as np
 from jaxinf.quant.adaround import AdaRoundConfig, adaround, path_name, select_paths
 from jaxinf.quant.base import check_patterns, is_quantized
 from jaxinf.quant.formats import FloatSearch, get_format
-from jaxinf.quant.qarray import QArray, check_act_format, quantize
+from jaxinf.quant.cpu_kernel import check_kernel
+from jaxinf.quant.qarray import QArray, check_act_format, check_kernel_format, quantize
 
 DEFAULT_INCLUDE = (r"(.*/)?kernel",)
 DEFAULT_EXCLUDE = (r"(.*/)?lm_head/.*", r"(.*/)?[^/]*embed[^/]*/.*", r"(.*/)?final_layer/linear/.*")
@@ -51,7 +52,9 @@ class QuantConfig:
   scale per output column) or input rows per scale group; act_format: None or a W8A8 activation
   format ("int8", "fp8_e4m3", "fp8_e5m2"); include / exclude: regexes over '/'-joined leaf paths
   (module docstring); rounding: "nearest" or "adaround" (needs calibration inputs); adaround: its
-  options; compute_dtype: the QArrays' compute dtype."""
+  options; compute_dtype: the QArrays' compute dtype; kernel: None (the XLA path) or "cpu_ffi"
+  (integer formats, weight-only or int8 activations: the hand-written CPU kernel for decode-sized
+  products, `jaxinf.quant.cpu_kernel`; CPU backend only)."""
 
   format: Any = "int8"
   group_size: int | None = None
@@ -61,13 +64,17 @@ class QuantConfig:
   rounding: str = "nearest"
   adaround: AdaRoundConfig = dataclasses.field(default_factory=AdaRoundConfig)
   compute_dtype: str = "float32"
+  kernel: str | None = None
 
   def __post_init__(self):
-    get_format(self.format)
+    fmt = get_format(self.format)
     g = self.group_size
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
       raise ValueError(f"group_size: expected None or a positive int, got {g!r}")
     check_act_format(self.act_format)
+    check_kernel(self.kernel)
+    if self.kernel is not None:
+      check_kernel_format(self.kernel, fmt, self.act_format)
     for name in ("include", "exclude"):
       pats = getattr(self, name)
       if not isinstance(pats, tuple):
@@ -158,11 +165,11 @@ def quantize_params(params: Any, config: QuantConfig,
     try:
       if config.rounding == "adaround":
         res = adaround(w, calibration[name], config.format, config=config.adaround, **kw)
-        qw, obj_n = res.weight, res.objective_nearest
+        qw, obj_n = res.weight.with_kernel(config.kernel), res.objective_nearest
         obj = min(res.objective_learned, res.objective_nearest)
       else:
         x = calibration.get(name) if isinstance(get_format(config.format), FloatSearch) else None
-        qw = quantize(w, config.format, calibration=x, **kw)
+        qw = quantize(w, config.format, calibration=x, kernel=config.kernel, **kw)
     except (TypeError, ValueError) as e:
       raise type(e)(f"params: {name}: {e}") from e
     done[name] = qw

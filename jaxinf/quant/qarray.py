@@ -32,6 +32,14 @@ The product `x @ W` (`QArray.__rmatmul__`, the XLA path) never materialises the 
   `y = s_x · ((q_x @ q) · s)`: with int8 activations and integer weights the dot is an integer dot
   accumulated in int32 (exact for `in` below 2^31 / 127² ≈ 133k), otherwise an fp32 dot of the
   grid values.
+
+Kernel layout (`kernel="cpu_ffi"`, integer formats only, `jaxinf.quant.cpu_kernel`): the same
+codes transposed, one output column per row — int8 `[out, in]`, int2–int4 `uint8 [out,
+ceil(in/2)]` with the nibbles packed along `in` (k = 2j low, 2j + 1 high) — so the hand-written CPU
+kernel reads each output's codes contiguously. Same bytes as the XLA layout; `codes()`,
+`dequantize()` and the XLA path (used above `cpu_kernel.MAX_ROWS` rows of x) undo the transpose.
+`x @ w` with up to `MAX_ROWS` rows runs the kernel (fp32 activations, or int8 ones with
+`act_format="int8"`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.quant import cpu_kernel
 from jaxinf.quant.base import QuantizedWeight
 from jaxinf.quant.formats import (
   ACT_FORMATS,
@@ -97,8 +106,9 @@ def _check_float_dtype(dtype: Any, arg: str) -> str:
 class QArray(QuantizedWeight):
   """A low-bit `[in, out]` weight (module docstring). Children: `data` (the stored codes) and
   `scale` (fp32 `[G, out]`); static: the format (after any search), the logical shape, the group
-  size, the compute dtype, the activation format (None: weight-only) and the clipping ratio the
-  scale was computed with (1: absmax)."""
+  size, the compute dtype, the activation format (None: weight-only), the clipping ratio the
+  scale was computed with (1: absmax) and the kernel (None: the XLA path; "cpu_ffi": the CPU
+  kernel and its layout, module docstring)."""
 
   data: jax.Array
   scale: jax.Array
@@ -108,6 +118,7 @@ class QArray(QuantizedWeight):
   compute_dtype: str = "float32"
   act_format: str | None = None
   clip_ratio: float = 1.0
+  kernel: str | None = None
 
   # numpy's `ndarray @ QArray` defers to `QArray.__rmatmul__` too.
   __array_ufunc__ = None
@@ -130,10 +141,11 @@ class QArray(QuantizedWeight):
   def codes(self) -> jax.Array:
     """The integer codes `[in, out]` as int8 (integer formats only)."""
     kind = storage_kind(self.fmt)
+    data = self.data.T if self.kernel is not None else self.data  # kernel layout: [out, in]
     if kind == "int8":
-      return self.data
+      return data
     if kind == "int_packed":
-      nib = unpack_nibbles(self.data, self.logical_shape[0]).astype(jnp.int8)
+      nib = unpack_nibbles(data, self.logical_shape[0]).astype(jnp.int8)
       return (nib ^ 8) - 8  # sign-extend the 4-bit two's complement
     raise TypeError(f"codes: a {self.fmt.name} QArray holds float codes; use grid_values()")
 
@@ -155,6 +167,19 @@ class QArray(QuantizedWeight):
     q = self.grid_values().reshape(self.num_groups, self.group_size, n_out)
     return (q * self.scale[:, None, :]).reshape(n_in, n_out).astype(self.dtype)
 
+  def with_kernel(self, kernel: str | None) -> QArray:
+    """The same weight stored for `kernel` (None: the XLA layout; "cpu_ffi": the CPU kernel's,
+    integer formats with weight-only or int8 activations only). Host-side: not under jit."""
+    kernel = cpu_kernel.check_kernel(kernel)
+    if kernel == self.kernel:
+      return self
+    if kernel is not None:
+      check_kernel_format(kernel, self.fmt, self.act_format)
+      data = cpu_kernel.kernel_layout(self.codes(), self.fmt.bits)
+    else:
+      data = from_grid(self.codes(), self.scale, self.fmt, group_size=self.group_size).data
+    return dataclasses.replace(self, data=data, kernel=kernel)
+
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -163,6 +188,13 @@ class QArray(QuantizedWeight):
       raise ValueError(f"x: expected [..., {n_in}] for a [{n_in}, {n_out}] weight, got shape "
                        f"{tuple(x.shape)}")
     out_dtype = jnp.result_type(x.dtype, self.dtype)
+    rows = int(np.prod(x.shape[:-1]))
+    if self.kernel == "cpu_ffi" and 0 < rows <= cpu_kernel.MAX_ROWS:
+      cpu_kernel.check_backend("kernel")
+      y = cpu_kernel.lowbit_matmul(
+          x.reshape(rows, n_in), self.data, self.scale, k=n_in, group_size=self.group_size,
+          act_int8=self.act_format is not None)
+      return y.reshape(x.shape[:-1] + (n_out,)).astype(out_dtype)
     if self.act_format is not None:
       return self._matmul_quantized_input(x).astype(out_dtype)
     q = self.grid_values(out_dtype)
@@ -198,15 +230,32 @@ class QArray(QuantizedWeight):
 jax.tree_util.register_dataclass(
     QArray, data_fields=["data", "scale"],
     meta_fields=["fmt", "logical_shape", "group_size", "compute_dtype", "act_format",
-                 "clip_ratio"])
+                 "clip_ratio", "kernel"])
+
+
+def check_kernel_format(kernel: str | None, fmt: Format, act_format: str | None) -> None:
+  """TypeError / ValueError unless `kernel` can run `fmt` weights with `act_format` activations
+  (the CPU kernel: integer formats, weight-only or int8 activations, on the CPU backend)."""
+  if kernel is None:
+    return
+  if not isinstance(fmt, IntFormat):
+    raise TypeError(f"kernel: {kernel!r} takes integer weight formats (int2-int8), got "
+                    f"{getattr(fmt, 'name', fmt)}")
+  if act_format not in (None, "int8"):
+    raise ValueError(f"kernel: {kernel!r} takes act_format None or 'int8', got {act_format!r}")
+  cpu_kernel.check_backend("kernel")
 
 
 def from_grid(q: jax.Array, scale: jax.Array, fmt: Format, *, group_size: int,
               compute_dtype: str = "float32", act_format: str | None = None,
-              clip_ratio: float = 1.0) -> QArray:
-  """A `QArray` from grid values `q [in, out]` (exactly on `fmt`'s grid) and `scale [G, out]`."""
+              clip_ratio: float = 1.0, kernel: str | None = None) -> QArray:
+  """A `QArray` from grid values `q [in, out]` (exactly on `fmt`'s grid) and `scale [G, out]`,
+  stored in `kernel`'s layout (module docstring)."""
   kind = storage_kind(fmt)
-  if kind in ("int8", "int_packed"):
+  if kernel is not None:
+    check_kernel_format(cpu_kernel.check_kernel(kernel), fmt, act_format)
+    data = cpu_kernel.kernel_layout(q.astype(jnp.int8), fmt.bits)
+  elif kind in ("int8", "int_packed"):
     codes = q.astype(jnp.int8)
     data = codes if kind == "int8" else pack_nibbles(codes.astype(jnp.uint8) & 0xF)
   elif kind == "native":
@@ -216,7 +265,7 @@ def from_grid(q: jax.Array, scale: jax.Array, fmt: Format, *, group_size: int,
     if kind == "float_packed":
       data = pack_nibbles(data)
   return QArray(data, scale.astype(jnp.float32), fmt, tuple(int(d) for d in q.shape),
-                int(group_size), compute_dtype, act_format, float(clip_ratio))
+                int(group_size), compute_dtype, act_format, float(clip_ratio), kernel)
 
 
 def check_weight(w: Any, arg: str = "w") -> jax.Array:
@@ -272,18 +321,21 @@ _fake_quantize = jax.jit(fake_quantize, static_argnums=(1, 2))
 
 def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: str | None = None,
              compute_dtype: Any = "float32", calibration: Any = None,
-             clip_ratio: float = 1.0) -> QArray:
+             clip_ratio: float = 1.0, kernel: str | None = None) -> QArray:
   """Round-to-nearest quantization of a floating `w [in, out]` (the models' layout) to `format`
   (a name of `jaxinf.quant.formats.FORMATS` or a format object), with one scale per output column
   (`group_size=None`) or per group of `group_size` input rows. A searched float format ("fp4",
   "fp6", "fp8") picks its split and clipping ratio here (`search_float_format`, on `calibration
   [N, in]` when given, else on the weight MSE); `clip_ratio` scales the absmax scale of a fixed
   format (< 1 saturates the largest weights). `act_format` ("int8", "fp8_e4m3", "fp8_e5m2")
-  quantizes the matmul input per token too (W8A8). Host-side: not for use under jit."""
+  quantizes the matmul input per token too (W8A8). `kernel` ("cpu_ffi", integer formats) stores
+  the weight for the hand-written CPU kernel (`jaxinf.quant.cpu_kernel`). Host-side: not for use
+  under jit."""
   w = check_weight(w)
   fmt = get_format(format)
   g = check_group_size(group_size, w.shape[0])
   act_format = check_act_format(act_format)
+  kernel = cpu_kernel.check_kernel(kernel)
   compute_dtype = _check_float_dtype(compute_dtype, "compute_dtype")
   x = check_calibration(calibration, w.shape[0])
   if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) \
@@ -292,9 +344,10 @@ def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: 
   if isinstance(fmt, FloatSearch):
     found = search_float_format(w, fmt, group_size=g, x=x)
     fmt, clip_ratio = found.format, found.clip_ratio
+  check_kernel_format(kernel, fmt, act_format)
   q, scale = _fake_quantize(w, fmt, g, jnp.float32(clip_ratio))
   return from_grid(q, scale, fmt, group_size=g, compute_dtype=compute_dtype,
-                   act_format=act_format, clip_ratio=clip_ratio)
+                   act_format=act_format, clip_ratio=clip_ratio, kernel=kernel)
 
 
 def dequantize(w: QuantizedWeight) -> jax.Array:

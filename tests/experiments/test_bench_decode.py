@@ -35,7 +35,7 @@ def test_smoke_run(tmp_path, capsys):
   if "llama.cpp" in runtimes:
     expected |= {("llama.cpp", w) for w in bench_decode.GGUF_TYPES}
   if bench_decode.quantizer() is not None:
-    expected |= {("jaxinf", "int8"), ("jaxinf", "int4")}
+    expected |= {("jaxinf", w) for w in bench_decode.JAXINF_WEIGHTS if w != "float32"}
   for batch in (1, 8):
     table = {(r["runtime"], r["weights"]): r for r in rows if r["batch"] == batch}
     assert set(table) == expected, batch

@@ -1,0 +1,200 @@
+"""A hand-written CPU kernel for decode-shaped low-bit products `x [M, K] @ W [K, N]`, M <= 64.
+
+Why a hand-written kernel: XLA:CPU has no low-bit matmul. For `x @ QArray` it converts the int8 /
+int4 codes to fp32 inside the jitted step and runs an fp32 dot, so a decode step still streams (and
+converts) every weight at fp32 width: int8 decoded at fp32 speed and int4 (nibble unpacking) more
+slowly than fp32 (a 110M Llama: fp32 34.9 tok/s, int8 34.4, int4 27.7 at batch 1), while
+llama.cpp's Q8_0 / Q4_0 kernels on the same weights ran at 98.7 / 130.5. At decode batch sizes the
+product is bound by reading the weight, so the speed-up has to come from reading the codes as
+stored and widening them in registers; nothing in XLA's CPU pipeline (fusion, Eigen, oneDNN) does
+that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
+
+- layout: the codes transposed, one output column per row (`int8 [N, K]`; int4 as `uint8
+  [N, ceil(K/2)]`, two nibbles per byte along K), so each output reads K contiguous codes; the fp32
+  scales stay `[G, N]`. `QArray(kernel="cpu_ffi")` stores this layout from quantization on (same
+  bytes as the XLA layout, so `nbytes` is unchanged; `codes()` / `dequantize()` undo it);
+- weight-only (`act_format=None`): fp32 activations, codes widened to fp32 in AVX-512 registers,
+  fp32 FMA per group, each group's sum times its scale;
+- W8A8 (`act_format="int8"`): each row of x quantized to int8 inside the kernel exactly as
+  `QArray`'s XLA path does (absmax / 127, round half to even), then the integer dot on AVX-512
+  VNNI (`vpdpbusd`, the weight offset to unsigned and the offset times the row's group sums of
+  x subtracted);
+- threads: the N columns in blocks shared between the calling thread and XLA's intra-op thread
+  pool (`ffi::ThreadPool`, so the kernel uses the threads XLA was given);
+- a scalar path (same sums) where the CPU lacks AVX-512 / VNNI, chosen at run time.
+
+The shared library is compiled on first use with the system C++ compiler (`$CXX`, else `c++`,
+else `g++`) into a per-user cache (`$JAXINF_KERNEL_CACHE`, else `$XDG_CACHE_HOME/jaxinf/kernels`,
+else `~/.cache/jaxinf/kernels`), keyed by a hash of the source, the compiler and the jaxlib
+version, loaded with ctypes and registered as the XLA FFI target `jaxinf_lowbit_matmul` for the
+CPU platform. Without a compiler, selecting the kernel raises `KernelUnavailableError` saying so;
+the XLA path (`kernel=None`) never needs it.
+
+`lowbit_matmul` runs inside `jax.jit`, `lax.while_loop` and `lax.scan`; under `jax.vmap` it loops
+over the mapped axis (`vmap_method="sequential"`: a vmapped decode step calls it once per mapped
+row — correct, not fast; `QArray.__rmatmul__` folds all leading axes of x into M instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KERNELS = ("cpu_ffi",)
+MAX_ROWS = 64          # x rows (decode batch) up to which QArray uses the kernel; XLA above
+TARGET = "jaxinf_lowbit_matmul"
+SOURCE = Path(__file__).parent / "csrc" / "lowbit_matmul.cc"
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
+
+
+class KernelUnavailableError(RuntimeError):
+  """The CPU kernel cannot be built or loaded here (no C++ compiler, a failed build)."""
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+def check_kernel(kernel: Any, arg: str = "kernel") -> str | None:
+  """`kernel` (None: the XLA path, or one of `KERNELS`); ValueError naming `arg` otherwise."""
+  if kernel is not None and kernel not in KERNELS:
+    raise ValueError(f"{arg}: expected None or one of {KERNELS}, got {kernel!r}")
+  return kernel
+
+
+def check_backend(arg: str = "kernel") -> None:
+  """ValueError naming `arg` unless JAX's default backend is the CPU."""
+  backend = jax.default_backend()
+  if backend != "cpu":
+    raise ValueError(f"{arg}: 'cpu_ffi' runs only on the CPU backend; JAX's default backend here "
+                     f"is {backend!r} (use kernel=None, the XLA path)")
+
+
+def cache_dir() -> Path:
+  if os.environ.get("JAXINF_KERNEL_CACHE"):
+    return Path(os.environ["JAXINF_KERNEL_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+  return Path(base) / "jaxinf" / "kernels"
+
+
+def compiler() -> str:
+  """The C++ compiler: `$CXX`, else `c++`, else `g++` on PATH; KernelUnavailableError if none."""
+  for name in (os.environ.get("CXX"), "c++", "g++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise KernelUnavailableError(
+      "kernel='cpu_ffi' needs a C++ compiler to build jaxinf/quant/csrc/lowbit_matmul.cc on first "
+      "use, and none was found ($CXX unset or not found, no c++ or g++ on PATH); install one "
+      "(e.g. apt-get install g++) or use kernel=None (the XLA path)")
+
+
+def library_path() -> Path:
+  """Where the shared library for this source, compiler and jaxlib lives (built or not)."""
+  import jaxlib
+
+  cxx = compiler()
+  key = hashlib.sha256()
+  key.update(SOURCE.read_bytes())
+  key.update(f"{cxx}|{' '.join(FLAGS)}|jaxlib {jaxlib.__version__}".encode())
+  return cache_dir() / f"lowbit_matmul-{key.hexdigest()[:16]}.so"
+
+
+def build(path: Path) -> None:
+  """Compile `SOURCE` to `path` (a temporary file renamed into place: concurrent builds from
+  several processes are safe)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  os.close(fd)
+  cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+      raise KernelUnavailableError(f"building the cpu_ffi kernel failed ({' '.join(cmd)}):\n"
+                                   f"{done.stderr[-4000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def load() -> ctypes.CDLL:
+  """Build (once per source / compiler / jaxlib, cached on disk), load and register the kernel;
+  idempotent within a process."""
+  global _lib
+  with _lock:
+    if _lib is None:
+      path = library_path()
+      if not path.exists():
+        build(path)
+      lib = ctypes.CDLL(str(path))
+      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinfLowbitMatmul),
+                                  platform="cpu")
+      lib.jaxinf_lowbit_isa.restype = ctypes.c_int
+      _lib = lib
+  return _lib
+
+
+def isa(act_int8: bool = False) -> str:
+  """The instruction set the kernel uses on this CPU: "avx512-vnni", "avx512" or "scalar"."""
+  return ("scalar", "avx512", "avx512-vnni")[load().jaxinf_lowbit_isa(int(bool(act_int8)))]
+
+
+def kernel_layout(codes: jax.Array, bits: int) -> jax.Array:
+  """int8 codes `[K, N]` -> the kernel's stored form: int8 `[N, K]` (bits > 4) or the nibbles
+  packed along K, uint8 `[N, ceil(K / 2)]` (bits <= 4; k = 2j low, 2j + 1 high)."""
+  from jaxinf.quant.qarray import pack_nibbles
+
+  codes = jnp.asarray(codes, jnp.int8)
+  if bits > 4:
+    return codes.T
+  return pack_nibbles(codes.astype(jnp.uint8) & 0xF).T
+
+
+def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, group_size: int,
+                  act_int8: bool = False, force_scalar: bool = False) -> jax.Array:
+  """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
+  `[N, K]` or uint8 `[N, ceil(K/2)]` (packed int4), `scale` fp32 `[K / group_size, N]`.
+  `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `force_scalar`: the
+  portable path even where AVX-512 is available (tests). x is cast to fp32; y is fp32.
+  Checks shapes and dtypes before tracing (TypeError / ValueError naming the argument)."""
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x: expected a floating [M, {k}] array, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k: expected a positive int, got {k!r}")
+  if x.ndim != 2 or x.shape[1] != k:
+    raise ValueError(f"x: expected shape [M, {k}], got {tuple(x.shape)}")
+  if not hasattr(data, "dtype") or np.dtype(data.dtype) not in (np.dtype(np.int8),
+                                                                np.dtype(np.uint8)):
+    raise TypeError(f"data: expected int8 [N, K] or uint8 [N, ceil(K/2)] codes, got "
+                    f"{getattr(data, 'dtype', type(data).__name__)}")
+  int4 = np.dtype(data.dtype) == np.dtype(np.uint8)
+  kb = (k + 1) // 2 if int4 else k
+  if data.ndim != 2 or data.shape[1] != kb:
+    raise ValueError(f"data: expected shape [N, {kb}] for K = {k}, got {tuple(data.shape)}")
+  n = data.shape[0]
+  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+      or group_size < 1 or k % group_size:
+    raise ValueError(f"group_size: expected a positive divisor of K = {k}, got {group_size!r}")
+  if not hasattr(scale, "dtype") or np.dtype(scale.dtype) != np.dtype(np.float32):
+    raise TypeError(f"scale: expected float32, got {getattr(scale, 'dtype', type(scale).__name__)}")
+  if tuple(scale.shape) != (k // group_size, n):
+    raise ValueError(f"scale: expected shape {(k // group_size, n)}, got {tuple(scale.shape)}")
+  check_backend()
+  load()
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x.astype(jnp.float32), data, scale, k=np.int64(k),
+              group_size=np.int64(group_size), act_int8=np.int32(bool(act_int8)),
+              force_scalar=np.int32(bool(force_scalar)))

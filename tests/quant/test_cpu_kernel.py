@@ -1,0 +1,138 @@
+"""The hand-written CPU kernel (`jaxinf.quant.cpu_kernel`) against the dequantized-fp32 reference
+`x @ dequantize(W)`, its scalar twin, the XLA-path W8A8 product, and through `generate`.
+
+Tolerances. Weight-only: kernel and reference compute the same real number sum_k x_k s_g q_k with
+K fp32 roundings each in a different order, so |y - y_ref| <= c K 2^-24 sum_k |x_k| |W_k| (c ~ 2);
+we allow 4 K 2^-24 of that bound. W8A8 against the fp32 reference: the activation codes
+are off by at most s_x / 2 each, so |y - y_ref| <= (s_x / 2) sum_k |W_k| (+ the fp32 term). W8A8
+against the XLA W8A8 path: the same integer codes and exact integer group sums; only fp32 rounding
+differs, amplified by the unsigned weight offset (128 / 8 times the x codes, subtracted after the
+fp32 accumulation): 4 K 2^-24 (|x| (|W| + 128 s)) as bound.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinf.quant import cpu_kernel
+from jaxinf.quant.ptq import QuantConfig, quantize_params
+from jaxinf.quant.qarray import quantize
+from tests.bad_input import raises_before_tracing
+
+EPS = 2.0**-24
+
+
+@pytest.fixture(scope="module")
+def kernel():
+  try:
+    cpu_kernel.load()  # compiles the .so once per source (cached on disk) and registers it
+  except cpu_kernel.KernelUnavailableError as e:
+    pytest.skip(str(e))
+  return jax.jit(lambda x, w: x @ w)
+
+
+CASES = [("int8", None), ("int8", 20), ("int4", None), ("int4", 20)]
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_kernel_matches_dequantized_reference(kernel, fmt, group, act):
+  rng = np.random.default_rng(0)
+  k, n = 100, 37  # not multiples of 16 / 64: every tail path
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  qk = quantize(jnp.asarray(w), fmt, group_size=group, act_format=act, kernel="cpu_ffi")
+  qx = quantize(jnp.asarray(w), fmt, group_size=group, act_format=act)
+  wd = np.asarray(qx.dequantize(), np.float64)
+  np.testing.assert_array_equal(np.asarray(qk.dequantize()), np.asarray(qx.dequantize()))
+  assert qk.nbytes == qx.nbytes
+  for m in (1, 3, 8, 33):
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    y = np.asarray(kernel(x, qk), np.float64)
+    scalar = np.asarray(cpu_kernel.lowbit_matmul(
+        jnp.asarray(x), qk.data, qk.scale, k=k, group_size=qk.group_size,
+        act_int8=act is not None, force_scalar=True), np.float64)
+    ref = x.astype(np.float64) @ wd
+    bound = np.abs(x) @ np.abs(wd)
+    if act is None:
+      tol = 4 * k * EPS * bound
+    else:
+      sx = np.abs(x).max(axis=1, keepdims=True) / 127
+      tol = sx / 2 * np.abs(wd).sum(axis=0) + 4 * k * EPS * bound
+      xla = np.asarray(kernel(x, qx), np.float64)
+      offset = 128 if fmt == "int8" else 8
+      tight = 4 * k * EPS * (np.abs(x) @ (np.abs(wd) + offset * np.abs(qx.dequantize()).max()))
+      assert np.all(np.abs(y - xla) <= tight), (m, np.abs(y - xla).max())
+      assert np.all(np.abs(scalar - xla) <= tight), (m, np.abs(scalar - xla).max())
+    assert np.all(np.abs(y - ref) <= tol), (m, np.abs(y - ref).max())
+    assert np.all(np.abs(scalar - ref) <= tol), (m, np.abs(scalar - ref).max())
+
+
+def test_kernel_in_while_loop_and_vmap(kernel):
+  rng = np.random.default_rng(1)
+  w = quantize(jnp.asarray(rng.normal(size=(48, 24)).astype(np.float32)), "int4", group_size=16,
+               kernel="cpu_ffi")
+  x = jnp.asarray(rng.normal(size=(2, 48)).astype(np.float32))
+
+  def body(c):
+    i, v = c
+    return i + 1, v + (x @ w).sum()
+
+  _, total = jax.jit(lambda: jax.lax.while_loop(lambda c: c[0] < 3, body, (0, 0.0)))()
+  np.testing.assert_allclose(float(total), 3 * float((x @ w.dequantize()).sum()), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.vmap(lambda r: r @ w)(x)),
+                             np.asarray(x @ w.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_same_tokens_as_xla_path(kernel):
+  from jaxinf.decoding.generate import generate
+  from jaxinf.models.families import build
+
+  model, params = build("transformer-tiny", seed=0)
+  prompts = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 5)), jnp.int32)
+  for cfg in (dict(format="int8"), dict(format="int4", group_size=16),
+              dict(format="int8", act_format="int8")):
+    qx, _ = quantize_params(params, QuantConfig(**cfg))
+    qk, _ = quantize_params(params, QuantConfig(**cfg, kernel="cpu_ffi"))
+    key = jax.random.key(0)
+    a = generate(model, qx, prompts, key, max_new_tokens=8).tokens
+    b = generate(model, qk, prompts, key, max_new_tokens=8).tokens
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_input(kernel):
+  w = quantize(jnp.ones((32, 8)), "int8", kernel="cpu_ffi")
+  x = jnp.ones((2, 32))
+  with raises_before_tracing(TypeError, "x"):
+    cpu_kernel.lowbit_matmul(jnp.ones((2, 32), jnp.int32), w.data, w.scale, k=32, group_size=32)
+  with raises_before_tracing(ValueError, "x"):
+    cpu_kernel.lowbit_matmul(jnp.ones((2, 31)), w.data, w.scale, k=32, group_size=32)
+  with raises_before_tracing(TypeError, "data"):
+    cpu_kernel.lowbit_matmul(x, w.data.astype(jnp.int32), w.scale, k=32, group_size=32)
+  with raises_before_tracing(ValueError, "data"):
+    cpu_kernel.lowbit_matmul(x, w.data[:, :16], w.scale, k=32, group_size=32)
+  with raises_before_tracing(ValueError, "scale"):
+    cpu_kernel.lowbit_matmul(x, w.data, w.scale[:, :4], k=32, group_size=32)
+  with raises_before_tracing(ValueError, "group_size"):
+    cpu_kernel.lowbit_matmul(x, w.data, w.scale, k=32, group_size=5)
+  with raises_before_tracing(ValueError, "kernel"):
+    quantize(jnp.ones((32, 8)), "int8", kernel="gpu")
+  with raises_before_tracing(TypeError, "kernel"):
+    quantize(jnp.ones((32, 8)), "fp8_e4m3", kernel="cpu_ffi")
+  with raises_before_tracing(ValueError, "kernel"):
+    QuantConfig(format="int8", act_format="fp8_e4m3", kernel="cpu_ffi")
+
+
+def test_non_cpu_backend_refused(kernel, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with raises_before_tracing(ValueError, "kernel"):
+    quantize(jnp.ones((32, 8)), "int8", kernel="cpu_ffi")
+
+
+def test_missing_compiler_is_named(monkeypatch):
+  monkeypatch.setenv("CXX", "")
+  monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+  with pytest.raises(cpu_kernel.KernelUnavailableError, match="C\\+\\+ compiler"):
+    cpu_kernel.compiler()
