@@ -158,7 +158,7 @@ def teacher_forced(model, params, prompt, continuation):
 
   (_, cache), (b_tok, pred) = jax.lax.scan(body, (logits[:, -1], cache), continuation.T)
   if "pos" in cache:
-    live = jnp.mean(jnp.sum(cache["pos"] >= 0, axis=2).astype(jnp.float32))
+    live = jnp.mean(jnp.sum(cache["pos"] >= 0, axis=3).astype(jnp.float32))  # [L, B, Hkv, S]
   else:
     live = jnp.mean(cache["length"].astype(jnp.float32))
   return b_tok.T, pred.T, live

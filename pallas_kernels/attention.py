@@ -37,6 +37,8 @@ from pallas_kernels.dispatch import SQUEEZED
 # A large finite negative instead of -inf: exp(mask - mask) must not produce NaN for a row whose
 # every key in a block is masked.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# KV layouts of `attention_step`'s cache: sequence-major (as `attention`) or head-major
+LAYOUTS = ("bshd", "bhsd")
 _LOG2_E = 1.4426950408889634
 
 
@@ -203,27 +205,41 @@ def attention(
     lse = log sum_s exp(scale * q_i . k_s) and -inf for a query that sees no key.
   """
   scale = _check(q, k, v, kv_lengths, q_offsets, scale, causal)
+  return _attention_checked(q, k, v, causal, scale, kv_lengths, q_offsets, impl, interpret,
+                            blocks, return_lse, "bshd")
+
+
+def _attention_checked(q, k, v, causal, scale, kv_lengths, q_offsets, impl, interpret, blocks,
+                       return_lse, layout):
+  """`attention` after `_check`, with k/v in `layout` ("bshd" or head-major "bhsd")."""
   if not isinstance(return_lse, bool):
     raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
   impl = dispatch.resolve_impl(impl, interpret, tpu_form=True)
   _check_blocks(blocks, impl, q.dtype)
+  head_major = layout == "bhsd"
+  tk = k.shape[2 if head_major else 1]
   if impl == "reference":
+    if head_major:  # the spec reads [B, Tk, Hkv, D]
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     return _reference_jit(q, k, v, causal=causal, scale=scale, kv_lengths=kv_lengths,
                           q_offsets=q_offsets, return_lse=return_lse)
   if impl == "pallas_tpu":
     batch = q.shape[0]
-    lengths = jnp.full((batch,), k.shape[1], jnp.int32) if kv_lengths is None else kv_lengths
+    lengths = jnp.full((batch,), tk, jnp.int32) if kv_lengths is None else kv_lengths
     offsets = (q_offsets if causal and q_offsets is not None
                else jnp.zeros((batch,), jnp.int32))
     return attention_tpu.attention_tpu(
         q, k, v, lengths, offsets, causal=causal, scale=scale, block_q=blocks.tpu_block_q,
-        block_k=blocks.tpu_block_k, return_lse=return_lse, interpret=interpret)
-  limits = _visible_limits(q.shape[0], q.shape[1], k.shape[1], causal, kv_lengths, q_offsets)
+        block_k=blocks.tpu_block_k, return_lse=return_lse, interpret=interpret,
+        kv_head_major=head_major)
+  limits = _visible_limits(q.shape[0], q.shape[1], tk, causal, kv_lengths, q_offsets)
   if impl == "xla":
-    out, lse = _attention_xla(q, k, v, limits, scale=scale, chunk=blocks.xla_chunk)
+    out, lse = _attention_xla(q, k, v, limits, scale=scale, chunk=blocks.xla_chunk,
+                              head_major=head_major)
     return (out, lse) if return_lse else out
   return _attention_pallas(q, k, v, limits, scale=scale, block_q=blocks.block_q,
-                           block_k=blocks.block_k, interpret=interpret, return_lse=return_lse)
+                           block_k=blocks.block_k, interpret=interpret, return_lse=return_lse,
+                           head_major=head_major)
 
 
 def attention_step(
@@ -237,6 +253,7 @@ def attention_step(
     interpret: bool = False,
     blocks: AttentionBlocks = AttentionBlocks(),
     return_lse: bool = False,
+    layout: str = "bshd",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Decode step: the K newest queries against a KV cache (K = 1 for decoding, K > 1 to verify K
   draft tokens in speculative decoding).
@@ -245,46 +262,67 @@ def attention_step(
   cache; query j sits at position lengths - K + j and sees cache slots s <= lengths - K + j.
 
   Args:
-    q: [B, K, H, D].  k_cache: [B, S, Hkv, D], v_cache: [B, S, Hkv, Dv].
+    q: [B, K, H, D].
+    k_cache, v_cache: [B, S, Hkv, D] and [B, S, Hkv, Dv] (layout "bshd", as `attention`'s k/v),
+      or head-major [B, Hkv, S, D] and [B, Hkv, S, Dv] (layout "bhsd": each head's slots
+      contiguous, so the XLA form's products read the cache without a transpose; the
+      transformer's KV cache).
     lengths: [B] int, valid cache length per sequence including the K new tokens (K <= lengths
       <= S).
     scale, impl, interpret, blocks, return_lse: as `attention`.
+    layout: "bshd" or "bhsd", the caches' layout (above).
   Returns:
     [B, K, H, Dv] in q's dtype (and the log-sum-exp [B, H, K] with `return_lse`).
   """
   # The cache's own names here: `attention` would report k_cache as "k" and lengths as
   # "kv_lengths".
+  if not isinstance(layout, str) or layout not in LAYOUTS:
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
   dispatch.check_array("q", q, 4)
   dispatch.check_array("k_cache", k_cache, 4)
   dispatch.check_array("v_cache", v_cache, 4)
+  named = "[B, S, Hkv]" if layout == "bshd" else "[B, Hkv, S]"
   if k_cache.shape[:3] != v_cache.shape[:3]:
-    raise ValueError(f"k_cache and v_cache must agree on [B, S, Hkv], got {k_cache.shape} and "
+    raise ValueError(f"k_cache and v_cache must agree on {named}, got {k_cache.shape} and "
                      f"{v_cache.shape}")
   if k_cache.shape[0] != q.shape[0] or k_cache.shape[3] != q.shape[3]:
     raise ValueError(f"k_cache must share q's batch size B and head dim D, got {k_cache.shape} "
                      f"and q {q.shape}")
+  size, kv_axis = (k_cache.shape[1], 2) if layout == "bshd" else (k_cache.shape[2], 1)
+  if k_cache.shape[kv_axis] == 0 or q.shape[2] % k_cache.shape[kv_axis]:
+    raise ValueError(
+        f"q: the number of query heads (q.shape[2]={q.shape[2]}) must be a multiple of the "
+        f"number of key/value heads (k_cache.shape[{kv_axis}]={k_cache.shape[kv_axis]}) for "
+        "grouped-query attention")
   dispatch.check_lengths("lengths", lengths, q.shape[0])
   value = dispatch.concrete_value(lengths)
   if value is not None and (value < q.shape[1]).any():
     raise ValueError(
         f"lengths must count the {q.shape[1]} new tokens already in the cache, got {value.tolist()}")
-  if value is not None and (value > k_cache.shape[1]).any():
-    raise ValueError(f"lengths must be at most the cache size S={k_cache.shape[1]}, got "
-                     f"{value.tolist()}")
+  if value is not None and (value > size).any():
+    raise ValueError(f"lengths must be at most the cache size S={size}, got {value.tolist()}")
   offsets = lengths.astype(jnp.int32) - q.shape[1]
-  return attention(q, k_cache, v_cache, causal=True, scale=scale, kv_lengths=lengths,
-                   q_offsets=offsets, impl=impl, interpret=interpret, blocks=blocks,
-                   return_lse=return_lse)
+  if layout == "bshd":
+    return attention(q, k_cache, v_cache, causal=True, scale=scale, kv_lengths=lengths,
+                     q_offsets=offsets, impl=impl, interpret=interpret, blocks=blocks,
+                     return_lse=return_lse)
+  # `attention`'s checks on the [B, S, Hkv, D] view of the head-major caches (shapes only)
+  as_bshd = lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[2], x.shape[1], x.shape[3]),
+                                           x.dtype)
+  scale = _check(q, as_bshd(k_cache), as_bshd(v_cache), lengths, offsets, scale, True)
+  return _attention_checked(q, k_cache, v_cache, True, scale, lengths, offsets, impl, interpret,
+                            blocks, return_lse, layout)
 
 
 _reference_jit = jax.jit(reference.softmax_attention,
                          static_argnames=("causal", "scale", "return_lse"))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk"))
-def _attention_xla(q, k, v, limits, *, scale: float, chunk: int):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk", "head_major"))
+def _attention_xla(q, k, v, limits, *, scale: float, chunk: int, head_major: bool = False):
   batch, tq, heads, _ = q.shape
-  tk, kv_heads = k.shape[1], k.shape[2]
+  tk, kv_heads = (k.shape[2], k.shape[1]) if head_major else (k.shape[1], k.shape[2])
+  kv = "bksd" if head_major else "bskd"  # head-major: plain batched products over (b, k)
   chunk = min(chunk, tq)
   padded = dispatch.round_up(tq, chunk)
   # Padded queries get limit 0: they see nothing and are sliced off below.
@@ -298,14 +336,14 @@ def _attention_xla(q, k, v, limits, *, scale: float, chunk: int):
 
   def one_chunk(args):
     q_c, limit_c = args  # [B, Hkv, G, C, D], [B, C]
-    logits = scale * jnp.einsum("bkgcd,bskd->bkgcs", q_c, k32)
+    logits = scale * jnp.einsum(f"bkgcd,{kv}->bkgcs", q_c, k32)
     visible = key_pos[None, None, None, None, :] < limit_c[:, None, None, :, None]
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgcs,bskd->bkgcd", weights, v32)
+    out = jnp.einsum(f"bkgcs,{kv}->bkgcd", weights, v32)
     lse = (row_max + jnp.log(denom))[..., 0]  # log(0) = -inf: the query sees no key
     return out / jnp.where(denom > 0, denom, 1.0), lse
 
@@ -356,11 +394,12 @@ def _flash_kernel(q_ref, k_ref, v_ref, limit_ref, o_ref, *lse_ref, scale: float,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "interpret",
-                                             "return_lse"))
+                                             "return_lse", "head_major"))
 def _attention_pallas(q, k, v, limits, *, scale: float, block_q: int, block_k: int,
-                      interpret: bool, return_lse: bool = False):
+                      interpret: bool, return_lse: bool = False, head_major: bool = False):
   batch, tq, heads, dim = q.shape
-  tk, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[3]
+  t_axis = 2 if head_major else 1  # k/v: [B, Hkv, Tk, D] or [B, Tk, Hkv, D]
+  tk, kv_heads, dim_v = k.shape[t_axis], k.shape[3 - t_axis], v.shape[3]
   groups = heads // kv_heads
   block_q, block_k = dispatch.tile(block_q, tq), dispatch.tile(block_k, tk)
   tq_pad, tk_pad = dispatch.round_up(tq, block_q), dispatch.round_up(tk, block_k)
@@ -369,10 +408,17 @@ def _attention_pallas(q, k, v, limits, *, scale: float, block_q: int, block_k: i
   # limit 0.
   d_pad, dv_pad = max(16, dispatch.next_power_of_2(dim)), max(16, dispatch.next_power_of_2(dim_v))
   q = dispatch.pad_axis(dispatch.pad_axis(q, 1, tq_pad), 3, d_pad)
-  k = dispatch.pad_axis(dispatch.pad_axis(k, 1, tk_pad), 3, d_pad)
-  v = dispatch.pad_axis(dispatch.pad_axis(v, 1, tk_pad), 3, dv_pad)
+  k = dispatch.pad_axis(dispatch.pad_axis(k, t_axis, tk_pad), 3, d_pad)
+  v = dispatch.pad_axis(dispatch.pad_axis(v, t_axis, tk_pad), 3, dv_pad)
   limits = dispatch.pad_axis(limits, 1, tq_pad)
   kernel = functools.partial(_flash_kernel, scale=scale, block_k=block_k)
+
+  def kv_spec(width):  # the whole of one KV head's keys (values), either layout
+    if head_major:
+      return pl.BlockSpec((SQUEEZED, SQUEEZED, tk_pad, width),
+                          lambda b, h, i: (b, h // groups, 0, 0))
+    return pl.BlockSpec((SQUEEZED, tk_pad, SQUEEZED, width), lambda b, h, i: (b, 0, h // groups, 0))
+
   out_specs = [pl.BlockSpec((SQUEEZED, block_q, SQUEEZED, dv_pad), lambda b, h, i: (b, i, h, 0))]
   out_shape = [jax.ShapeDtypeStruct((batch, tq_pad, heads, dv_pad), q.dtype)]
   if return_lse:
@@ -383,8 +429,8 @@ def _attention_pallas(q, k, v, limits, *, scale: float, block_q: int, block_k: i
       grid=(batch, heads, tq_pad // block_q),
       in_specs=[
           pl.BlockSpec((SQUEEZED, block_q, SQUEEZED, d_pad), lambda b, h, i: (b, i, h, 0)),
-          pl.BlockSpec((SQUEEZED, tk_pad, SQUEEZED, d_pad), lambda b, h, i: (b, 0, h // groups, 0)),
-          pl.BlockSpec((SQUEEZED, tk_pad, SQUEEZED, dv_pad), lambda b, h, i: (b, 0, h // groups, 0)),
+          kv_spec(d_pad),
+          kv_spec(dv_pad),
           pl.BlockSpec((SQUEEZED, block_q), lambda b, h, i: (b, i)),
       ],
       out_specs=out_specs,

@@ -134,17 +134,20 @@ def _kernel(lengths_ref, offsets_ref, q_ref, k_ref, v_ref, *refs, scale: float, 
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_q", "block_k",
-                                             "return_lse", "interpret", "detect_races"))
+                                             "return_lse", "interpret", "detect_races",
+                                             "kv_head_major"))
 def attention_tpu(q, k, v, kv_lengths, q_offsets, *, causal: bool, scale: float, block_q: int,
                   block_k: int, return_lse: bool = False, interpret: bool = False,
-                  detect_races: bool = False):
+                  detect_races: bool = False, kv_head_major: bool = False):
   """q [B, Tq, H, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv], kv_lengths / q_offsets [B] int ->
   o [B, Tq, H, Dv] in q's dtype (and lse [B, H, Tq] fp32 with `return_lse`). Blocks and dtypes
-  are checked by the caller (`check_tpu_blocks`); kv_lengths must lie in [0, Tk]."""
+  are checked by the caller (`check_tpu_blocks`); kv_lengths must lie in [0, Tk].
+  `kv_head_major`: k, v come head-major, [B, Hkv, Tk, D] (the layout the kernel reads)."""
   from jax.experimental.pallas import tpu as pltpu
 
   batch, tq, heads, dim = q.shape
-  tk, kv_heads, dim_v = k.shape[1], k.shape[2], v.shape[3]
+  t_axis = 2 if kv_head_major else 1
+  tk, kv_heads, dim_v = k.shape[t_axis], k.shape[3 - t_axis], v.shape[3]
   groups = heads // kv_heads
   block_q = min(block_q, dispatch.round_up(tq, sublanes(q.dtype)))
   block_k = min(block_k, dispatch.round_up(tk, _LANES))
@@ -152,7 +155,12 @@ def attention_tpu(q, k, v, kv_lengths, q_offsets, *, causal: bool, scale: float,
   d_pad, dv_pad = lane_dim(dim), lane_dim(dim_v)
   head_major = lambda x, t, d: rearrange(
       dispatch.pad_axis(dispatch.pad_axis(x, 1, t), 3, d), "b t h d -> b h t d")
-  q, k, v = head_major(q, tq_pad, d_pad), head_major(k, tk_pad, d_pad), head_major(v, tk_pad, dv_pad)
+  q = head_major(q, tq_pad, d_pad)
+  if kv_head_major:
+    k = dispatch.pad_axis(dispatch.pad_axis(k, 2, tk_pad), 3, d_pad)
+    v = dispatch.pad_axis(dispatch.pad_axis(v, 2, tk_pad), 3, dv_pad)
+  else:
+    k, v = head_major(k, tk_pad, d_pad), head_major(v, tk_pad, dv_pad)
   lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, tk)  # the clip only guards traced input
   offsets = q_offsets.astype(jnp.int32)
   last = functools.partial(_last_visible_block, causal=causal, block_q=block_q, block_k=block_k,

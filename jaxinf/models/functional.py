@@ -60,7 +60,8 @@ class SequenceModel:
     form over right-padded prompts; row b's positions >= lengths[b] must leave its cache untouched
     (their logits are ignored). Afterwards `cache["length"] == lengths`.
   - `step(params, tokens [B, k], cache) -> (logits [B, k, V], cache)`: the recurrent / cached form,
-    appending k >= 1 tokens to every row.
+    appending k >= 1 tokens to every row. It may donate `cache` (the transformer's does): callers
+    use the returned cache and step a copy to step twice from one cache.
   - `rollback(cache, keep [B]) -> cache`: undoes the last `step` but for its first keep[b] tokens
     (0 <= keep <= k), exactly — a length pointer for a KV cache, a kept state history for
     recurrent models. This is what speculative verification uses.

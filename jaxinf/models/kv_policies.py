@@ -4,7 +4,10 @@ and int8 / fp8 KV storage, all inside the compiled decode loop.
     model = TransformerLM(cfg, kv_policy=KVPolicy("h2o", budget=128, recent=32))
     out = generate(model, params, prompts, key, max_new_tokens=256)   # unchanged
 
-A compressed cache holds `slots` entries per layer, row and KV head. Each slot stores the key, the
+A compressed cache holds `slots` entries per layer, row and KV head, head-major as the
+transformer's own cache: "k", "v" `[L, B, Hkv, slots, D]`, the per-slot "pos", "score" and scales
+`[L, B, Hkv, slots]` (the policies' rules below work slot-major, `[B, slots, Hkv, ...]`, on one
+layer at a time). Each slot stores the key, the
 value, the token's absolute position (`pos`, -1 for a dead slot) and the policy's score. RoPE is
 applied when a key is written, with its true position, so a key never needs re-rotation when
 tokens around it are evicted: the logit q_i . k_s of a kept key is exactly the uncompressed one,
@@ -426,12 +429,14 @@ def select(policy: KVPolicy, cand: dict, prio: jax.Array, budget: jax.Array, slo
 def init_cache(policy: KVPolicy, cfg, batch: int, max_len: int) -> dict:
   """The compressed cache of `policy` for `batch` rows and up to `max_len` tokens."""
   slots = policy.slots(max_len)
-  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-  zeros = jnp.zeros(shape, storage_dtype(policy.storage, cfg.dtype))
-  cache = {"k": zeros, "v": zeros, "length": jnp.zeros((batch,), jnp.int32),
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+  # every leaf its own buffer: the transformer's `step` donates the cache
+  zeros = lambda: jnp.zeros(shape, storage_dtype(policy.storage, cfg.dtype))
+  cache = {"k": zeros(), "v": zeros(), "length": jnp.zeros((batch,), jnp.int32),
            "last_k": jnp.zeros((batch,), jnp.int32)}
   if policy.quantized:
-    cache["k_scale"] = cache["v_scale"] = jnp.ones(shape[:-1], jnp.float32)
+    cache["k_scale"] = jnp.ones(shape[:-1], jnp.float32)
+    cache["v_scale"] = jnp.ones(shape[:-1], jnp.float32)
   if policy.evicts:
     cache["pos"] = jnp.full(shape[:-1], -1, jnp.int32)
     cache["score"] = jnp.zeros(shape[:-1], jnp.float32)
@@ -446,7 +451,18 @@ def cache_batch_axes(cache: dict) -> dict:
 
 
 def _layer(cache: dict, i: int, names) -> dict:
+  """Layer i's entries `names`, head-major as stored: `[B, Hkv, slots, ...]`."""
   return {n: cache[n][i] for n in names if n in cache}
+
+
+def _slot_major(entry: dict) -> dict:
+  """`[B, Hkv, slots, ...]` -> `[B, slots, Hkv, ...]`, the layout of the policies' rules."""
+  return {n: jnp.swapaxes(a, 1, 2) for n, a in entry.items()}
+
+
+def _stack_head_major(arrays) -> jax.Array:
+  """Per-layer slot-major `[B, slots, Hkv, ...]` -> the cache's `[L, B, Hkv, slots, ...]`."""
+  return jnp.swapaxes(jnp.stack(arrays), 2, 3)
 
 
 def _encoded(policy: KVPolicy, k, v, dtype) -> dict:
@@ -496,14 +512,15 @@ def prefill(module, policy: KVPolicy, tokens, cache, lengths, *, impl, interpret
     x = block.finish(x, o)
   cache = dict(cache)
   if not policy.evicts:
-    keep_new = q_valid[:, :, None]
+    keep_new = q_valid[:, None, :]                                          # [B, 1, T]
     for name in ("k", "v", "k_scale", "v_scale"):
       if name in cache:
-        a = jnp.stack(new[name])
+        a = _stack_head_major(new[name])                                    # [L, B, Hkv, T, ...]
         mask = keep_new[..., None] if a.ndim == 5 else keep_new
-        cache[name] = cache[name].at[:, :, :t].set(jnp.where(mask, a, cache[name][:, :, :t]))
+        cache[name] = cache[name].at[:, :, :, :t].set(
+            jnp.where(mask, a, cache[name][:, :, :, :t]))
   else:
-    slots = cache["k"].shape[2]
+    slots = cache["k"].shape[3]
     budget = cache["budget"]
     if policy.policy == "d2o":
       budget = d2o_layer_budgets(jnp.stack(density), policy, slots)
@@ -522,7 +539,7 @@ def prefill(module, policy: KVPolicy, tokens, cache, lengths, *, impl, interpret
         outs[n].append(out[n])
       outs["tau"].append(tau)
     for n in names + ["pos", "score"]:
-      cache[n] = jnp.stack(outs[n])
+      cache[n] = _stack_head_major(outs[n])
     cache["budget"] = budget
     if "tau" in cache:
       cache["tau"] = jnp.stack(outs["tau"])
@@ -550,13 +567,13 @@ def step(module, policy: KVPolicy, tokens, cache, *, impl, interpret, return_hid
     q, k, v = block.attention_inputs(x, positions)
     enc = _encoded(policy, k, v, dtype)
     if not policy.evicts:
-      for n in names:
-        cache[n] = cache[n].at[i, rows, positions].set(enc[n])
+      for n in names:  # [B, kn, Hkv, ...] to slots `positions` of [L, B, Hkv, S, ...]
+        cache[n] = cache[n].at[i, rows, :, positions].set(enc[n])
       o = mesh_kernels.attention_step(q, _decoded(policy, _layer(cache, i, names), "k", dtype),
                                       _decoded(policy, _layer(cache, i, names), "v", dtype),
-                                      new_length, impl=impl, interpret=interpret)
+                                      new_length, impl=impl, interpret=interpret, layout="bhsd")
     else:
-      old = _layer(cache, i, names + ["pos", "score"])
+      old = _slot_major(_layer(cache, i, names + ["pos", "score"]))
       new_pos = jnp.broadcast_to(positions[:, :, None], (b, kn, cfg.num_kv_heads))
       cand = {n: jnp.concatenate([old[n], enc[n]], axis=1) for n in names}
       cand["pos"] = jnp.concatenate([old["pos"], new_pos], axis=1)
@@ -568,14 +585,14 @@ def step(module, policy: KVPolicy, tokens, cache, *, impl, interpret, return_hid
       cand["score"] = score
       prio = priority(policy, cand["pos"], score, new_length, prefill=False)
       tau = cache["tau"][i] if "tau" in cache else None
-      out, tau = select(policy, cand, prio, cache["budget"][i], cache["k"].shape[2], tau, dtype)
+      out, tau = select(policy, cand, prio, cache["budget"][i], cache["k"].shape[3], tau, dtype)
       for n in names + ["pos", "score"]:
         layers_out[n].append(out[n])
       layers_out["tau"].append(tau)
     x = block.finish(x, o)
   if policy.evicts:
     for n in names + ["pos", "score"]:
-      cache[n] = jnp.stack(layers_out[n])
+      cache[n] = _stack_head_major(layers_out[n])
     if "tau" in cache:
       cache["tau"] = jnp.stack(layers_out["tau"])
   cache.update(length=new_length, last_k=jnp.full_like(start, kn))

@@ -62,15 +62,15 @@ def tree_mask(parents: tuple[int, ...], start: jax.Array, size: int) -> jax.Arra
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v over the keys `visible` `[B, Tq, S]` marks (Vaswani et al. 2017,
-  eq. 1) with grouped-query heads; q `[B, Tq, H, D]`, k/v `[B, S, Hkv, D]`; fp32 softmax. Every
-  query must see at least one key."""
+  eq. 1) with grouped-query heads; q `[B, Tq, H, D]`, k/v head-major `[B, Hkv, S, D]` (the
+  transformer's cache layout); fp32 softmax. Every query must see at least one key."""
   b, tq, h, d = q.shape
-  groups = h // k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, tq, k.shape[2], groups, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * d ** -0.5
+  groups = h // k.shape[1]
+  qg = q.astype(jnp.float32).reshape(b, tq, k.shape[1], groups, d)
+  logits = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32)) * d ** -0.5
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
   w = jax.nn.softmax(logits, axis=-1)
-  o = jnp.einsum("bkgts,bskd->btkgd", w, v.astype(jnp.float32))
+  o = jnp.einsum("bkgts,bksd->btkgd", w, v.astype(jnp.float32))
   return o.reshape(b, tq, h, d).astype(q.dtype)
 
 
@@ -83,13 +83,13 @@ def tree_forward(module, tokens, cache, parents: tuple[int, ...], *, return_hidd
   positions = start[:, None] + jnp.asarray(depths)[None]
   slots = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
   rows = jnp.arange(b)[:, None]
-  visible = tree_mask(parents, start, cache["k"].shape[2])
+  visible = tree_mask(parents, start, cache["k"].shape[3])
   ks, vs = cache["k"], cache["v"]
   x = module.embed_tokens(tokens).astype(jnp.float32)
   for i, block in enumerate(module.layers):
     q, k, v = block.attention_inputs(x, positions)
-    ks = ks.at[i, rows, slots].set(k)
-    vs = vs.at[i, rows, slots].set(v)
+    ks = ks.at[i, rows, :, slots].set(k)  # [B, n, Hkv, D] into [L, B, Hkv, S, D]
+    vs = vs.at[i, rows, :, slots].set(v)
     x = block.finish(x, masked_attention(q, ks[i], vs[i], visible))
   cache = dict(cache, k=ks, v=vs, last_k=jnp.zeros_like(start))
   return (*module._outputs(x, return_hidden), cache)
@@ -128,7 +128,7 @@ def commit_path(cache: dict, node_indices, n_accept) -> dict:
                      f"{tuple(getattr(node_indices, 'shape', ()))}")
   d = node_indices.shape[1]
   dispatch.check_lengths("n_accept", n_accept, b)
-  size = cache["k"].shape[2]
+  size = cache["k"].shape[3]
   idx, n, length = (dispatch.concrete_value(x) for x in (node_indices, n_accept,
                                                         cache["length"]))
   if n is not None and ((n < 0) | (n > d)).any():
@@ -148,11 +148,12 @@ def _commit_jit(cache: dict, node_indices: jax.Array, n_accept: jax.Array) -> di
   rows = jnp.arange(b)[:, None]
   src = start[:, None] + node_indices.astype(jnp.int32)
   dst = start[:, None] + jnp.arange(d, dtype=jnp.int32)[None]
-  keep = (jnp.arange(d)[None] < n_accept[:, None])[None, :, :, None, None]
+  keep = (jnp.arange(d)[None] < n_accept[:, None])[:, :, None, None, None]
 
-  def move(buf):  # [L, B, S, Hkv, D]; gather everything first, so overlaps cannot clobber
-    moved = buf[:, rows, src]
-    return buf.at[:, rows, dst].set(jnp.where(keep, moved, buf[:, rows, dst]))
+  def move(buf):  # [L, B, Hkv, S, D]; gather everything first, so overlaps cannot clobber
+    # numpy's rule: the indexed dims (rows, slots) come first, [B, d, L, Hkv, D]
+    moved = buf[:, rows, :, src]
+    return buf.at[:, rows, :, dst].set(jnp.where(keep, moved, buf[:, rows, :, dst]))
 
   n_accept = n_accept.astype(jnp.int32)
   return dict(cache, k=move(cache["k"]), v=move(cache["v"]), length=start + n_accept,

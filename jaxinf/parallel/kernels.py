@@ -103,16 +103,18 @@ def attention(q, k, v, *, causal: bool = False, scale=None, kv_lengths=None, q_o
 
 def attention_step(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "auto",
                    interpret: bool = False,
-                   blocks: pallas_kernels.AttentionBlocks = _ATTENTION):
-  """`pallas_kernels.attention_step` (q [B, K, H, D], caches [B, S, Hkv, D]) on the active mesh."""
+                   blocks: pallas_kernels.AttentionBlocks = _ATTENTION, layout: str = "bshd"):
+  """`pallas_kernels.attention_step` (q [B, K, H, D], caches [B, S, Hkv, D], or [B, Hkv, S, D]
+  with layout "bhsd") on the active mesh."""
   def op(q, k_cache, v_cache, lengths):
     return pallas_kernels.attention_step(q, k_cache, v_cache, lengths, scale=scale, impl=impl,
-                                         interpret=interpret, blocks=blocks)
+                                         interpret=interpret, blocks=blocks, layout=layout)
   if not _pallas_on_mesh(impl, interpret):
     return op(q, k_cache, v_cache, lengths)
+  h_dim = 1 if layout == "bhsd" else 2
   return _run(op, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths},
-              {"q": (0, 2), "k_cache": (0, 2), "v_cache": (0, 2), "lengths": (0, None)},
-              [(4, 0, 2)], q.shape[0], (q.shape[2], k_cache.shape[2]))
+              {"q": (0, 2), "k_cache": (0, h_dim), "v_cache": (0, h_dim), "lengths": (0, None)},
+              [(4, 0, 2)], q.shape[0], (q.shape[2], k_cache.shape[h_dim]))
 
 
 def lightning_attention(q, k, v, decay, *, initial_state=None, return_final_state: bool = False,

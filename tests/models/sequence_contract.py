@@ -51,8 +51,16 @@ def random_tokens(model, shape, seed: int) -> np.ndarray:
                     np.int32)
 
 
+def copied(cache):
+  """A copy of `cache` to step: a family's `step` may donate its cache (the transformer's does),
+  and a check that steps twice from one cache keeps the original."""
+  return jax.tree.map(jnp.copy, cache)
+
+
 def step_one_by_one(model, params, cache, tokens: np.ndarray):
-  """Logits `[B, n, V]` of stepping `tokens` `[B, n]` one token at a time, and the cache."""
+  """Logits `[B, n, V]` of stepping `tokens` `[B, n]` one token at a time from a copy of `cache`
+  (which stays valid), and the final cache."""
+  cache = copied(cache)
   out = []
   for j in range(tokens.shape[1]):
     logits, cache = model.step(params, jnp.asarray(tokens[:, j:j + 1]), cache)
@@ -108,7 +116,8 @@ def check_rollback(model, params, seq: np.ndarray, prompt_len: int, k: int, keep
   _, cache0 = model.prefill(params, jnp.asarray(seq[:, :prompt_len]), cache0, lengths)
   ref, _ = step_one_by_one(model, params, cache0, seq[:, prompt_len:])
 
-  logits_k, cache = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]), cache0)
+  logits_k, cache = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]),
+                               copied(cache0))
   np.testing.assert_allclose(np.asarray(logits_k), ref[:, :k], rtol=0, atol=ATOL)
   cache = model.rollback(cache, jnp.asarray(keep, jnp.int32))
   np.testing.assert_array_equal(np.asarray(cache["length"]), prompt_len + keep)
@@ -123,7 +132,7 @@ def check_rollback(model, params, seq: np.ndarray, prompt_len: int, k: int, keep
           got, want, rtol=0, atol=1e-6, err_msg=f"state of row {row} after rollback"),
                    state_of(model, cache, row), state_of(model, row_cache, row))
 
-  _, full = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]), cache0)
+  _, full = model.step(params, jnp.asarray(seq[:, prompt_len:prompt_len + k]), copied(cache0))
   same = model.rollback(full, jnp.full((b,), k, jnp.int32))
   undone = model.rollback(full, jnp.zeros((b,), jnp.int32))
   twice = model.rollback(model.rollback(full, jnp.asarray(keep, jnp.int32)),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from bad_input import raises_before_tracing
-from sequence_contract import TRANSFORMER_CFG, random_tokens
+from sequence_contract import TRANSFORMER_CFG, copied, random_tokens
 
 from jaxinf.decoding.generate import generate
 from jaxinf.models import kv_policies
@@ -175,8 +175,8 @@ def reference_run(policy, calls, n_layers, rows, heads, slots, prompt_len, steps
 
 
 def jax_kept(cache):
-  pos = np.asarray(cache["pos"])                 # [L, B, S, Hkv]
-  return [[[sorted(int(p) for p in pos[i, b, :, h] if p >= 0) for h in range(pos.shape[3])]
+  pos = np.asarray(cache["pos"])                 # [L, B, Hkv, S]
+  return [[[sorted(int(p) for p in pos[i, b, h] if p >= 0) for h in range(pos.shape[2])]
            for b in range(pos.shape[1])] for i in range(pos.shape[0])]
 
 
@@ -219,7 +219,7 @@ def test_policy_keeps_what_the_numpy_reference_keeps_on_recorded_attention(case,
   rows, prompt_len, steps = 2, 14, (1, 1, 1, 1, 3)
   tokens = jnp.asarray(random_tokens(model, (rows, prompt_len + sum(steps)), seed=5))
   cache = model.init_cache(rows, CFG.max_len)
-  slots = cache["k"].shape[2]
+  slots = cache["k"].shape[3]
   _, cache = prefill(params, tokens[:, :prompt_len], cache,
                      jnp.full((rows,), prompt_len, jnp.int32))
   jax.effects_barrier()
@@ -243,14 +243,14 @@ def test_policy_keeps_what_the_numpy_reference_keeps_on_recorded_attention(case,
   for i, rc in enumerate(caches):
     for b in range(rows):
       for h in range(CFG.num_kv_heads):
-        for slot in np.flatnonzero(pos[i, b, :, h] >= 0):
-          entry = rc.entries[b][h][int(pos[i, b, slot, h])]
+        for slot in np.flatnonzero(pos[i, b, h] >= 0):
+          entry = rc.entries[b][h][int(pos[i, b, h, slot])]
           if policy.policy in ("h2o", "d2o"):
-            np.testing.assert_allclose(float(cache["score"][i, b, slot, h]), entry[0],
+            np.testing.assert_allclose(float(cache["score"][i, b, h, slot]), entry[0],
                                        rtol=1e-5)
-          np.testing.assert_allclose(np.asarray(cache["k"][i, b, slot, h]), entry[1], rtol=1e-5,
+          np.testing.assert_allclose(np.asarray(cache["k"][i, b, h, slot]), entry[1], rtol=1e-5,
                                      atol=1e-6)
-          np.testing.assert_allclose(np.asarray(cache["v"][i, b, slot, h]), entry[2], rtol=1e-5,
+          np.testing.assert_allclose(np.asarray(cache["v"][i, b, h, slot]), entry[2], rtol=1e-5,
                                      atol=1e-6)
   if policy.policy == "d2o":
     assert sum(rc.merges for rc in caches) > 0        # the merge path ran
@@ -298,7 +298,7 @@ def test_small_budget_changes_generation_and_keeps_the_cache_fixed(params):
   out = generate(model, params, prompts, key, max_new_tokens=16)
   ref = generate(TransformerLM(CFG), params, prompts, key, max_new_tokens=16)
   assert not np.allclose(np.asarray(out.surprise), np.asarray(ref.surprise), atol=1e-3)
-  assert model.init_cache(2, 40)["k"].shape[2] == 6
+  assert model.init_cache(2, 40)["k"].shape[3] == 6
 
 
 # --- int8 / fp8 storage --------------------------------------------------------------------------
@@ -329,9 +329,9 @@ def test_quantized_storage_within_its_bound(storage, params):
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref_logits))
   for name in ("k", "v"):
     stored = np.asarray(kv_policies.decode(cache[name], cache[name + "_scale"], jnp.float32))
-    want = np.asarray(ref[name], np.float64)[:, :, :12]
+    want = np.asarray(ref[name], np.float64)[:, :, :, :12]   # [L, B, Hkv, S, D]
     bound = kv_policies.error_bound(want, storage)
-    assert (np.abs(stored[:, :, :12] - want) <= bound).all()
+    assert (np.abs(stored[:, :, :, :12] - want) <= bound).all()
 
 
 def test_storage_only_rolls_back_exactly_and_evicting_policies_refuse(params):
@@ -344,13 +344,15 @@ def test_storage_only_rolls_back_exactly_and_evicting_policies_refuse(params):
   tokens = jnp.asarray(random_tokens(model, (2, 13), seed=3))
   lengths = jnp.full((2,), 8, jnp.int32)
   _, cache = model.prefill(params, tokens[:, :8], model.init_cache(2, 16), lengths)
-  _, c1 = model.step(params, tokens[:, 8:11], cache)
+  # `step` donates its cache: the caches stepped from more than once are stepped as copies
+  _, c1 = model.step(params, tokens[:, 8:11], copied(cache))
   c0 = model.rollback(c1, jnp.zeros((2,), jnp.int32))
   np.testing.assert_array_equal(np.asarray(c0["length"]), np.asarray(cache["length"]))
   for name in ("k", "v", "k_scale", "v_scale"):
-    np.testing.assert_array_equal(np.asarray(c0[name][:, :, :8]), np.asarray(cache[name][:, :, :8]))
-  np.testing.assert_array_equal(np.asarray(model.step(params, tokens[:, 11:13], c0)[0]),
-                                np.asarray(model.step(params, tokens[:, 11:13], cache)[0]))
+    np.testing.assert_array_equal(np.asarray(c0[name][:, :, :, :8]),
+                                  np.asarray(cache[name][:, :, :, :8]))
+  np.testing.assert_array_equal(np.asarray(model.step(params, tokens[:, 11:13], copied(c0))[0]),
+                                np.asarray(model.step(params, tokens[:, 11:13], copied(cache))[0]))
   c1 = model.rollback(c1, jnp.ones((2,), jnp.int32))
   got, _ = model.step(params, tokens[:, 11:13], c1)
   _, c2 = model.step(params, tokens[:, 8:9], cache)

@@ -15,7 +15,7 @@ from jaxinf.decoding.medusa import DEFAULT_TREE
 from jaxinf.models.medusa import MedusaConfig, MedusaHeads, lm_head_matrix, medusa_heads
 from jaxinf.models.transformer import TransformerConfig, TransformerLM
 from jaxinf.models.tree_attention import tree_structure
-from sequence_contract import ATOL, random_tokens, step_one_by_one
+from sequence_contract import ATOL, copied, random_tokens, step_one_by_one
 
 TINY = TransformerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                          mlp_hidden=64, max_len=48, init_std=0.2)
@@ -71,7 +71,7 @@ def test_tree_step_equals_stepping_each_path(model_params):
   head = np.asarray(lm_head_matrix(model, params))
   for i in range(len(PARENTS)):
     path = node_path(PARENTS, i)
-    c = cache
+    c = copied(cache)  # `step` donates its cache; every path starts from the prefilled one
     for j in path:
       ref_logits, ref_hidden, c = model.step(params, jnp.asarray(nodes[:, j:j + 1]), c,
                                              return_hidden=True)
@@ -114,8 +114,8 @@ def test_commit_path_then_step_equals_sequential_decoding(untied):
       np.testing.assert_allclose(got[r], want[r, n_accept[r]:], rtol=0, atol=ATOL,
                                  err_msg=f"row {r}, n_accept {n_accept[r]}")
       end = PROMPTS[r] + n_accept[r]
-      np.testing.assert_allclose(np.asarray(committed["k"][:, r, :end]),
-                                 np.asarray(c1["k"][:, r, :end]), rtol=0, atol=ATOL)
+      np.testing.assert_allclose(np.asarray(committed["k"][:, r, :, :end]),   # [L, B, Hkv, S, D]
+                                 np.asarray(c1["k"][:, r, :, :end]), rtol=0, atol=ATOL)
 
 
 def test_return_hidden_keeps_logits_and_matches_the_forward(model_params):

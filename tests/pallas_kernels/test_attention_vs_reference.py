@@ -124,6 +124,40 @@ def test_speculative_verify_matches_prefill_rows(impl):
     assert_close(out[b], prefill[b, n - draft:n], 1e-5, f"{impl} sequence {b}")
 
 
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_step_reads_a_head_major_cache(impl, dtype):
+  # layout="bhsd": the caches [B, Hkv, S, D] (the transformer's KV cache). Three queries per
+  # sequence against caches of different lengths; query j of sequence b must equal row
+  # lengths[b] - 3 + j of the reference's causal prefill over the [B, S, Hkv, D] keys/values.
+  draft, size = 3, 40
+  q_all, k, v = make_qkv(9, 2, size, size, 4, 2, 48, dtype)
+  lengths = jnp.asarray([10, 40], jnp.int32)
+  prefill = reference.softmax_attention(q_all, k, v, causal=True)
+  queries = jnp.stack([q_all[b, int(n) - draft:int(n)] for b, n in enumerate(lengths)])
+  out, lse = attention_step(queries, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), lengths,
+                            impl=impl, interpret=impl.startswith("pallas"), layout="bhsd",
+                            return_lse=True)
+  assert out.shape == queries.shape and out.dtype == dtype
+  for b, n in enumerate(np.asarray(lengths)):
+    assert_close(out[b], prefill[b, n - draft:n], TOL[dtype], f"{impl} sequence {b}")
+  _, want_lse = attention_step(queries, k, v, lengths, impl="reference", return_lse=True)
+  assert_close(lse, want_lse, TOL[dtype], f"{impl} lse")
+
+
+def test_step_layout_is_checked_before_tracing():
+  q, k, v = abstract((2, 1, 4, 32), (2, 2, 8, 32), (2, 2, 8, 32))  # head-major [B, Hkv, S, D]
+  with raises_before_tracing(ValueError, "layout"):
+    attention_step(q, k, v, jnp.asarray([3, 3]), layout="bsdh")
+  with raises_before_tracing(ValueError, "lengths must be at most the cache size S=8"):
+    attention_step(q, k, v, jnp.asarray([3, 9]), layout="bhsd")
+  with raises_before_tracing(ValueError, "k_cache and v_cache must agree on \\[B, Hkv, S\\]"):
+    attention_step(q, k, abstract((2, 2, 9, 32))[0], jnp.asarray([3, 3]), layout="bhsd")
+  with raises_before_tracing(ValueError, "k_cache.shape\\[1\\]=3"):  # 4 query heads, 3 KV heads
+    attention_step(q, *abstract((2, 3, 8, 32), (2, 3, 8, 32)), jnp.asarray([3, 3]),
+                   layout="bhsd")
+
+
 @pytest.mark.parametrize(
     "shapes, kwargs, error, name",
     [
