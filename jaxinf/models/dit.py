@@ -222,11 +222,12 @@ class DiTBlock(nnx.Module):
   def forward_with_features(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The block, also returning its attention and MLP outputs before gating `[2, B, T, D]` —
     what feature caching (FORA) reuses at later steps."""
+    x = layers.materialize_cotangent(x)  # training speed on CPU; see its docstring
     mod = self.adaLN_modulation(jax.nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = layers.modulate(layers.layer_norm(x, self.eps), shift_msa, scale_msa)
     attn = self.attn(h)
-    x = x + gate_msa[:, None] * attn
+    x = layers.materialize_cotangent(x + gate_msa[:, None] * attn)
     h = layers.modulate(layers.layer_norm(x, self.mlp_eps), shift_mlp, scale_mlp)
     mlp = self.mlp(h)
     return x + gate_mlp[:, None] * mlp, jnp.stack([attn, mlp])
