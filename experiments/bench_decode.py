@@ -16,8 +16,10 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
   the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
   inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
   (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512
-  registers, fp32 activations; compiled on first use). The tied embedding / output head stays fp32
-  in every jaxinf row (quantize_params leaves embeddings alone), while llama.cpp quantizes it;
+  registers, fp32 activations; compiled on first use). The tied embedding / output head is
+  quantized too, per token row at int8 in every low-bit row (`QuantConfig(embeddings=...)`, a
+  `QEmbedding`: the lookup decodes the looked-up rows, the head is the low-bit product), as
+  llama.cpp keeps it at 8 bits in its Q8_0 file and at 6 or 8 in its Q4_0 file;
 - transformers: `LlamaForCausalLM.generate(do_sample=False, use_cache=True)` on torch CPU, fp32;
 - llama.cpp through `llama-cpp-python` (the `bench` extra): the same folder converted by llama.cpp's
   own `convert_hf_to_gguf.py` at f32, then `llama_model_quantize` to Q8_0 and Q4_0 (its defaults,
@@ -163,17 +165,20 @@ def convert_script(cfg: Config) -> Path | None:
   return script if script.is_file() else None
 
 
-# jaxinf's low-bit rows: int8 one scale per output channel, int4 one per 32 inputs (Q4_0's block)
-JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None},
-                "int4": {"format": "int4", "group_size": 32},
-                "int8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi"},
-                "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi"}}
+# jaxinf's low-bit rows: int8 one scale per output channel, int4 one per 32 inputs (Q4_0's block);
+# the tied embedding / head table at int8 in both (llama.cpp: Q8_0 in its Q8_0 file, Q6_K or Q8_0
+# in its Q4_0 file)
+_TABLE = {"embeddings": (r"embed_tokens/embedding",), "embedding_format": "int8"}
+JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None, **_TABLE},
+                "int4": {"format": "int4", "group_size": 32, **_TABLE},
+                "int8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi", **_TABLE},
+                "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi", **_TABLE}}
 
 
 def quantizer():
   """fn(params, weights name) -> quantized params through `jaxinf.quant.ptq.quantize_params`
-  (its default selection: every `kernel`; embeddings and an untied head stay fp32), or None while
-  that module does not exist."""
+  (its default selection, every `kernel`, plus the tied embedding table; an untied head would stay
+  fp32), or None while that module does not exist."""
   if not _installed("jaxinf.quant.ptq"):
     return None
   from jaxinf.quant import ptq

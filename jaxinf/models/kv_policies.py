@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.models import layers
 from jaxinf.parallel import kernels as mesh_kernels
 from pallas_kernels import reference
 
@@ -487,7 +488,7 @@ def prefill(module, policy: KVPolicy, tokens, cache, lengths, *, impl, interpret
   lengths = lengths.astype(jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   q_valid = positions < lengths[:, None]
-  x = module.embed_tokens(tokens).astype(jnp.float32)
+  x = layers.embed(module.embed_tokens, tokens).astype(jnp.float32)
   new = {n: [] for n in ("k", "v", "k_scale", "v_scale", "score")}
   density = []
   key_pos = jnp.broadcast_to(jnp.where(q_valid, positions, -1)[:, :, None],
@@ -560,7 +561,7 @@ def step(module, policy: KVPolicy, tokens, cache, *, impl, interpret, return_hid
   rows = jnp.arange(b)[:, None]
   names = [n for n in ("k", "v", "k_scale", "v_scale") if n in cache]
   cache = dict(cache)
-  x = module.embed_tokens(tokens).astype(jnp.float32)
+  x = layers.embed(module.embed_tokens, tokens).astype(jnp.float32)
   q_valid = jnp.ones((b, kn), bool)
   layers_out = {n: [] for n in names + ["pos", "score", "tau"]}
   for i, block in enumerate(module.layers):

@@ -232,7 +232,7 @@ class Mamba(nnx.Module):
     lengths = jnp.full((b,), t, jnp.int32)
     conv = jnp.zeros((b, cfg.conv_kernel - 1, cfg.inner_size), jnp.dtype(cfg.dtype))
     ssm = jnp.zeros((b, cfg.inner_size, cfg.state_size), jnp.float32)
-    x = self.embeddings(tokens).astype(jnp.float32)
+    x = layers.embed(self.embeddings, tokens).astype(jnp.float32)
     for block in self.layers:
       out, _, _ = block.mixer.prefill(self._normed(block, x), conv, ssm, lengths, impl=impl,
                                       interpret=interpret)
@@ -242,7 +242,7 @@ class Mamba(nnx.Module):
   def prefill(self, tokens, cache, lengths, *, impl: str = "auto", interpret: bool = False):
     lengths = lengths.astype(jnp.int32)
     conv, ssm, hist = cache["conv"], cache["ssm"], cache["ssm_history"]
-    x = self.embeddings(tokens).astype(jnp.float32)
+    x = layers.embed(self.embeddings, tokens).astype(jnp.float32)
     for i, block in enumerate(self.layers):
       out, conv_i, ssm_i = block.mixer.prefill(self._normed(block, x), conv[i], ssm[i], lengths,
                                                impl=impl, interpret=interpret)
@@ -260,7 +260,7 @@ class Mamba(nnx.Module):
     w = self.cfg.conv_kernel
     conv, ssm = cache["conv"], cache["ssm"]
     window_buf, hist = cache["conv_window"], cache["ssm_history"]
-    x = self.embeddings(tokens).astype(jnp.float32)
+    x = layers.embed(self.embeddings, tokens).astype(jnp.float32)
     for i, block in enumerate(self.layers):
       out, window, states = block.mixer.step(self._normed(block, x), conv[i], ssm[i])
       # History slot j holds the state after j of the k tokens (slot 0: before the step).

@@ -225,7 +225,7 @@ class Transformer(nnx.Module):
     `[B, T, C]` with `return_hidden`)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = self.embed_tokens(tokens).astype(jnp.float32)
+    x = layers.embed(self.embed_tokens, tokens).astype(jnp.float32)
     for block in self.layers:
       q, k, v = block.attention_inputs(x, positions)
       o = mesh_kernels.attention(q, k, v, causal=True, impl=impl, interpret=interpret)
@@ -245,7 +245,7 @@ class Transformer(nnx.Module):
     # untouched (they are past `length`, so no later step would read them anyway).
     keep_new = (positions < lengths[:, None])[:, None, :, None]  # [B, 1, T, 1]
     ks, vs = cache["k"], cache["v"]
-    x = self.embed_tokens(tokens).astype(jnp.float32)
+    x = layers.embed(self.embed_tokens, tokens).astype(jnp.float32)
     for i, block in enumerate(self.layers):
       q, k, v = block.attention_inputs(x, positions)
       o = mesh_kernels.attention(q, k, v, causal=True, kv_lengths=lengths, impl=impl,
@@ -269,7 +269,7 @@ class Transformer(nnx.Module):
     rows = jnp.arange(b)[:, None]
     new_length = start + k_new
     ks, vs = cache["k"], cache["v"]
-    x = self.embed_tokens(tokens).astype(jnp.float32)
+    x = layers.embed(self.embed_tokens, tokens).astype(jnp.float32)
     for i, block in enumerate(self.layers):
       q, k, v = block.attention_inputs(x, positions)
       # k, v [B, k, Hkv, D] to slots `positions` of [B, Hkv, S, D] (numpy's rule: the indexed

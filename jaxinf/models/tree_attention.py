@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.config import check_flag
+from jaxinf.models import layers
 from jaxinf.models.functional import check_cache_batch
 from pallas_kernels import dispatch
 
@@ -85,7 +86,7 @@ def tree_forward(module, tokens, cache, parents: tuple[int, ...], *, return_hidd
   rows = jnp.arange(b)[:, None]
   visible = tree_mask(parents, start, cache["k"].shape[3])
   ks, vs = cache["k"], cache["v"]
-  x = module.embed_tokens(tokens).astype(jnp.float32)
+  x = layers.embed(module.embed_tokens, tokens).astype(jnp.float32)
   for i, block in enumerate(module.layers):
     q, k, v = block.attention_inputs(x, positions)
     ks = ks.at[i, rows, :, slots].set(k)  # [B, n, Hkv, D] into [L, B, Hkv, S, D]

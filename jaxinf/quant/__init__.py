@@ -35,17 +35,20 @@ from jaxinf.quant.formats import (
 from jaxinf.quant.ptq import QuantConfig, QuantReport, param_bytes, quantize_params
 from jaxinf.quant.qarray import (
   QArray,
+  QEmbedding,
   dequantize,
   pack_nibbles,
   quantize,
+  quantize_embedding,
   unpack_nibbles,
 )
 from jaxinf.quant.squeeze import SqueezeWeight, fisher_diagonal, squeeze_params
 
 __all__ = [
   "FORMATS", "AdaRoundConfig", "AdaRoundResult", "FloatFormat", "FloatSearch", "IntFormat",
-  "MatmulRecorder", "QArray", "QuantConfig", "QuantReport", "QuantizedWeight", "SearchResult",
-  "SqueezeWeight", "adaround", "dequantize", "fisher_diagonal", "get_format", "is_quantized",
-  "pack_nibbles", "param_bytes", "quantize", "quantize_params", "record_matmul_inputs",
-  "search_float_format", "squeeze_params", "unpack_nibbles",
+  "MatmulRecorder", "QArray", "QEmbedding", "QuantConfig", "QuantReport", "QuantizedWeight",
+  "SearchResult", "SqueezeWeight", "adaround", "dequantize", "fisher_diagonal", "get_format",
+  "is_quantized", "pack_nibbles", "param_bytes", "quantize", "quantize_embedding",
+  "quantize_params", "record_matmul_inputs", "search_float_format", "squeeze_params",
+  "unpack_nibbles",
 ]

@@ -21,6 +21,14 @@ literature keeps in higher precision and what is not a product `x @ w`:
 adaLN modulation weights are quantized by default (they are ordinary matmuls; list them in
 `exclude` to keep them).
 
+Embedding tables (`embeddings`, regexes over the same paths, empty by default): each matching
+`[vocab, dim]` table becomes a `QEmbedding` (`jaxinf.quant.qarray`): its transpose `[dim, vocab]`
+quantized like a weight (scales per token, `group_size` dividing `dim`), looked up by decoding only
+the looked-up rows, and a tied output head (`h @ table.T`) is its product. In a small LM with a tied
+head the table is the largest matrix and is read at every decode step (a 110M Llama's 32000 x 768
+table is 98 MB of its 440), so a low-bit decode that leaves it floating streams mostly the table.
+Tables are always rounded to nearest (no calibration inputs for a lookup).
+
 Rounding: "nearest" (round-to-nearest) or "adaround" (learned rounding on calibration inputs per
 weight, `jaxinf.quant.adaround`; gather them with `record_matmul_inputs`). A searched float format
 ("fp4", "fp8") uses a leaf's calibration inputs when given, else the weight MSE.
@@ -39,7 +47,8 @@ from jaxinf.quant.adaround import AdaRoundConfig, adaround, path_name, select_pa
 from jaxinf.quant.base import check_patterns, is_quantized
 from jaxinf.quant.formats import FloatSearch, get_format
 from jaxinf.quant.cpu_kernel import check_kernel
-from jaxinf.quant.qarray import QArray, check_act_format, check_kernel_format, quantize
+from jaxinf.quant.qarray import (QArray, QEmbedding, check_act_format, check_kernel_format,
+                                  quantize, quantize_embedding)
 
 DEFAULT_INCLUDE = (r"(.*/)?kernel",)
 DEFAULT_EXCLUDE = (r"(.*/)?lm_head/.*", r"(.*/)?[^/]*embed[^/]*/.*", r"(.*/)?final_layer/linear/.*")
@@ -54,7 +63,10 @@ class QuantConfig:
   (module docstring); rounding: "nearest" or "adaround" (needs calibration inputs); adaround: its
   options; compute_dtype: the QArrays' compute dtype; kernel: None (the XLA path) or "cpu_ffi"
   (integer formats, weight-only or int8 activations: the hand-written CPU kernel for decode-sized
-  products, `jaxinf.quant.cpu_kernel`; CPU backend only)."""
+  products, `jaxinf.quant.cpu_kernel`; CPU backend only); embeddings: regexes of `[vocab, dim]`
+  embedding tables to store as `QEmbedding` (module docstring; not subject to include/exclude);
+  embedding_format: their format (None: `format`; e.g. llama.cpp's Q4_0 files keep the tied
+  table at 6 or 8 bits, so "int8" beside an int4 body is their like)."""
 
   format: Any = "int8"
   group_size: int | None = None
@@ -65,9 +77,15 @@ class QuantConfig:
   adaround: AdaRoundConfig = dataclasses.field(default_factory=AdaRoundConfig)
   compute_dtype: str = "float32"
   kernel: str | None = None
+  embeddings: tuple[str, ...] = ()
+  embedding_format: Any = None
 
   def __post_init__(self):
     fmt = get_format(self.format)
+    if self.embedding_format is not None:
+      efmt = get_format(self.embedding_format, arg="embedding_format")
+      if self.kernel is not None:
+        check_kernel_format(self.kernel, efmt, self.act_format)
     g = self.group_size
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
       raise ValueError(f"group_size: expected None or a positive int, got {g!r}")
@@ -75,7 +93,7 @@ class QuantConfig:
     check_kernel(self.kernel)
     if self.kernel is not None:
       check_kernel_format(self.kernel, fmt, self.act_format)
-    for name in ("include", "exclude"):
+    for name in ("include", "exclude", "embeddings"):
       pats = getattr(self, name)
       if not isinstance(pats, tuple):
         raise TypeError(f"{name}: expected a tuple of regex strings, got {pats!r}")
@@ -135,8 +153,12 @@ def quantize_params(params: Any, config: QuantConfig,
   calibration = dict(calibration or {})
   flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
   floating = [path_name(p) for p, leaf in flat if hasattr(leaf, "dtype")]
-  selected = select_paths(params, config.include, config.exclude)
-  if not selected:
+  tables = select_paths(params, config.embeddings, ()) if config.embeddings else []
+  if config.embeddings and not tables:
+    raise ValueError(f"embeddings: no 2-D floating parameter matches {config.embeddings} (the "
+                     f"tree has {len(floating)} array leaves, e.g. {floating[:3]})")
+  selected = [p for p in select_paths(params, config.include, config.exclude) if p not in tables]
+  if not selected and not tables:
     raise ValueError(f"params: no 2-D floating parameter matches include={config.include} and "
                      f"not exclude={config.exclude} (the tree has {len(floating)} array leaves, "
                      f"e.g. {floating[:3]})")
@@ -155,8 +177,26 @@ def quantize_params(params: Any, config: QuantConfig,
       raise ValueError(f"group_size: {config.group_size} does not divide the input dimension "
                        f"{n_in} of {name}")
 
-  done: dict[str, QArray] = {}
+  for name in tables:
+    dim = by_name[name].shape[1]
+    if config.group_size is not None and dim % config.group_size:
+      raise ValueError(f"group_size: {config.group_size} does not divide the embedding dimension "
+                       f"{dim} of {name}")
+
+  done: dict[str, QArray | QEmbedding] = {}
   leaves = []
+  for name in tables:
+    w = by_name[name]
+    try:
+      fmt = config.format if config.embedding_format is None else config.embedding_format
+      qe = quantize_embedding(w, fmt, group_size=config.group_size,
+                              act_format=config.act_format, compute_dtype=config.compute_dtype,
+                              kernel=config.kernel)
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"params: {name}: {e}") from e
+    done[name] = qe
+    leaves.append(LeafReport(name, tuple(w.shape), qe.head.fmt.name, qe.head.clip_ratio,
+                             param_bytes(w), qe.nbytes))
   for name in selected:
     w = by_name[name]
     kw = {"group_size": config.group_size, "act_format": config.act_format,

@@ -140,8 +140,11 @@ class QArray(QuantizedWeight):
 
   def codes(self) -> jax.Array:
     """The integer codes `[in, out]` as int8 (integer formats only)."""
+    return self._codes(self.data.T if self.kernel is not None else self.data)  # kernel: [out, in]
+
+  def _codes(self, data: jax.Array) -> jax.Array:
+    """Integer codes from stored `data` whose first axis is the (packed) input axis."""
     kind = storage_kind(self.fmt)
-    data = self.data.T if self.kernel is not None else self.data  # kernel layout: [out, in]
     if kind == "int8":
       return data
     if kind == "int_packed":
@@ -151,16 +154,33 @@ class QArray(QuantizedWeight):
 
   def grid_values(self, dtype: Any = jnp.float32) -> jax.Array:
     """The stored values on the format's grid `q [in, out]` (the weight is `q · scale`)."""
+    return self._grid(self.data.T if self.kernel is not None else self.data, dtype)
+
+  def _grid(self, data: jax.Array, dtype: Any) -> jax.Array:
+    """Grid values from stored `data` whose first axis is the (packed) input axis."""
     kind = storage_kind(self.fmt)
     if kind in ("int8", "int_packed"):
-      return self.codes().astype(dtype)
+      return self._codes(data).astype(dtype)
     if kind == "native":
-      return self.data.astype(dtype)
+      return data.astype(dtype)
     table = jnp.asarray(self.fmt.decode_table(), jnp.float32)
-    codes = self.data
     if kind == "float_packed":
-      codes = unpack_nibbles(codes, self.logical_shape[0])
-    return table[codes.astype(jnp.int32)].astype(dtype)
+      data = unpack_nibbles(data, self.logical_shape[0])
+    return table[data.astype(jnp.int32)].astype(dtype)
+
+  def take_columns(self, ids: jax.Array) -> jax.Array:
+    """`W[:, ids]` as `[*ids.shape, in]` in the compute dtype, decoding only those columns: the
+    rows of an embedding table stored transposed (`QEmbedding.lookup`). In the kernel layout the
+    columns are contiguous rows of `data`; in the XLA layout they are gathered along its axis 1."""
+    ids = jnp.asarray(ids)
+    if self.kernel is not None:  # [out, in']: gather rows, then put the input axis first
+      data = jnp.moveaxis(jnp.take(self.data, ids, axis=0), -1, 0)
+    else:
+      data = jnp.take(self.data, ids, axis=1)  # [in', *ids.shape]
+    q = self._grid(data, jnp.float32)  # [in, *ids.shape]
+    scale = jnp.take(self.scale, ids, axis=1)  # [G, *ids.shape]
+    q = q.reshape((self.num_groups, self.group_size) + ids.shape) * scale[:, None]
+    return jnp.moveaxis(q.reshape((self.logical_shape[0],) + ids.shape), 0, -1).astype(self.dtype)
 
   def dequantize(self) -> jax.Array:
     n_in, n_out = self.logical_shape
@@ -231,6 +251,60 @@ jax.tree_util.register_dataclass(
     QArray, data_fields=["data", "scale"],
     meta_fields=["fmt", "logical_shape", "group_size", "compute_dtype", "act_format",
                  "clip_ratio", "kernel"])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QEmbedding(QuantizedWeight):
+  """A low-bit embedding table `E [vocab, dim]`, stored as the `QArray` of its transpose
+  `head = E.T [dim, vocab]`: one scale per token (or per group of `dim` entries of a token).
+
+  Both uses of a table read it as stored: `lookup(ids)` (the embedding) decodes only the
+  looked-up tokens' codes (`QArray.take_columns`), and `table.T` is `head`, so a tied output head
+  written `h @ table.T` is the QArray's product (with `kernel="cpu_ffi"` the hand-written CPU
+  kernel, whose layout `[vocab, dim]` is the floating table's own). The logical `shape` is the
+  table's, so a model's parameter check accepts it in the table's place.
+  """
+
+  head: QArray
+
+  __array_ufunc__ = None
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.head.logical_shape[::-1]
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.head.dtype
+
+  @property
+  def T(self) -> QArray:  # noqa: N802 (numpy's name)
+    return self.head
+
+  def astype(self, dtype: Any) -> QEmbedding:
+    return QEmbedding(self.head.astype(dtype))
+
+  def dequantize(self) -> jax.Array:
+    return self.head.dequantize().T
+
+  def lookup(self, ids: jax.Array) -> jax.Array:
+    """The embeddings `E[ids]`, `[*ids.shape, dim]`, in the compute dtype."""
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"ids: expected integer token ids, got dtype {ids.dtype}")
+    return self.head.take_columns(ids)
+
+  def __rmatmul__(self, x: jax.Array) -> jax.Array:
+    """`x @ E` for `x [..., vocab]` (a soft lookup): the product with the decoded table."""
+    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+    if x.ndim < 1 or x.shape[-1] != self.shape[0]:
+      raise ValueError(f"x: expected [..., {self.shape[0]}] for a {list(self.shape)} table, got "
+                       f"shape {tuple(x.shape)}")
+    out_dtype = jnp.result_type(x.dtype, self.dtype)
+    return x.astype(out_dtype) @ self.dequantize().astype(out_dtype)
+
+
+jax.tree_util.register_dataclass(QEmbedding, data_fields=["head"], meta_fields=[])
 
 
 def check_kernel_format(kernel: str | None, fmt: Format, act_format: str | None) -> None:
@@ -348,6 +422,14 @@ def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: 
   q, scale = _fake_quantize(w, fmt, g, jnp.float32(clip_ratio))
   return from_grid(q, scale, fmt, group_size=g, compute_dtype=compute_dtype,
                    act_format=act_format, clip_ratio=clip_ratio, kernel=kernel)
+
+
+def quantize_embedding(table: Any, format: Any, **options: Any) -> QEmbedding:
+  """Round-to-nearest quantization of an embedding table `[vocab, dim]` (the models' layout,
+  e.g. `nnx.Embed.embedding`) as a `QEmbedding`: `quantize` of its transpose, with the same
+  `options` (`group_size` divides `dim`; `act_format` applies to a tied head's input)."""
+  table = check_weight(table, "table")
+  return QEmbedding(quantize(table.T, format, **options))
 
 
 def dequantize(w: QuantizedWeight) -> jax.Array:
