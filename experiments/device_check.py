@@ -44,6 +44,10 @@ import pallas_kernels as pk
 from experiments.common import results_dir, write_report
 from pallas_kernels import dispatch, reference
 
+# what its page needs to have results (scripts/build_docs.py)
+RESULTS_NEED = ("a GPU or TPU; none was lent to the sessions that built these pages (`--cpu` runs "
+                "the tiny interpret-mode version the tests run)")
+
 H200_BF16_TFLOPS = 989.0
 H200_HBM_TBPS = 4.8
 # Dense bf16 TFLOP/s and HBM TB/s per chip, by a substring of `device.device_kind` (first match;

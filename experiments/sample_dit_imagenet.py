@@ -37,6 +37,10 @@ from jaxinf.models.dit import DiT
 from jaxinf.models.functional import to_functional
 from jaxinf.models.vae import AutoencoderKL
 
+# what its page needs to have results (scripts/build_docs.py)
+RESULTS_NEED = ("the DiT-XL/2-256 and SD-VAE weights on local disk; nothing is downloaded and "
+                "the machines that built these pages have no model hub")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config(common.Checked):

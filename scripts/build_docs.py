@@ -38,20 +38,35 @@ def first_line(doc: str | None) -> str:
 
 def experiment_docs(experiments_dir: Path) -> dict[str, str]:
   """{name: module docstring} of the runnable experiments (not the shared `common`)."""
+  return {name: doc for name, (doc, _) in experiment_info(experiments_dir).items()}
+
+
+def experiment_info(experiments_dir: Path) -> dict[str, tuple[str, str | None]]:
+  """{name: (module docstring, its `RESULTS_NEED` string or None)}: `RESULTS_NEED`, a module-level
+  string constant, says what an experiment needs that a CPU-only machine without model weights
+  lacks (a GPU, a checkpoint), so its page can say why it has no results."""
   found = {}
   for path in sorted(experiments_dir.glob("*.py")):
     if path.stem in ("common", "__init__") or path.stem.startswith("_"):
       continue
-    found[path.stem] = ast.get_docstring(ast.parse(path.read_text())) or ""
+    tree = ast.parse(path.read_text())
+    need = None
+    for node in tree.body:
+      if (isinstance(node, ast.Assign) and len(node.targets) == 1
+          and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "RESULTS_NEED"
+          and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        need = node.value.value
+    found[path.stem] = (ast.get_docstring(tree) or "", need)
   return found
 
 
-def _results_section(name: str, results: Path, page_dir: Path) -> str:
+def _results_section(name: str, results: Path, page_dir: Path, need: str | None = None) -> str:
   folder = results / name
   report = folder / "report.md"
   if not report.exists():
-    return (f"No results: `results/{name}/report.md` did not exist when these pages were built. "
-            f"Run the command above, then `python scripts/build_docs.py`.\n")
+    why = f"it needs {need}. " if need else ""
+    return (f"No results: `results/{name}/report.md` did not exist when these pages were built; "
+            f"{why}Run the command above, then `python scripts/build_docs.py`.\n")
   text = report.read_text()
   lines = text.splitlines()
   if lines and lines[0].startswith("# "):  # the page has its own title
@@ -87,18 +102,19 @@ def _provenance(folder: Path) -> str:
 def build_experiment_pages(experiments_dir: Path, results: Path, out: Path) -> list[Path]:
   page_dir = out / "experiments"
   page_dir.mkdir(parents=True, exist_ok=True)
-  docs = experiment_docs(experiments_dir)
+  info = experiment_info(experiments_dir)
   written = []
   index = ["# Experiments", "", "Each page is built by `scripts/build_docs.py` from the "
            "experiment's docstring and its latest `results/<name>/`.", "",
            "| experiment | what it does | results |", "|---|---|---|"]
-  for name, doc in docs.items():
+  for name, (doc, need) in info.items():
     page = [f"# `python -m experiments.{name}`", "", doc.strip(), "", "## Latest results", "",
-            _results_section(name, results, page_dir)]
+            _results_section(name, results, page_dir, need)]
     path = page_dir / f"{name}.md"
     path.write_text("\n".join(page))
     written.append(path)
-    has = "yes" if (results / name / "report.md").exists() else "not yet run"
+    has = ("yes" if (results / name / "report.md").exists()
+           else f"needs {need}" if need else "not yet run")
     index.append(f"| [`{name}`]({name}.md) | {first_line(doc)} | {has} |")
   (page_dir / "index.md").write_text("\n".join(index) + "\n")
   return written

@@ -64,8 +64,9 @@ def test_the_recipe_reproduces_the_shipped_accuracy(tmp_path):
   """Retraining from scratch (what `experiments.train_digits_classifier` does) clears 97% again
   and writes a file the evaluator loads."""
   from experiments import train_digits_classifier as exp
-  acc = exp.main(exp.Config(out=str(tmp_path / "clf.npz")))
+  acc = exp.main(exp.Config(out=str(tmp_path / "clf.npz"), report_dir=str(tmp_path / "report")))
   assert acc >= 0.97
+  assert f"{acc:.4g}" in (tmp_path / "report" / "report.md").read_text()
   _, meta = arrays.load_params(tmp_path / "clf.npz")
   assert float(meta["heldout_accuracy"]) == pytest.approx(acc)
   images, labels = digits.load_digits_images()
