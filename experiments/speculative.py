@@ -14,7 +14,9 @@ held-out prompts, compilation excluded):
   `jaxinf.train.draft`); the adaptive-γ schedule;
 - prompt lookup and Alipay's trie Lookahead (`jaxinf.decoding.lookup`), Jacobi and lookahead
   decoding (`jaxinf.decoding.jacobi`), Speculative Jacobi Decoding (sampling);
-- Medusa heads trained on the frozen target (`jaxinf.decoding.medusa`), exact acceptance.
+- Medusa heads trained on the frozen target (`jaxinf.decoding.medusa`), exact acceptance;
+- self-drafting: the target itself with int8 or int4 weights as the draft (`jaxinf.quant`, the
+  hand-written CPU kernel on CPU), which agrees with the target far more often than a small model.
 
 Measured acceptance α̂ = accepted / drafted and tokens per target call sit beside the theoretical
 E = (1 − α^{γ+1}) / (1 − α) (Leviathan et al. 2023, eq. 1) at the measured α̂. For greedy runs the
@@ -41,6 +43,8 @@ from jaxinf.decoding.generate import generate
 from jaxinf.decoding.medusa import medusa_generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.speculative import expected_tokens_per_call, speculative_generate
+from jaxinf.quant import cpu_kernel
+from jaxinf.quant.ptq import QuantConfig, quantize_params
 from jaxinf.recipes import code_models
 from jaxinf.train.draft import target_text
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
@@ -48,6 +52,7 @@ from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled
 from jaxinf.train.step import OptimizerConfig
 
 EOS = ByteTokenizer.eos_id
+SELF_DRAFT_FORMATS = ("int8", "int4")
 SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temperature=0.7)}
 
 
@@ -64,6 +69,11 @@ class Config(common.StudyConfig):
   family_drafts: tuple[str, ...] = ("transformer-1m", "mamba-1m", "rwkv7-1m", "transnormer-1m")
   family_gamma: int = 4
   adaptive_gamma: int = 8
+  # self-drafts: the target itself with low-bit weights (`jaxinf.quant`; on CPU the hand-written
+  # kernel, `QuantConfig(kernel="cpu_ffi")`), its tied table at int8
+  self_drafts: tuple[str, ...] = ("int8", "int4")
+  self_draft_gammas: tuple[int, ...] = (4, 8)
+  self_draft_group_size: int | None = 32  # int4's scale group (None: one scale per channel)
   recurrent_target: str = "rwkv7-1m"   # "any family can be the target": one row with it
   lookup_ngram: int = 3
   lookup_draft_len: int = 7
@@ -105,6 +115,10 @@ class Config(common.StudyConfig):
                       "medusa_new_tokens", "fastdraft_sequences", "fastdraft_prompt",
                       "fastdraft_new_tokens", "eval_windows")
     common.check_ints(self, "lookahead_ngram", low=2)  # it drafts ngram - 1 tokens
+    common.check_choices(self, "self_drafts", choices=SELF_DRAFT_FORMATS)
+    common.check_ints(self, "self_draft_gammas")
+    if self.self_draft_group_size is not None:
+      common.check_ints(self, "self_draft_group_size")
 
 
 def smoke_config(cfg: Config) -> Config:
@@ -112,7 +126,8 @@ def smoke_config(cfg: Config) -> Config:
   # options given beside --smoke are kept (`common.smoke_sized`)
   return common.smoke_sized(cfg, dataclasses.replace(
       cfg, prompt_len=24, new_tokens=8, n_prompts=1, repeats=1, samplers=("greedy",),
-      gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(),
+      gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(), self_drafts=("int4",),
+      self_draft_gammas=(2,), self_draft_group_size=None,
       adaptive_gamma=3, lookup_draft_len=3, jacobi_window=3, lookahead_window=2,
       lookahead_ngram=2, lookahead_candidates=2, trie_branches=2, fastdraft_sequences=4,
       fastdraft_prompt=8, fastdraft_new_tokens=24,
@@ -175,6 +190,13 @@ def run(cfg: Config) -> list[dict]:
         new_tokens=cfg.medusa_new_tokens, seed=cfg.seed, progress=cfg.progress)
     medusa = (heads, head_params)
 
+  for fmt in cfg.self_drafts:
+    models[f"self-{fmt}"] = (target, self_draft(cfg, t_params, fmt))
+    quality.append(dict(study="models", model=f"self-{fmt}",
+                        params=common.param_count(t_params),
+                        heldout_bpb=bits_per_byte(target, models[f"self-{fmt}"][1], heldout,
+                                                  seq_len=128, max_windows=cfg.eval_windows)))
+    print(f"self-{fmt}: held-out {quality[-1]['heldout_bpb']:.3f} bits/byte", flush=True)
   prompts = common.heldout_prompts(heldout, cfg.n_prompts, cfg.prompt_len, cfg.seed)
   kw = dict(max_new_tokens=cfg.new_tokens)
 
@@ -185,6 +207,11 @@ def run(cfg: Config) -> list[dict]:
       for g in cfg.gammas:
         out.append((f"speculative {d} γ={g}", dict(method="speculative", draft=d, gamma=g),
                     _spec(target, t_params, *models[d], g, sampler, kw)))
+    for fmt in cfg.self_drafts:
+      for g in cfg.self_draft_gammas:
+        out.append((f"speculative self-{fmt} γ={g}",
+                    dict(method="speculative", draft=f"self-{fmt}", gamma=g),
+                    _spec(target, t_params, *models[f"self-{fmt}"], g, sampler, kw)))
     for d in cfg.family_drafts:
       out.append((f"speculative {d} γ={cfg.family_gamma}",
                   dict(method="speculative", draft=d, gamma=cfg.family_gamma),
@@ -290,6 +317,25 @@ def run(cfg: Config) -> list[dict]:
   return rows
 
 
+def self_draft(cfg: Config, t_params, fmt: str):
+  """The target's parameters with every matmul weight in `fmt` and its tied embedding table at
+  int8, stored for the CPU kernel when it runs here (else the XLA path)."""
+  kernel = None
+  if jax.default_backend() == "cpu":
+    try:
+      cpu_kernel.load()
+      kernel = "cpu_ffi"
+    except cpu_kernel.KernelUnavailableError as e:
+      print(f"self-draft {fmt}: the CPU kernel is unavailable ({e}); the XLA path", flush=True)
+  config = QuantConfig(format=fmt, kernel=kernel, embeddings=(r"embed_tokens/embedding",),
+                       embedding_format="int8",
+                       group_size=cfg.self_draft_group_size if fmt == "int4" else None)
+  params, report = quantize_params(t_params, config)
+  print(f"self-draft {fmt}: {report.bytes_after:,} bytes of {report.bytes_before:,} "
+        f"(kernel {kernel})", flush=True)
+  return params
+
+
 def _spec(target, t_params, draft, d_params, gamma, sampler, kw, **opts):
   return lambda p, k: speculative_generate(target, t_params, draft, d_params, p, k, gamma=gamma,
                                            sampler=sampler, **kw, **opts)
@@ -343,7 +389,7 @@ def _plots(out: Path, cfg: Config, rows: list[dict]) -> None:
            and r.get("target") in (None, "target")]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for s in cfg.samplers:
-    for d in cfg.sweep_drafts:
+    for d in cfg.sweep_drafts + tuple(f"self-{f}" for f in cfg.self_drafts):
       pts = sorted((r["gamma"], r["speedup"], r["tokens_per_call"], r["expected_tokens_per_call"])
                    for r in speed if r["sampler"] == s and r["draft"] == d)
       if not pts:
