@@ -16,7 +16,10 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
   the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
   inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
   (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512
-  registers, fp32 activations; compiled on first use). The tied embedding / output head is
+  registers, fp32 activations; compiled on first use), rows `int8-a8-ffi` / `int4-a8-ffi` the
+  same kernel with int8 activations (`act_format="int8"`, one scale per token; the integer dot on
+  AVX-512 VNNI), as llama.cpp's own Q8_0 / Q4_0 dots quantize the activations to Q8_0 (one scale
+  per 32). The tied embedding / output head is
   quantized too, per token row at int8 in every low-bit row (`QuantConfig(embeddings=...)`, a
   `QEmbedding`: the lookup decodes the looked-up rows, the head is the low-bit product), as
   llama.cpp keeps it at 8 bits in its Q8_0 file and at 6 or 8 in its Q4_0 file;
@@ -81,10 +84,11 @@ from jaxinf.models.transformer import TransformerConfig, transformer_config
 
 RUNTIMES = ("jaxinf", "transformers", "llama.cpp")
 GGUF_TYPES = ("f32", "q8_0", "q4_0")
-JAXINF_WEIGHTS = ("float32", "int8", "int4", "int8-ffi", "int4-ffi")
+JAXINF_WEIGHTS = ("float32", "int8", "int4", "int8-ffi", "int4-ffi", "int8-a8-ffi", "int4-a8-ffi")
 # which llama.cpp row each row is compared with (same weight width)
 PEER_OF = {"float32": "f32", "f32": "f32", "int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0",
-           "q4_0": "q4_0", "int8-ffi": "q8_0", "int4-ffi": "q4_0"}
+           "q4_0": "q4_0", "int8-ffi": "q8_0", "int4-ffi": "q4_0", "int8-a8-ffi": "q8_0",
+           "int4-a8-ffi": "q4_0"}
 
 # Named sizes. llama-110m: llama2.c's stories110M shape (dim 768, 12 layers, 12 heads, SwiGLU
 # 2048, Llama's 32000 vocabulary, tied head): 109.5M parameters, 438 MB in fp32.
@@ -172,7 +176,13 @@ _TABLE = {"embeddings": (r"embed_tokens/embedding",), "embedding_format": "int8"
 JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None, **_TABLE},
                 "int4": {"format": "int4", "group_size": 32, **_TABLE},
                 "int8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi", **_TABLE},
-                "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi", **_TABLE}}
+                "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi", **_TABLE},
+                # int8 activations (one scale per token) and the integer dot on AVX-512 VNNI, as
+                # llama.cpp's Q8_0 / Q4_0 dots quantize activations to Q8_0 (a scale per 32)
+                "int8-a8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi",
+                                "act_format": "int8", **_TABLE},
+                "int4-a8-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi",
+                                "act_format": "int8", **_TABLE}}
 
 
 def quantizer():
@@ -640,12 +650,12 @@ def summary(rows: list[dict]) -> list[dict]:
            if r["size"] == size and r["batch"] == batch}
     line = {"size": size, "batch": batch}
     for name in ("jaxinf float32", "transformers float32", "llama.cpp f32", "jaxinf int8",
-                 "jaxinf int8-ffi", "llama.cpp q8_0", "jaxinf int4", "jaxinf int4-ffi",
-                 "llama.cpp q4_0"):
+                 "jaxinf int8-ffi", "jaxinf int8-a8-ffi", "llama.cpp q8_0", "jaxinf int4",
+                 "jaxinf int4-ffi", "jaxinf int4-a8-ffi", "llama.cpp q4_0"):
       if name in sel:
         line[name] = sel[name]["tokens_per_s"]
     for ours in ("jaxinf float32", "jaxinf int8", "jaxinf int4", "jaxinf int8-ffi",
-                 "jaxinf int4-ffi"):
+                 "jaxinf int4-ffi", "jaxinf int8-a8-ffi", "jaxinf int4-a8-ffi"):
       if ours in sel and sel[ours]["vs_llama_cpp"] is not None:
         line[f"{ours.split()[1]}: jaxinf / llama.cpp"] = sel[ours]["vs_llama_cpp"]
     fp32 = sel.get("jaxinf float32") or sel.get("transformers float32")
