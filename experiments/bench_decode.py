@@ -16,7 +16,9 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
   the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
   inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
   (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512
-  registers, fp32 activations; compiled on first use), rows `int8-a8-ffi` / `int4-a8-ffi` the
+  registers, fp32 activations; compiled on first use), row `float32-ffi` the fp32 weights
+  unquantized through the same kernel (`jaxinf.quant.ptq.kernel_params`), rows `int8-a8-ffi` /
+  `int4-a8-ffi` the
   same kernel with int8 activations (`act_format="int8"`, one scale per token; the integer dot on
   AVX-512 VNNI), as llama.cpp's own Q8_0 / Q4_0 dots quantize the activations to Q8_0 (one scale
   per 32). The tied embedding / output head is
@@ -84,11 +86,12 @@ from jaxinf.models.transformer import TransformerConfig, transformer_config
 
 RUNTIMES = ("jaxinf", "transformers", "llama.cpp")
 GGUF_TYPES = ("f32", "q8_0", "q4_0")
-JAXINF_WEIGHTS = ("float32", "int8", "int4", "int8-ffi", "int4-ffi", "int8-a8-ffi", "int4-a8-ffi")
+JAXINF_WEIGHTS = ("float32", "float32-ffi", "int8", "int4", "int8-ffi", "int4-ffi", "int8-a8-ffi",
+                  "int4-a8-ffi")
 # which llama.cpp row each row is compared with (same weight width)
-PEER_OF = {"float32": "f32", "f32": "f32", "int8": "q8_0", "q8_0": "q8_0", "int4": "q4_0",
-           "q4_0": "q4_0", "int8-ffi": "q8_0", "int4-ffi": "q4_0", "int8-a8-ffi": "q8_0",
-           "int4-a8-ffi": "q4_0"}
+PEER_OF = {"float32": "f32", "float32-ffi": "f32", "f32": "f32", "int8": "q8_0", "q8_0": "q8_0",
+           "int4": "q4_0", "q4_0": "q4_0", "int8-ffi": "q8_0", "int4-ffi": "q4_0",
+           "int8-a8-ffi": "q8_0", "int4-a8-ffi": "q4_0"}
 
 # Named sizes. llama-110m: llama2.c's stories110M shape (dim 768, 12 layers, 12 heads, SwiGLU
 # 2048, Llama's 32000 vocabulary, tied head): 109.5M parameters, 438 MB in fp32.
@@ -196,7 +199,10 @@ def quantizer():
     return None
 
   def quantize(params, weights: str):
-    qparams, _ = ptq.quantize_params(params, ptq.QuantConfig(**JAXINF_QUANT[weights]))
+    if weights == "float32-ffi":  # not quantized: the fp32 weights stored for the CPU kernel
+      qparams, _ = ptq.kernel_params(params, embeddings=_TABLE["embeddings"])
+    else:
+      qparams, _ = ptq.quantize_params(params, ptq.QuantConfig(**JAXINF_QUANT[weights]))
     return qparams
   return quantize
 
@@ -649,12 +655,14 @@ def summary(rows: list[dict]) -> list[dict]:
     sel = {f"{r['runtime']} {r['weights']}": r for r in rows
            if r["size"] == size and r["batch"] == batch}
     line = {"size": size, "batch": batch}
-    for name in ("jaxinf float32", "transformers float32", "llama.cpp f32", "jaxinf int8",
+    for name in ("jaxinf float32", "jaxinf float32-ffi", "transformers float32", "llama.cpp f32",
+                 "jaxinf int8",
                  "jaxinf int8-ffi", "jaxinf int8-a8-ffi", "llama.cpp q8_0", "jaxinf int4",
                  "jaxinf int4-ffi", "jaxinf int4-a8-ffi", "llama.cpp q4_0"):
       if name in sel:
         line[name] = sel[name]["tokens_per_s"]
-    for ours in ("jaxinf float32", "jaxinf int8", "jaxinf int4", "jaxinf int8-ffi",
+    for ours in ("jaxinf float32", "jaxinf float32-ffi", "jaxinf int8", "jaxinf int4",
+                 "jaxinf int8-ffi",
                  "jaxinf int4-ffi", "jaxinf int8-a8-ffi", "jaxinf int4-a8-ffi"):
       if ours in sel and sel[ours]["vs_llama_cpp"] is not None:
         line[f"{ours.split()[1]}: jaxinf / llama.cpp"] = sel[ours]["vs_llama_cpp"]

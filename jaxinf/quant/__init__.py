@@ -32,8 +32,15 @@ from jaxinf.quant.formats import (
   get_format,
   search_float_format,
 )
-from jaxinf.quant.ptq import QuantConfig, QuantReport, param_bytes, quantize_params
+from jaxinf.quant.ptq import (
+  QuantConfig,
+  QuantReport,
+  kernel_params,
+  param_bytes,
+  quantize_params,
+)
 from jaxinf.quant.qarray import (
+  KernelWeight,
   QArray,
   QEmbedding,
   dequantize,
@@ -45,10 +52,34 @@ from jaxinf.quant.qarray import (
 from jaxinf.quant.squeeze import SqueezeWeight, fisher_diagonal, squeeze_params
 
 __all__ = [
-  "FORMATS", "AdaRoundConfig", "AdaRoundResult", "FloatFormat", "FloatSearch", "IntFormat",
-  "MatmulRecorder", "QArray", "QEmbedding", "QuantConfig", "QuantReport", "QuantizedWeight",
-  "SearchResult", "SqueezeWeight", "adaround", "dequantize", "fisher_diagonal", "get_format",
-  "is_quantized", "pack_nibbles", "param_bytes", "quantize", "quantize_embedding",
-  "quantize_params", "record_matmul_inputs", "search_float_format", "squeeze_params",
+  "FORMATS",
+  "AdaRoundConfig",
+  "AdaRoundResult",
+  "FloatFormat",
+  "FloatSearch",
+  "IntFormat",
+  "KernelWeight",
+  "MatmulRecorder",
+  "QArray",
+  "QEmbedding",
+  "QuantConfig",
+  "QuantReport",
+  "QuantizedWeight",
+  "SearchResult",
+  "SqueezeWeight",
+  "adaround",
+  "dequantize",
+  "fisher_diagonal",
+  "get_format",
+  "is_quantized",
+  "kernel_params",
+  "pack_nibbles",
+  "param_bytes",
+  "quantize",
+  "quantize_embedding",
+  "quantize_params",
+  "record_matmul_inputs",
+  "search_float_format",
+  "squeeze_params",
   "unpack_nibbles",
 ]

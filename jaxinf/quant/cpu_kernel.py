@@ -19,6 +19,11 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   `QArray`'s XLA path does (absmax / 127, round half to even), then the integer dot on AVX-512
   VNNI (`vpdpbusd`, the weight offset to unsigned and the offset times the row's group sums of
   x subtracted);
+- fp32 weights (`KernelWeight`, `ptq.kernel_params`): the same streaming product without
+  quantization, fp32 `[N, K]`; XLA:CPU's own fp32 dot reads a decode step's weights at about 60 %
+  of the DRAM bandwidth;
+- rows: up to 8 rows of x per pass over the columns, so a decode batch of up to 8 reads each
+  weight once (register tiles of up to 8 rows x 1-4 columns);
 - threads: the N columns in blocks shared between the calling thread and XLA's intra-op thread
   pool (`ffi::ThreadPool`, so the kernel uses the threads XLA was given);
 - a scalar path (same sums) where the CPU lacks AVX-512 / VNNI, chosen at run time.
@@ -164,7 +169,8 @@ def kernel_layout(codes: jax.Array, bits: int) -> jax.Array:
 def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, group_size: int,
                   act_int8: bool = False, force_scalar: bool = False) -> jax.Array:
   """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
-  `[N, K]` or uint8 `[N, ceil(K/2)]` (packed int4), `scale` fp32 `[K / group_size, N]`.
+  `[N, K]`, uint8 `[N, ceil(K/2)]` (packed int4) or float32 `[N, K]` (fp32 weights, not quantized;
+  `scale` then ones `[1, N]`), `scale` fp32 `[K / group_size, N]`.
   `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `force_scalar`: the
   portable path even where AVX-512 is available (tests). x is cast to fp32; y is fp32.
   Checks shapes and dtypes before tracing (TypeError / ValueError naming the argument)."""
@@ -175,10 +181,12 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
     raise ValueError(f"k: expected a positive int, got {k!r}")
   if x.ndim != 2 or x.shape[1] != k:
     raise ValueError(f"x: expected shape [M, {k}], got {tuple(x.shape)}")
-  if not hasattr(data, "dtype") or np.dtype(data.dtype) not in (np.dtype(np.int8),
-                                                                np.dtype(np.uint8)):
-    raise TypeError(f"data: expected int8 [N, K] or uint8 [N, ceil(K/2)] codes, got "
-                    f"{getattr(data, 'dtype', type(data).__name__)}")
+  if not hasattr(data, "dtype") or np.dtype(data.dtype) not in (
+      np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)):
+    raise TypeError(f"data: expected int8 [N, K] or uint8 [N, ceil(K/2)] codes or float32 "
+                    f"[N, K] weights, got {getattr(data, 'dtype', type(data).__name__)}")
+  if np.dtype(data.dtype) == np.dtype(np.float32) and act_int8:
+    raise ValueError("act_int8: fp32 weights take fp32 activations")
   int4 = np.dtype(data.dtype) == np.dtype(np.uint8)
   kb = (k + 1) // 2 if int4 else k
   if data.ndim != 2 or data.shape[1] != kb:

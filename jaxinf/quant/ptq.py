@@ -41,14 +41,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.quant import cpu_kernel
 from jaxinf.quant.adaround import AdaRoundConfig, adaround, path_name, select_paths
 from jaxinf.quant.base import check_patterns, is_quantized
-from jaxinf.quant.formats import FloatSearch, get_format
 from jaxinf.quant.cpu_kernel import check_kernel
-from jaxinf.quant.qarray import (QArray, QEmbedding, check_act_format, check_kernel_format,
-                                  quantize, quantize_embedding)
+from jaxinf.quant.formats import FloatSearch, get_format
+from jaxinf.quant.qarray import (
+  KernelWeight,
+  QArray,
+  QEmbedding,
+  check_act_format,
+  check_kernel_format,
+  kernel_weight,
+  quantize,
+  quantize_embedding,
+)
 
 DEFAULT_INCLUDE = (r"(.*/)?kernel",)
 DEFAULT_EXCLUDE = (r"(.*/)?lm_head/.*", r"(.*/)?[^/]*embed[^/]*/.*", r"(.*/)?final_layer/linear/.*")
@@ -138,6 +148,47 @@ def param_bytes(tree: Any) -> int:
   """Bytes of every array of `tree` as stored (a `QuantizedWeight` counts its codes and scales)."""
   return int(sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
                  for leaf in jax.tree.leaves(tree)))
+
+
+def kernel_params(params: Any, *, kernel: str = "cpu_ffi", include: tuple[str, ...] = DEFAULT_INCLUDE,
+                  exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+                  embeddings: tuple[str, ...] = ()) -> tuple[Any, QuantReport]:
+  """`params` with every selected floating matmul weight stored, unquantized, for the
+  hand-written CPU kernel (`KernelWeight`: fp32 `[out, in]`, whose product reads the weights
+  faster than XLA:CPU's fp32 dot at decode batch sizes), and each `embeddings` table as a
+  `QEmbedding` over such a weight (a tied head through the kernel; the table's own layout, so no
+  copy is transposed). Leaves are chosen as in `quantize_params`; the report's bytes are equal
+  (fp32 stays fp32). CPU backend only."""
+  check_kernel(kernel)
+  if kernel is None:
+    raise ValueError("kernel: expected 'cpu_ffi' (None is the ordinary XLA path: the params as "
+                     "they are)")
+  config = QuantConfig(format="int8", include=include, exclude=exclude, embeddings=embeddings)
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+  by_name = {path_name(p): leaf for p, leaf in flat}
+  tables = select_paths(params, config.embeddings, ()) if config.embeddings else []
+  if config.embeddings and not tables:
+    raise ValueError(f"embeddings: no 2-D floating parameter matches {config.embeddings}")
+  selected = [p for p in select_paths(params, config.include, config.exclude) if p not in tables]
+  if not selected and not tables:
+    raise ValueError(f"params: no 2-D floating parameter matches include={config.include} and "
+                     f"not exclude={config.exclude}")
+  done: dict[str, Any] = {}
+  leaves = []
+  for name in selected + tables:
+    w = by_name[name]
+    try:
+      new = (QEmbedding(KernelWeight(jnp.asarray(w, jnp.float32))) if name in tables
+             else kernel_weight(w, "params"))
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"params: {name}: {e}") from e
+    if name in tables:
+      cpu_kernel.check_backend("kernel")
+    done[name] = new
+    leaves.append(LeafReport(name, tuple(w.shape), "float32", 1.0, param_bytes(w), new.nbytes))
+  out = jax.tree_util.tree_map_with_path(lambda p, leaf: done.get(path_name(p), leaf), params,
+                                         is_leaf=is_quantized)
+  return out, QuantReport(tuple(leaves), param_bytes(params), param_bytes(out))
 
 
 def quantize_params(params: Any, config: QuantConfig,

@@ -256,7 +256,8 @@ jax.tree_util.register_dataclass(
 @dataclasses.dataclass(frozen=True, eq=False)
 class QEmbedding(QuantizedWeight):
   """A low-bit embedding table `E [vocab, dim]`, stored as the `QArray` of its transpose
-  `head = E.T [dim, vocab]`: one scale per token (or per group of `dim` entries of a token).
+  `head = E.T [dim, vocab]`: one scale per token (or per group of `dim` entries of a token). (Or
+  as a `KernelWeight`: the floating table kept for the CPU kernel, `ptq.kernel_params`.)
 
   Both uses of a table read it as stored: `lookup(ids)` (the embedding) decodes only the
   looked-up tokens' codes (`QArray.take_columns`), and `table.T` is `head`, so a tied output head
@@ -265,7 +266,7 @@ class QEmbedding(QuantizedWeight):
   table's, so a model's parameter check accepts it in the table's place.
   """
 
-  head: QArray
+  head: QArray | KernelWeight
 
   __array_ufunc__ = None
 
@@ -278,7 +279,7 @@ class QEmbedding(QuantizedWeight):
     return self.head.dtype
 
   @property
-  def T(self) -> QArray:  # noqa: N802 (numpy's name)
+  def T(self) -> QArray | KernelWeight:
     return self.head
 
   def astype(self, dtype: Any) -> QEmbedding:
@@ -305,6 +306,73 @@ class QEmbedding(QuantizedWeight):
 
 
 jax.tree_util.register_dataclass(QEmbedding, data_fields=["head"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelWeight(QuantizedWeight):
+  """A floating `[in, out]` weight, not quantized, stored transposed (`data` float32 `[out, in]`)
+  for the hand-written CPU kernel (`jaxinf.quant.cpu_kernel`): at decode batch sizes its
+  streaming product reads the weights faster than XLA:CPU's fp32 dot does. `x @ w` with up to
+  `cpu_kernel.MAX_ROWS` rows of x runs the kernel; more rows take XLA's dot of the transpose.
+  It has a QArray's reading interface (`logical_shape`, `take_columns`), so a `QEmbedding` can
+  hold a floating table in this form too (whose `[vocab, dim]` layout is the kernel's)."""
+
+  data: jax.Array
+  compute_dtype: str = "float32"
+
+  __array_ufunc__ = None
+
+  @property
+  def logical_shape(self) -> tuple[int, int]:
+    return (int(self.data.shape[1]), int(self.data.shape[0]))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.logical_shape
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(self.compute_dtype)
+
+  @property
+  def kernel(self) -> str:
+    return "cpu_ffi"
+
+  def astype(self, dtype: Any) -> KernelWeight:
+    return dataclasses.replace(self, compute_dtype=_check_float_dtype(dtype, "dtype"))
+
+  def dequantize(self) -> jax.Array:
+    return self.data.T.astype(self.dtype)
+
+  def take_columns(self, ids: jax.Array) -> jax.Array:
+    """`W[:, ids]` as `[*ids.shape, in]`: rows of the stored `[out, in]` array."""
+    return jnp.take(self.data, jnp.asarray(ids), axis=0).astype(self.dtype)
+
+  def __rmatmul__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.logical_shape
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != n_in:
+      raise ValueError(f"x: expected [..., {n_in}] for a [{n_in}, {n_out}] weight, got shape "
+                       f"{tuple(x.shape)}")
+    out_dtype = jnp.result_type(x.dtype, self.dtype)
+    rows = int(np.prod(x.shape[:-1]))
+    if 0 < rows <= cpu_kernel.MAX_ROWS:
+      cpu_kernel.check_backend("kernel")
+      y = cpu_kernel.lowbit_matmul(x.reshape(rows, n_in), self.data,
+                                   jnp.ones((1, n_out), jnp.float32), k=n_in, group_size=n_in)
+      return y.reshape(x.shape[:-1] + (n_out,)).astype(out_dtype)
+    return (x.astype(out_dtype) @ self.data.T.astype(out_dtype)).astype(out_dtype)
+
+
+jax.tree_util.register_dataclass(KernelWeight, data_fields=["data"], meta_fields=["compute_dtype"])
+
+
+def kernel_weight(w: Any, arg: str = "w") -> KernelWeight:
+  """A floating `w [in, out]` stored for the CPU kernel, unquantized (`KernelWeight`). Host-side."""
+  w = check_weight(w, arg)
+  cpu_kernel.check_backend("kernel")
+  return KernelWeight(jnp.asarray(w, jnp.float32).T)
 
 
 def check_kernel_format(kernel: str | None, fmt: Format, act_format: str | None) -> None:

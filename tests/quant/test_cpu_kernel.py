@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from jaxinf.quant import cpu_kernel
-from jaxinf.quant.ptq import QuantConfig, quantize_params
-from jaxinf.quant.qarray import quantize
+from jaxinf.quant.ptq import QuantConfig, kernel_params, quantize_params
+from jaxinf.quant.qarray import KernelWeight, QEmbedding, kernel_weight, quantize
 from tests.bad_input import raises_before_tracing
 
 EPS = 2.0**-24
@@ -48,7 +48,7 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, act):
   wd = np.asarray(qx.dequantize(), np.float64)
   np.testing.assert_array_equal(np.asarray(qk.dequantize()), np.asarray(qx.dequantize()))
   assert qk.nbytes == qx.nbytes
-  for m in (1, 3, 8, 33):
+  for m in (1, 3, 5, 7, 8, 16, 33):  # every row-tile height (8 per pass, tails 1-7)
     x = rng.normal(size=(m, k)).astype(np.float32)
     y = np.asarray(kernel(x, qk), np.float64)
     scalar = np.asarray(cpu_kernel.lowbit_matmul(
@@ -68,6 +68,55 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, act):
       assert np.all(np.abs(scalar - xla) <= tight), (m, np.abs(scalar - xla).max())
     assert np.all(np.abs(y - ref) <= tol), (m, np.abs(y - ref).max())
     assert np.all(np.abs(scalar - ref) <= tol), (m, np.abs(scalar - ref).max())
+
+
+def test_fp32_weights_match_the_reference(kernel):
+  """`KernelWeight`: fp32 weights streamed by the kernel, against x @ W in float64."""
+  rng = np.random.default_rng(3)
+  k, n = 100, 37
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  kw = kernel_weight(jnp.asarray(w))
+  assert kw.shape == (k, n) and kw.nbytes == w.nbytes
+  np.testing.assert_array_equal(np.asarray(kw.dequantize()), w)
+  for m in (1, 3, 5, 8, 9, 33, 65):  # 65 rows: XLA's dot of the transpose
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    y = np.asarray(kernel(x, kw), np.float64)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    tol = 4 * k * EPS * (np.abs(x) @ np.abs(w))
+    assert np.all(np.abs(y - ref) <= tol), (m, np.abs(y - ref).max())
+    if m <= cpu_kernel.MAX_ROWS:
+      scalar = np.asarray(cpu_kernel.lowbit_matmul(
+          jnp.asarray(x), kw.data, jnp.ones((1, n), jnp.float32), k=k, group_size=k,
+          force_scalar=True), np.float64)
+      assert np.all(np.abs(scalar - ref) <= tol), (m, np.abs(scalar - ref).max())
+
+
+def test_kernel_params_generate_the_fp32_tokens(kernel):
+  import dataclasses
+
+  from jaxinf.decoding.generate import generate
+  from jaxinf.models import families
+
+  cfg = dataclasses.replace(families.named_config("transformer-tiny"), tie_embeddings=True)
+  model, params = families.build(cfg, seed=0)
+  kparams, report = kernel_params(params, embeddings=(r"embed_tokens/embedding",))
+  assert report.bytes_after == report.bytes_before
+  assert isinstance(kparams["embed_tokens"]["embedding"], QEmbedding)
+  assert isinstance(kparams["layers"][0]["mlp"]["down_proj"]["kernel"], KernelWeight)
+  prompts = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 5)), jnp.int32)
+  np.testing.assert_allclose(np.asarray(model(kparams, prompts)),
+                             np.asarray(model(params, prompts)), rtol=1e-5, atol=1e-5)
+  key = jax.random.key(0)
+  a = generate(model, params, prompts, key, max_new_tokens=8).tokens
+  b = generate(model, kparams, prompts, key, max_new_tokens=8).tokens
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with raises_before_tracing(ValueError, "kernel"):
+    kernel_params(params, kernel=None)
+  with raises_before_tracing(ValueError, "embeddings"):
+    kernel_params(params, embeddings=(r"no/such",))
+  with raises_before_tracing(ValueError, "act_int8"):
+    cpu_kernel.lowbit_matmul(prompts.astype(jnp.float32), jnp.ones((3, 5)), jnp.ones((1, 3)),
+                             k=5, group_size=5, act_int8=True)
 
 
 def test_kernel_in_while_loop_and_vmap(kernel):

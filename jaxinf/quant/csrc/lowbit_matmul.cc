@@ -8,6 +8,8 @@
 //   int8:  q  int8  [N, K]
 //   int4:  p  uint8 [N, ceil(K / 2)], byte j of row n holds k = 2j (low nibble) and k = 2j + 1
 //          (high nibble), 4-bit two's complement (QArray's nibble rule, along K instead of rows)
+//   fp32:  w  float32 [N, K] (not quantized: the same streaming GEMV for fp32 weights; XLA's
+//          own fp32 dot reads a decode step's weights at ~60 % of the DRAM bandwidth)
 //   scale  float32 [G, N], G = K / group_size.
 //
 // Activations:
@@ -56,6 +58,7 @@ struct Problem {
   float* y;            // [M, N]
   int64_t M, N, K, KB, G, gs;
   bool int4;
+  bool f32w;           // fp32 weights [N, K] (fp32 activations only)
   bool act_int8;
   // per-call scratch (built once before the column blocks run)
   const float* xa;     // fp32 x rearranged for int4 (per group, chunks of 32 k: 16 even, 16 odd)
@@ -205,9 +208,11 @@ void scalar_block(const Problem& p, int64_t n0, int64_t n1) {
         total *= p.sx[m];
       } else {
         const float* xr = p.x + m * p.K;
+        const float* wf = static_cast<const float*>(p.w) + n * p.K;
         for (int64_t g = 0; g < p.G; ++g) {
           float acc = 0.0f;
-          for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) acc += xr[k] * code_at(p, n, k);
+          for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k)
+            acc += xr[k] * (p.f32w ? wf[k] : static_cast<float>(code_at(p, n, k)));
           total += acc * p.scale[g * p.N + n];
         }
       }
@@ -252,6 +257,36 @@ JAXINF_AVX512 void f32_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
         const __m128i b = _mm_maskz_loadu_epi8(mk, w + (n0 + j) * p.K + k);
         wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
       }
+      for (int i = 0; i < MT; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
+        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+    for (int j = 0; j < NT; ++j) {
+      const __m512 s = _mm512_set1_ps(p.scale[g * p.N + n0 + j]);
+      for (int i = 0; i < MT; ++i) tot[i][j] = _mm512_fmadd_ps(acc[i][j], s, tot[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) p.y[(m0 + i) * p.N + n0 + j] = _mm512_reduce_add_ps(tot[i][j]);
+}
+
+// fp32 x, fp32 weights: MT rows x NT columns at a time.
+template <int MT, int NT>
+JAXINF_AVX512 void f32_f32_tile(const Problem& p, int64_t m0, int64_t n0) {
+  const float* w = static_cast<const float*>(p.w);
+  __m512 tot[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) tot[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t k0 = g * p.gs, k1 = k0 + p.gs;
+    __m512 acc[MT][NT];
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __mmask16 mk = mask16(k1 - k);
+      __m512 wv[NT];
+      for (int j = 0; j < NT; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + (n0 + j) * p.K + k);
       for (int i = 0; i < MT; ++i) {
         const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
         for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -400,35 +435,40 @@ JAXINF_VNNI void q8_i4_tile(const Problem& p, int64_t m0, int64_t n0) {
   q8_store<MT, NT>(p, m0, n0, tot, corr, 8.0f);
 }
 
-// Runs one kind of tile over rows [0, M) and columns [n0, n1): 4 columns at a time (memory-level
-// parallelism for M = 1), rows 4 at a time (then 3 columns: 24 accumulators), tails with 1.
-#define JAXINF_DEFINE_BLOCK(NAME, TILE, ATTR)                                      \
+// Runs one kind of tile over rows [0, M) and columns [n0, n1): up to 8 rows per pass, so that a
+// decode batch of up to 8 reads each weight once (a pass over the columns streams the weights),
+// with NT = min(4, W / MT) columns per tile (W: the accumulator budget of the tile kind, within
+// AVX-512's 32 registers; 4 columns at M = 1 for memory-level parallelism), tails with 1 column.
+#define JAXINF_COLS(TILE, MT, W)                                                   \
+  {                                                                              \
+    constexpr int nt = std::max(1, std::min(4, (W) / (MT)));                     \
+    int64_t n = n0;                                                              \
+    for (; n + nt <= n1; n += nt) TILE<MT, nt>(p, m, n);                         \
+    for (; n < n1; ++n) TILE<MT, 1>(p, m, n);                                    \
+  }
+#define JAXINF_DEFINE_BLOCK(NAME, TILE, ATTR, W)                                   \
   ATTR void NAME(const Problem& p, int64_t n0, int64_t n1) {                       \
     int64_t m = 0;                                                                 \
-    for (; m + 4 <= p.M; m += 4) {                                                 \
-      int64_t n = n0;                                                              \
-      for (; n + 3 <= n1; n += 3) TILE<4, 3>(p, m, n);                             \
-      for (; n < n1; ++n) TILE<4, 1>(p, m, n);                                     \
-    }                                                                              \
-    for (; m < p.M;) {                                                             \
-      const int64_t left = p.M - m;                                                \
-      int64_t n = n0;                                                              \
-      if (left >= 2) {                                                             \
-        for (; n + 4 <= n1; n += 4) TILE<2, 4>(p, m, n);                           \
-        for (; n < n1; ++n) TILE<2, 1>(p, m, n);                                   \
-        m += 2;                                                                    \
-      } else {                                                                     \
-        for (; n + 4 <= n1; n += 4) TILE<1, 4>(p, m, n);                           \
-        for (; n < n1; ++n) TILE<1, 1>(p, m, n);                                   \
-        m += 1;                                                                    \
-      }                                                                            \
+    for (; m + 8 <= p.M; m += 8) JAXINF_COLS(TILE, 8, W)                           \
+    switch (p.M - m) {                                                             \
+      case 7: JAXINF_COLS(TILE, 7, W) break;                                       \
+      case 6: JAXINF_COLS(TILE, 6, W) break;                                       \
+      case 5: JAXINF_COLS(TILE, 5, W) break;                                       \
+      case 4: JAXINF_COLS(TILE, 4, W) break;                                       \
+      case 3: JAXINF_COLS(TILE, 3, W) break;                                       \
+      case 2: JAXINF_COLS(TILE, 2, W) break;                                       \
+      case 1: JAXINF_COLS(TILE, 1, W) break;                                       \
+      default: break;                                                              \
     }                                                                              \
   }
 
-JAXINF_DEFINE_BLOCK(f32_i8_block, f32_i8_tile, JAXINF_AVX512)
-JAXINF_DEFINE_BLOCK(f32_i4_block, f32_i4_tile, JAXINF_AVX512)
-JAXINF_DEFINE_BLOCK(q8_i8_block, q8_i8_tile, JAXINF_VNNI)
-JAXINF_DEFINE_BLOCK(q8_i4_block, q8_i4_tile, JAXINF_VNNI)
+// accumulator budgets: the fp32 tiles keep MT x NT sums (+ NT weights, 1 x); the int4 one also
+// holds 2 NT unpacked weight vectors; the W8A8 ones keep integer and float sums (2 MT NT)
+JAXINF_DEFINE_BLOCK(f32_f32_block, f32_f32_tile, JAXINF_AVX512, 24)
+JAXINF_DEFINE_BLOCK(f32_i8_block, f32_i8_tile, JAXINF_AVX512, 24)
+JAXINF_DEFINE_BLOCK(f32_i4_block, f32_i4_tile, JAXINF_AVX512, 16)
+JAXINF_DEFINE_BLOCK(q8_i8_block, q8_i8_tile, JAXINF_VNNI, 12)
+JAXINF_DEFINE_BLOCK(q8_i4_block, q8_i4_tile, JAXINF_VNNI, 12)
 #endif  // JAXINF_X86
 
 using BlockFn = void (*)(const Problem&, int64_t, int64_t);
@@ -463,6 +503,7 @@ BlockFn pick(const Problem& p, bool force_scalar) {
     return p.int4 ? q8_i4_block : q8_i8_block;
   }
   if (!has_avx512()) return scalar_block;
+  if (p.f32w) return f32_f32_block;
   return p.int4 ? f32_i4_block : f32_i8_block;
 #else
   return scalar_block;
@@ -527,15 +568,19 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
              yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("lowbit_matmul: expected 2-D x, w, scale and y");
-  bool int4;
+  bool int4 = false, f32w = false;
   if (w.element_type() == ffi::DataType::S8) {
     int4 = false;
   } else if (w.element_type() == ffi::DataType::U8) {
     int4 = true;
+  } else if (w.element_type() == ffi::DataType::F32) {
+    f32w = true;
   } else {
-    return ffi::Error::InvalidArgument("lowbit_matmul: w must be int8 (int8 codes) or uint8 "
-                                       "(packed int4 codes)");
+    return ffi::Error::InvalidArgument("lowbit_matmul: w must be int8 (int8 codes), uint8 "
+                                       "(packed int4 codes) or float32 (fp32 weights)");
   }
+  if (f32w && act_int8 != 0)
+    return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take fp32 activations");
   Problem p{};
   p.M = xd[0];
   p.K = xd[1];
@@ -543,6 +588,7 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   p.G = sd[0];
   p.gs = group_size;
   p.int4 = int4;
+  p.f32w = f32w;
   p.act_int8 = act_int8 != 0;
   p.KB = int4 ? (p.K + 1) / 2 : p.K;
   if (p.K != k_attr || wd[1] != p.KB || sd[1] != p.N || yd[0] != p.M || yd[1] != p.N)
