@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.checkpoints.validate import abstract_tree, check_params
@@ -312,6 +312,9 @@ def sample_patch_parallel(key: jax.Array, cfg: dit.DiTConfig, params, schedule, 
   """
   check_key(key)
   lay = _check(cfg, params, mesh, patch, shape, solver)
+  # weights committed to one device (a restored checkpoint's are) could not meet the mesh's
+  # devices inside the computation: replicate them onto the mesh first
+  params = jax.device_put(params, NamedSharding(mesh, P()))
   den = Denoiser(params, _spec(cfg, prediction_type))
   run = prepare(den, schedule, solver, shape, steps=steps, cond=cond, x_init=x_init)
   if patch.mode != "exact" and patch.warmup_steps > run.rows:

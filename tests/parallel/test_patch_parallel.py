@@ -65,6 +65,13 @@ def exact_ddim(setup):
   return np.asarray(_one_device(setup, DDIM()))
 
 
+def test_weights_committed_to_one_device(setup, exact_ddim):
+  """A restored checkpoint's weights are committed to device 0; the mesh spans 8 devices."""
+  s = dict(setup, params=jax.device_put(setup["params"], jax.devices()[0]))
+  got = _patch_sample(s, DDIM(), pp.PatchParallel(mode="exact"))
+  np.testing.assert_allclose(np.asarray(got), exact_ddim, atol=1e-5)
+
+
 def _naive_stale(s, visible_stale, warmup: int) -> np.ndarray:
   """DDIM on one device, eagerly, band by band: the reference for the stale modes.
 
