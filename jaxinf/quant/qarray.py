@@ -102,6 +102,18 @@ def _check_float_dtype(dtype: Any, arg: str) -> str:
   return dt.name
 
 
+def _matmul_input(x: Any, shape: tuple[int, int], dtype: Any) -> tuple[jax.Array, Any, int]:
+  """(x as an array, the product's dtype, rows of x) for `x @ W`, W `[in, out]`; ValueError
+  naming `x` unless its last axis is `in`."""
+  n_in, n_out = shape
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[-1] != n_in:
+    raise ValueError(f"x: expected [..., {n_in}] for a [{n_in}, {n_out}] weight, got shape "
+                     f"{tuple(x.shape)}")
+  return x, jnp.result_type(x.dtype, dtype), int(np.prod(x.shape[:-1]))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QArray(QuantizedWeight):
   """A low-bit `[in, out]` weight (module docstring). Children: `data` (the stored codes) and
@@ -202,13 +214,7 @@ class QArray(QuantizedWeight):
 
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      x = jnp.asarray(x)
-    if x.ndim < 1 or x.shape[-1] != n_in:
-      raise ValueError(f"x: expected [..., {n_in}] for a [{n_in}, {n_out}] weight, got shape "
-                       f"{tuple(x.shape)}")
-    out_dtype = jnp.result_type(x.dtype, self.dtype)
-    rows = int(np.prod(x.shape[:-1]))
+    x, out_dtype, rows = _matmul_input(x, self.logical_shape, self.dtype)
     if self.kernel == "cpu_ffi" and 0 < rows <= cpu_kernel.MAX_ROWS:
       cpu_kernel.check_backend("kernel")
       y = cpu_kernel.lowbit_matmul(
@@ -350,13 +356,7 @@ class KernelWeight(QuantizedWeight):
 
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      x = jnp.asarray(x)
-    if x.ndim < 1 or x.shape[-1] != n_in:
-      raise ValueError(f"x: expected [..., {n_in}] for a [{n_in}, {n_out}] weight, got shape "
-                       f"{tuple(x.shape)}")
-    out_dtype = jnp.result_type(x.dtype, self.dtype)
-    rows = int(np.prod(x.shape[:-1]))
+    x, out_dtype, rows = _matmul_input(x, self.logical_shape, self.dtype)
     if 0 < rows <= cpu_kernel.MAX_ROWS:
       cpu_kernel.check_backend("kernel")
       y = cpu_kernel.lowbit_matmul(x.reshape(rows, n_in), self.data,

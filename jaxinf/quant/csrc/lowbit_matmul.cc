@@ -238,10 +238,9 @@ JAXINF_AVX512 inline __mmask64 mask64(int64_t count) {
   return count >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << count) - 1);
 }
 
-// fp32 x, int8 codes: MT rows x NT columns at a time.
-template <int MT, int NT>
-JAXINF_AVX512 void f32_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
-  const int8_t* w = static_cast<const int8_t*>(p.w);
+// fp32 x, int8 codes (F32W false) or fp32 weights (F32W true): MT rows x NT columns at a time.
+template <int MT, int NT, bool F32W>
+JAXINF_AVX512 inline void f32_dense_tile(const Problem& p, int64_t m0, int64_t n0) {
   __m512 tot[MT][NT];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) tot[i][j] = _mm512_setzero_ps();
@@ -254,8 +253,13 @@ JAXINF_AVX512 void f32_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
       const __mmask16 mk = mask16(k1 - k);
       __m512 wv[NT];
       for (int j = 0; j < NT; ++j) {
-        const __m128i b = _mm_maskz_loadu_epi8(mk, w + (n0 + j) * p.K + k);
-        wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        if constexpr (F32W) {
+          wv[j] = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(p.w) + (n0 + j) * p.K + k);
+        } else {
+          const __m128i b =
+              _mm_maskz_loadu_epi8(mk, static_cast<const int8_t*>(p.w) + (n0 + j) * p.K + k);
+          wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        }
       }
       for (int i = 0; i < MT; ++i) {
         const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
@@ -271,34 +275,14 @@ JAXINF_AVX512 void f32_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
     for (int j = 0; j < NT; ++j) p.y[(m0 + i) * p.N + n0 + j] = _mm512_reduce_add_ps(tot[i][j]);
 }
 
-// fp32 x, fp32 weights: MT rows x NT columns at a time.
+template <int MT, int NT>
+JAXINF_AVX512 void f32_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
+  f32_dense_tile<MT, NT, false>(p, m0, n0);
+}
+
 template <int MT, int NT>
 JAXINF_AVX512 void f32_f32_tile(const Problem& p, int64_t m0, int64_t n0) {
-  const float* w = static_cast<const float*>(p.w);
-  __m512 tot[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) tot[i][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t k0 = g * p.gs, k1 = k0 + p.gs;
-    __m512 acc[MT][NT];
-    for (int i = 0; i < MT; ++i)
-      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 16) {
-      const __mmask16 mk = mask16(k1 - k);
-      __m512 wv[NT];
-      for (int j = 0; j < NT; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + (n0 + j) * p.K + k);
-      for (int i = 0; i < MT; ++i) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
-        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-      }
-    }
-    for (int j = 0; j < NT; ++j) {
-      const __m512 s = _mm512_set1_ps(p.scale[g * p.N + n0 + j]);
-      for (int i = 0; i < MT; ++i) tot[i][j] = _mm512_fmadd_ps(acc[i][j], s, tot[i][j]);
-    }
-  }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) p.y[(m0 + i) * p.N + n0 + j] = _mm512_reduce_add_ps(tot[i][j]);
+  f32_dense_tile<MT, NT, true>(p, m0, n0);
 }
 
 // fp32 x (rearranged, build_xa), int4 codes.
