@@ -155,22 +155,57 @@ def isa(act_int8: bool = False) -> str:
   return ("scalar", "avx512", "avx512-vnni")[load().jaxinf_lowbit_isa(int(bool(act_int8)))]
 
 
-def kernel_layout(codes: jax.Array, bits: int) -> jax.Array:
-  """int8 codes `[K, N]` -> the kernel's stored form: int8 `[N, K]` (bits > 4) or the nibbles
-  packed along K, uint8 `[N, ceil(K / 2)]` (bits <= 4; k = 2j low, 2j + 1 high)."""
-  from jaxinf.quant.qarray import pack_nibbles
+PANEL = 16  # int4 columns per panel
+OCTET = 8   # int4 k per 64-byte panel step
 
+
+def kernel_layout(codes: jax.Array, bits: int) -> jax.Array:
+  """int8 codes `[K, N]` -> the kernel's stored form: int8 `[N, K]` (bits > 4), or for bits <= 4
+  panels of 16 columns, uint8 `[16 P, 4 ceil(K / 8)]` (P = ceil(N / 16); columns and k past the
+  ends are zero codes): panel q's bytes are `[ceil(K / 8), 16, 4]`, octet o, column 16 q + j,
+  byte b holding k = 8 o + b in its low nibble and k = 8 o + 4 + b in its high one."""
   codes = jnp.asarray(codes, jnp.int8)
   if bits > 4:
     return codes.T
-  return pack_nibbles(codes.astype(jnp.uint8) & 0xF).T
+  k, n = codes.shape
+  k8, panels = -(-k // OCTET), -(-n // PANEL)
+  u = jnp.pad(codes.astype(jnp.uint8) & 0xF, ((0, OCTET * k8 - k), (0, PANEL * panels - n)))
+  u = u.reshape(k8, 2, 4, panels, PANEL)  # k = 8 o + 4 h + b; n = 16 q + j
+  packed = u[:, 0] | (u[:, 1] << 4)  # [o, b, q, j]
+  return packed.transpose(2, 0, 3, 1).reshape(PANEL * panels, 4 * k8)
+
+
+def kernel_codes(data: jax.Array, bits: int, k: int, n: int) -> jax.Array:
+  """The inverse of `kernel_layout`: the int8 codes `[k, n]` (packed codes sign-extended)."""
+  if bits > 4:
+    return jnp.asarray(data, jnp.int8).T
+  return _panel_columns(data, k, jnp.arange(n))
+
+
+def kernel_columns(data: jax.Array, bits: int, k: int, ids: jax.Array) -> jax.Array:
+  """Columns `ids` of the codes stored in the kernel layout, int8 `[k, *ids.shape]`; reads only
+  their bytes."""
+  ids = jnp.asarray(ids)
+  if bits > 4:
+    return jnp.moveaxis(jnp.take(jnp.asarray(data, jnp.int8), ids, axis=0), -1, 0)
+  return _panel_columns(data, k, ids)
+
+
+def _panel_columns(data: jax.Array, k: int, ids: jax.Array) -> jax.Array:
+  data = jnp.asarray(data, jnp.uint8)
+  k8 = data.shape[1] // 4
+  d = data.reshape(-1, k8, PANEL, 4)[ids // PANEL, :, ids % PANEL, :]  # [*ids, o, b]
+  u = jnp.stack([d & 0xF, d >> 4], axis=-2).reshape(ids.shape + (OCTET * k8,))[..., :k]
+  codes = (u.astype(jnp.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
+  return jnp.moveaxis(codes, -1, 0)
 
 
 def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, group_size: int,
                   act_int8: bool = False, force_scalar: bool = False) -> jax.Array:
   """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
-  `[N, K]`, uint8 `[N, ceil(K/2)]` (packed int4) or float32 `[N, K]` (fp32 weights, not quantized;
-  `scale` then ones `[1, N]`), `scale` fp32 `[K / group_size, N]`.
+  `[N, K]`, uint8 `[16 ceil(N / 16), 4 ceil(K / 8)]` (int4 panels) or float32 `[N, K]` (fp32
+  weights, not quantized; `scale` then ones `[1, N]`), `scale` fp32 `[K / group_size, N]` (N is
+  read from `scale` for int4).
   `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `force_scalar`: the
   portable path even where AVX-512 is available (tests). x is cast to fp32; y is fp32.
   Checks shapes and dtypes before tracing (TypeError / ValueError naming the argument)."""
@@ -183,15 +218,22 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
     raise ValueError(f"x: expected shape [M, {k}], got {tuple(x.shape)}")
   if not hasattr(data, "dtype") or np.dtype(data.dtype) not in (
       np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)):
-    raise TypeError(f"data: expected int8 [N, K] or uint8 [N, ceil(K/2)] codes or float32 "
-                    f"[N, K] weights, got {getattr(data, 'dtype', type(data).__name__)}")
+    raise TypeError(f"data: expected int8 [N, K] or uint8 int4-panel codes or float32 [N, K] "
+                    f"weights, got {getattr(data, 'dtype', type(data).__name__)}")
   if np.dtype(data.dtype) == np.dtype(np.float32) and act_int8:
     raise ValueError("act_int8: fp32 weights take fp32 activations")
   int4 = np.dtype(data.dtype) == np.dtype(np.uint8)
-  kb = (k + 1) // 2 if int4 else k
+  kb = 4 * (-(-k // OCTET)) if int4 else k
   if data.ndim != 2 or data.shape[1] != kb:
     raise ValueError(f"data: expected shape [N, {kb}] for K = {k}, got {tuple(data.shape)}")
   n = data.shape[0]
+  if int4:
+    if not hasattr(scale, "shape") or len(scale.shape) != 2:
+      raise ValueError(f"scale: expected shape [G, N], got {getattr(scale, 'shape', None)}")
+    n = int(scale.shape[1])
+    if data.shape[0] != PANEL * (-(-n // PANEL)):
+      raise ValueError(f"data: expected {PANEL * (-(-n // PANEL))} rows (int4 panels of "
+                       f"{PANEL} for N = {n} columns), got {data.shape[0]}")
   if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
       or group_size < 1 or k % group_size:
     raise ValueError(f"group_size: expected a positive divisor of K = {k}, got {group_size!r}")

@@ -33,11 +33,12 @@ The product `x @ W` (`QArray.__rmatmul__`, the XLA path) never materialises the 
   accumulated in int32 (exact for `in` below 2^31 / 127² ≈ 133k), otherwise an fp32 dot of the
   grid values.
 
-Kernel layout (`kernel="cpu_ffi"`, integer formats only, `jaxinf.quant.cpu_kernel`): the same
-codes transposed, one output column per row — int8 `[out, in]`, int2–int4 `uint8 [out,
-ceil(in/2)]` with the nibbles packed along `in` (k = 2j low, 2j + 1 high) — so the hand-written CPU
-kernel reads each output's codes contiguously. Same bytes as the XLA layout; `codes()`,
-`dequantize()` and the XLA path (used above `cpu_kernel.MAX_ROWS` rows of x) undo the transpose.
+Kernel layout (`kernel="cpu_ffi"`, integer formats only, `jaxinf.quant.cpu_kernel`): int8 codes
+transposed, one output column per row (`[out, in]`, the same bytes as the XLA layout); int2–int4
+codes in panels of 16 output columns (`cpu_kernel.kernel_layout`: per 8 inputs, 64 bytes holding
+16 columns x 8 nibbles), so that one vector load feeds 16 output lanes. The panels pad `out` to a
+multiple of 16 and `in` to a multiple of 8 with zero codes; `nbytes` counts the padding. `codes()`,
+`dequantize()` and the XLA path (used above `cpu_kernel.MAX_ROWS` rows of x) undo the layout.
 `x @ w` with up to `MAX_ROWS` rows runs the kernel (fp32 activations, or int8 ones with
 `act_format="int8"`).
 """
@@ -152,7 +153,9 @@ class QArray(QuantizedWeight):
 
   def codes(self) -> jax.Array:
     """The integer codes `[in, out]` as int8 (integer formats only)."""
-    return self._codes(self.data.T if self.kernel is not None else self.data)  # kernel: [out, in]
+    if self.kernel is not None:
+      return cpu_kernel.kernel_codes(self.data, self.fmt.bits, *self.logical_shape)
+    return self._codes(self.data)
 
   def _codes(self, data: jax.Array) -> jax.Array:
     """Integer codes from stored `data` whose first axis is the (packed) input axis."""
@@ -166,7 +169,9 @@ class QArray(QuantizedWeight):
 
   def grid_values(self, dtype: Any = jnp.float32) -> jax.Array:
     """The stored values on the format's grid `q [in, out]` (the weight is `q · scale`)."""
-    return self._grid(self.data.T if self.kernel is not None else self.data, dtype)
+    if self.kernel is not None:  # integer formats: the grid values are the codes
+      return self.codes().astype(dtype)
+    return self._grid(self.data, dtype)
 
   def _grid(self, data: jax.Array, dtype: Any) -> jax.Array:
     """Grid values from stored `data` whose first axis is the (packed) input axis."""
@@ -182,14 +187,15 @@ class QArray(QuantizedWeight):
 
   def take_columns(self, ids: jax.Array) -> jax.Array:
     """`W[:, ids]` as `[*ids.shape, in]` in the compute dtype, decoding only those columns: the
-    rows of an embedding table stored transposed (`QEmbedding.lookup`). In the kernel layout the
-    columns are contiguous rows of `data`; in the XLA layout they are gathered along its axis 1."""
+    rows of an embedding table stored transposed (`QEmbedding.lookup`). In the kernel layout a
+    column's codes are one row of `data` (int8) or one lane of its panel (packed); in the XLA
+    layout they are gathered along its axis 1."""
     ids = jnp.asarray(ids)
-    if self.kernel is not None:  # [out, in']: gather rows, then put the input axis first
-      data = jnp.moveaxis(jnp.take(self.data, ids, axis=0), -1, 0)
+    if self.kernel is not None:
+      q = cpu_kernel.kernel_columns(self.data, self.fmt.bits, self.logical_shape[0], ids)
+      q = q.astype(jnp.float32)  # [in, *ids.shape]
     else:
-      data = jnp.take(self.data, ids, axis=1)  # [in', *ids.shape]
-    q = self._grid(data, jnp.float32)  # [in, *ids.shape]
+      q = self._grid(jnp.take(self.data, ids, axis=1), jnp.float32)  # [in, *ids.shape]
     scale = jnp.take(self.scale, ids, axis=1)  # [G, *ids.shape]
     q = q.reshape((self.num_groups, self.group_size) + ids.shape) * scale[:, None]
     return jnp.moveaxis(q.reshape((self.logical_shape[0],) + ids.shape), 0, -1).astype(self.dtype)

@@ -34,20 +34,28 @@ def kernel():
   return jax.jit(lambda x, w: x @ w)
 
 
-CASES = [("int8", None), ("int8", 20), ("int4", None), ("int4", 20)]
+# (format, group size, K); N = 37 throughout (a tail int4 panel, tail row-tile columns). int4:
+# K = 100 pads the last octet; groups of 32 and 24 (whole octets) take the vector path, groups
+# of 20 the scalar one.
+CASES = [("int8", None, 100), ("int8", 20, 100), ("int4", None, 100), ("int4", 20, 100),
+         ("int4", 32, 96), ("int4", 24, 96)]
 
 
-@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("fmt,group,k", CASES)
 @pytest.mark.parametrize("act", [None, "int8"])
-def test_kernel_matches_dequantized_reference(kernel, fmt, group, act):
+def test_kernel_matches_dequantized_reference(kernel, fmt, group, k, act):
   rng = np.random.default_rng(0)
-  k, n = 100, 37  # not multiples of 16 / 64: every tail path
+  n = 37
   w = rng.normal(size=(k, n)).astype(np.float32)
   qk = quantize(jnp.asarray(w), fmt, group_size=group, act_format=act, kernel="cpu_ffi")
   qx = quantize(jnp.asarray(w), fmt, group_size=group, act_format=act)
   wd = np.asarray(qx.dequantize(), np.float64)
   np.testing.assert_array_equal(np.asarray(qk.dequantize()), np.asarray(qx.dequantize()))
-  assert qk.nbytes == qx.nbytes
+  if fmt == "int8":
+    assert qk.nbytes == qx.nbytes
+  else:  # panels: 16 columns x 8 k per 64 bytes, zero-padded
+    assert qk.data.shape == (48, 4 * -(-k // 8))
+    assert qk.nbytes == qk.data.size + qk.scale.nbytes
   for m in (1, 3, 5, 7, 8, 16, 33):  # every row-tile height (8 per pass, tails 1-7)
     x = rng.normal(size=(m, k)).astype(np.float32)
     y = np.asarray(kernel(x, qk), np.float64)
