@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinf.config import check_fields, check_flag
-from jaxinf.models import kv_policies, layers, tree_attention
+from jaxinf.models import cpu_attention, kv_policies, layers, tree_attention
 from jaxinf.models.functional import (FamilyLM, check_cache_batch, check_keep,
                                       check_prefill_lengths, check_token_ids)
 from jaxinf.parallel import kernels as mesh_kernels
@@ -269,6 +269,7 @@ class Transformer(nnx.Module):
     rows = jnp.arange(b)[:, None]
     new_length = start + k_new
     ks, vs = cache["k"], cache["v"]
+    in_place = cpu_attention.use_cpu_attention(impl, interpret, ks.dtype)
     x = layers.embed(self.embed_tokens, tokens).astype(jnp.float32)
     for i, block in enumerate(self.layers):
       q, k, v = block.attention_inputs(x, positions)
@@ -276,7 +277,11 @@ class Transformer(nnx.Module):
       # dims (rows, positions) come first, so the update is [B, k, Hkv, D] as it is)
       ks = ks.at[i, rows, :, positions].set(k)
       vs = vs.at[i, rows, :, positions].set(v)
-      o = mesh_kernels.attention_step(q, ks[i], vs[i], new_length, impl=impl,
+      if in_place:  # XLA:CPU: layer i read inside the stack, valid slots only (cpu_attention)
+        o = cpu_attention.attention_step(q.astype(jnp.float32), ks, vs, new_length, i)
+        o = o.astype(q.dtype)
+      else:
+        o = mesh_kernels.attention_step(q, ks[i], vs[i], new_length, impl=impl,
                                         interpret=interpret, layout="bhsd")
       x = block.finish(x, o)
     cache = dict(cache, k=ks, v=vs, length=new_length,

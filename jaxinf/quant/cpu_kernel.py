@@ -28,6 +28,9 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   pool (`ffi::ThreadPool`, so the kernel uses the threads XLA was given);
 - a scalar path (same sums) where the CPU lacks AVX-512 / VNNI, chosen at run time.
 
+The same shared library holds the decode-step attention of `jaxinf.models.cpu_attention`
+(`csrc/attention_step.cc`): every source of `csrc/` is compiled into it.
+
 The shared library is compiled on first use with the system C++ compiler (`$CXX`, else `c++`,
 else `g++`) into a per-user cache (`$JAXINF_KERNEL_CACHE`, else `$XDG_CACHE_HOME/jaxinf/kernels`,
 else `~/.cache/jaxinf/kernels`), keyed by a hash of the source, the compiler and the jaxlib
@@ -59,7 +62,9 @@ import numpy as np
 KERNELS = ("cpu_ffi",)
 MAX_ROWS = 64          # x rows (decode batch) up to which QArray uses the kernel; XLA above
 TARGET = "jaxinf_lowbit_matmul"
-SOURCE = Path(__file__).parent / "csrc" / "lowbit_matmul.cc"
+ATTENTION_TARGET = "jaxinf_attention_step"  # csrc/attention_step.cc (jaxinf.models.cpu_attention)
+# every source of csrc/ goes into the one shared library
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cc")))
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
 
 
@@ -110,18 +115,19 @@ def library_path() -> Path:
 
   cxx = compiler()
   key = hashlib.sha256()
-  key.update(SOURCE.read_bytes())
+  for source in SOURCES:
+    key.update(source.name.encode() + source.read_bytes())
   key.update(f"{cxx}|{' '.join(FLAGS)}|jaxlib {jaxlib.__version__}".encode())
   return cache_dir() / f"lowbit_matmul-{key.hexdigest()[:16]}.so"
 
 
 def build(path: Path) -> None:
-  """Compile `SOURCE` to `path` (a temporary file renamed into place: concurrent builds from
+  """Compile `SOURCES` to `path` (a temporary file renamed into place: concurrent builds from
   several processes are safe)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
-  cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
   try:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -144,6 +150,8 @@ def load() -> ctypes.CDLL:
         build(path)
       lib = ctypes.CDLL(str(path))
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinfLowbitMatmul),
+                                  platform="cpu")
+      jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxinfAttentionStep),
                                   platform="cpu")
       lib.jaxinf_lowbit_isa.restype = ctypes.c_int
       _lib = lib

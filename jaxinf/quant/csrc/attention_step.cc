@@ -1,0 +1,273 @@
+// Decode-step attention for XLA:CPU over the transformer's stacked, head-major KV cache, called
+// through the XLA FFI (jaxinf/models/cpu_attention.py calls it; jaxinf/quant/cpu_kernel.py builds
+// and registers every source of this folder as one shared library).
+//
+//   q [B, T, H, D], k / v [L, B, Hkv, S, D] (the whole stack: `layer` picks one, so the layer's
+//   cache is read in place instead of being sliced out, a copy on XLA:CPU), lengths [B] int32
+//   -> o [B, T, H, D]
+//
+// Query t of row b sits at position lengths[b] - T + t and sees slots s < lengths[b] - T + t + 1
+// (clamped to [0, S]): only the valid slots are read, not the whole S. A query that sees no slot
+// gets zeros (the XLA form's convention). GQA: query head h reads kv head h / (H / Hkv).
+//
+// Per query: logits scale * <q, k_s>, their max m, weights exp(logit - m), out = sum_s w_s v_s /
+// sum_s w_s: the XLA form's arithmetic (`pallas_kernels.attention`, chunked XLA), with the sums
+// in another order and exp from a polynomial (relative error below 2e-7, exp(x) flushes to 0
+// below x = -87.3, where the weight is negligible beside the max's weight of 1).
+//
+// Threads: one task per (b, kv head), taken from an atomic counter by the calling thread and by
+// tasks on XLA's intra-op pool (ffi::ThreadPool), as lowbit_matmul.cc does. A task's rows reuse
+// its K / V slots from cache (one DRAM read per step).
+//
+// Instruction sets: AVX-512F with a target attribute, chosen at run time; a scalar path with
+// std::exp elsewhere and for head dims above 128.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define JAXINF_ATT_X86 1
+#else
+#define JAXINF_ATT_X86 0
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Att {
+  const float* q;        // [B, T, H, D]
+  const float* k;        // [L, B, Hkv, S, D]
+  const float* v;
+  const int32_t* len;    // [B]
+  float* o;              // [B, T, H, D]
+  int64_t B, T, H, Hkv, S, D, layer;
+  float scale;
+
+  const float* kv_head(const float* base, int64_t b, int64_t hk) const {
+    return base + ((layer * B + b) * Hkv + hk) * S * D;
+  }
+  int64_t limit(int64_t b, int64_t t) const {
+    const int64_t lim = static_cast<int64_t>(len[b]) - T + t + 1;
+    return std::min<int64_t>(S, std::max<int64_t>(0, lim));
+  }
+};
+
+// One query row: q, its K / V head, its limit -> out (D floats). `w`: scratch of S floats.
+void row_scalar(const Att& a, const float* q, const float* k, const float* v, int64_t lim,
+                float* w, float* out) {
+  for (int64_t d = 0; d < a.D; ++d) out[d] = 0.0f;
+  if (lim == 0) return;
+  float m = -INFINITY;
+  for (int64_t s = 0; s < lim; ++s) {
+    float dot = 0.0f;
+    for (int64_t d = 0; d < a.D; ++d) dot += q[d] * k[s * a.D + d];
+    w[s] = a.scale * dot;
+    m = std::max(m, w[s]);
+  }
+  float denom = 0.0f;
+  for (int64_t s = 0; s < lim; ++s) {
+    w[s] = std::exp(w[s] - m);
+    denom += w[s];
+  }
+  for (int64_t s = 0; s < lim; ++s)
+    for (int64_t d = 0; d < a.D; ++d) out[d] += w[s] * v[s * a.D + d];
+  for (int64_t d = 0; d < a.D; ++d) out[d] /= denom;
+}
+
+#if JAXINF_ATT_X86
+#define JAXINF_ATT_AVX512 __attribute__((target("avx512f,avx512dq")))
+
+// exp(x) = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (two-part ln 2), e^r by Cephes' degree-6
+// polynomial on |r| <= ln 2 / 2; 2^n applied by vscalefps (exact), x clamped to [-88.4, 88.4].
+JAXINF_ATT_AVX512 inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
+                    _mm512_set1_ps(-88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+JAXINF_ATT_AVX512 inline __mmask16 tail_mask(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// NC = ceil(D / 16) vectors per head vector, the last one masked to D's tail.
+template <int NC>
+JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const float* k, const float* v,
+                                  int64_t lim, float* w, float* out) {
+  const __mmask16 last = tail_mask(a.D - 16 * (NC - 1));
+  auto mask = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
+  if (lim == 0) {
+    for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(out + 16 * c, mask(c), _mm512_setzero_ps());
+    return;
+  }
+  __m512 qv[NC];
+  for (int c = 0; c < NC; ++c)
+    qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(c), q + 16 * c), _mm512_set1_ps(a.scale));
+  // logits, one slot at a time (the products' lanes summed)
+  float m = -INFINITY;
+  for (int64_t s = 0; s < lim; ++s) {
+    const float* ks = k + s * a.D;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(mask(0), ks));
+    for (int c = 1; c < NC; ++c)
+      acc = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(mask(c), ks + 16 * c), acc);
+    w[s] = _mm512_reduce_add_ps(acc);
+    m = std::max(m, w[s]);
+  }
+  // weights and their sum
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t s = 0; s < lim; s += 16) {
+    const __mmask16 ms = tail_mask(lim - s);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(ms, w + s), mv));
+    _mm512_mask_storeu_ps(w + s, ms, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(ms, e));
+  }
+  // out = sum_s w_s v_s / sum_s w_s
+  __m512 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < lim; ++s) {
+    const __m512 ws = _mm512_set1_ps(w[s]);
+    const float* vs = v + s * a.D;
+    for (int c = 0; c < NC; ++c)
+      acc[c] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(mask(c), vs + 16 * c), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(out + 16 * c, mask(c), _mm512_mul_ps(acc[c], inv));
+}
+
+bool att_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+#endif  // JAXINF_ATT_X86
+
+using RowFn = void (*)(const Att&, const float*, const float*, const float*, int64_t, float*,
+                       float*);
+
+RowFn pick_row(const Att& a, bool force_scalar) {
+#if JAXINF_ATT_X86
+  if (!force_scalar && att_has_avx512()) {
+    switch ((a.D + 15) / 16) {
+      case 1: return row_avx512<1>;
+      case 2: return row_avx512<2>;
+      case 3: return row_avx512<3>;
+      case 4: return row_avx512<4>;
+      case 5: return row_avx512<5>;
+      case 6: return row_avx512<6>;
+      case 7: return row_avx512<7>;
+      case 8: return row_avx512<8>;
+      default: break;
+    }
+  }
+#endif
+  (void)a;
+  (void)force_scalar;
+  return row_scalar;
+}
+
+struct Tasks {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t count = 0;
+  Att a;
+  RowFn row = nullptr;
+
+  // Task (b, kv head): every query head of its group, every new token.
+  void work() {
+    std::vector<float> w(static_cast<size_t>(std::max<int64_t>(a.S, 1)));
+    const int64_t group = a.H / a.Hkv;
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= count) return;
+      const int64_t b = i / a.Hkv, hk = i % a.Hkv;
+      const float* k = a.kv_head(a.k, b, hk);
+      const float* v = a.kv_head(a.v, b, hk);
+      for (int64_t t = 0; t < a.T; ++t) {
+        const int64_t lim = a.limit(b, t);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t off = ((b * a.T + t) * a.H + hk * group + g) * a.D;
+          row(a, a.q + off, k, v, lim, w.data(), a.o + off);
+        }
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths,
+                         ffi::ResultBuffer<ffi::F32> o, int64_t layer, float scale,
+                         int32_t force_scalar, ffi::ThreadPool pool) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             ld = lengths.dimensions(), od = o->dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || ld.size() != 1 || od.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "attention_step: expected q [B, T, H, D], k and v [L, B, Hkv, S, D], lengths [B]");
+  Att a{};
+  a.B = qd[0];
+  a.T = qd[1];
+  a.H = qd[2];
+  a.D = qd[3];
+  a.Hkv = kd[2];
+  a.S = kd[3];
+  a.layer = layer;
+  a.scale = scale;
+  for (size_t i = 0; i < 5; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("attention_step: k and v differ");
+  if (kd[1] != a.B || kd[4] != a.D || ld[0] != a.B || a.Hkv < 1 || a.H % a.Hkv != 0 ||
+      layer < 0 || layer >= kd[0])
+    return ffi::Error::InvalidArgument("attention_step: operand shapes do not agree");
+  for (size_t i = 0; i < 4; ++i)
+    if (od[i] != qd[i]) return ffi::Error::InvalidArgument("attention_step: bad output shape");
+  if (a.B * a.T * a.H * a.D == 0) return ffi::Error::Success();
+  a.q = q.typed_data();
+  a.k = k.typed_data();
+  a.v = v.typed_data();
+  a.len = lengths.typed_data();
+  a.o = o->typed_data();
+
+  auto tasks = std::make_shared<Tasks>();
+  tasks->count = a.B * a.Hkv;
+  tasks->a = a;
+  tasks->row = pick_row(a, force_scalar != 0);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = std::min(threads, tasks->count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([tasks] { tasks->work(); });
+  tasks->work();
+  // Wait for tasks that helpers took; a helper that starts later finds none left.
+  while (tasks->done.load(std::memory_order_acquire) < tasks->count) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfAttentionStep, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer")
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("force_scalar")
+                                  .Ctx<ffi::ThreadPool>());
