@@ -187,7 +187,12 @@ def kernel_codes(data: jax.Array, bits: int, k: int, n: int) -> jax.Array:
   """The inverse of `kernel_layout`: the int8 codes `[k, n]` (packed codes sign-extended)."""
   if bits > 4:
     return jnp.asarray(data, jnp.int8).T
-  return _panel_columns(data, k, jnp.arange(n))
+  data = jnp.asarray(data, jnp.uint8)
+  k8 = data.shape[1] // 4
+  d = data.reshape(-1, k8, PANEL, 4).transpose(1, 3, 0, 2)  # [o, b, q, j]: no gather
+  u = jnp.stack([d & 0xF, d >> 4], axis=1)  # [o, h, b, q, j]: k = 8 o + 4 h + b, n = 16 q + j
+  u = u.reshape(OCTET * k8, -1)[:k, :n]
+  return (u.astype(jnp.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
 
 
 def kernel_columns(data: jax.Array, bits: int, k: int, ids: jax.Array) -> jax.Array:
