@@ -46,8 +46,10 @@ TINY = ("transformer-tiny", "mamba-tiny", "rwkv7-tiny", "transnormer-tiny")
 def family_costs(request):
   """(model, {mode: XLA's cost}) of a family's prefill of B x T tokens into a fresh cache of T
   slots, and a decode step of one token per row at cache length T - 1 (every output returned,
-  the cache too, so XLA counts no dead code away)."""
-  model, params = families.build(request.param, seed=0)
+  the cache too, so XLA counts no dead code away). Built with impl="xla": the roofline counts the
+  XLA form's ops, and on CPU impl="auto" runs the transformer's decode attention as a custom call
+  (`jaxinf.models.cpu_attention`), whose work XLA's cost analysis cannot see."""
+  model, params = families.build(request.param, seed=0, impl="xla")
   cache = model.init_cache(B, T)
   tokens = jnp.ones((B, T), jnp.int32)
   lengths = jnp.full((B,), T, jnp.int32)
