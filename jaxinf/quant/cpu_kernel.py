@@ -1,4 +1,4 @@
-"""A hand-written CPU kernel for decode-shaped low-bit products `x [M, K] @ W [K, N]`, M <= 64.
+"""A hand-written CPU kernel for low-bit products `x [M, K] @ W [K, N]`, shaped for decoding.
 
 Why a hand-written kernel: XLA:CPU has no low-bit matmul. For `x @ QArray` it converts the int8 /
 int4 codes to fp32 inside the jitted step and runs an fp32 dot, so a decode step still streams (and
@@ -9,10 +9,15 @@ product is bound by reading the weight, so the speed-up has to come from reading
 stored and widening them in registers; nothing in XLA's CPU pipeline (fusion, Eigen, oneDNN) does
 that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
 
-- layout: the codes transposed, one output column per row (`int8 [N, K]`; int4 as `uint8
-  [N, ceil(K/2)]`, two nibbles per byte along K), so each output reads K contiguous codes; the fp32
-  scales stay `[G, N]`. `QArray(kernel="cpu_ffi")` stores this layout from quantization on (same
-  bytes as the XLA layout, so `nbytes` is unchanged; `codes()` / `dequantize()` undo it);
+- layout (`kernel_layout`): the codes in panels of 16 output columns, so that one 64-byte load
+  feeds 16 output lanes (16 columns x 4 k for int8, x 8 k for int4 nibbles; a lane's 4 bytes
+  are 4 consecutive k, `vpdpbusd`'s group) and a group's 16 column scales are one load — no
+  horizontal sums, and a scale group of 32 is no longer half a vector. `int8 [16 P, 4 ceil(K/4)]`,
+  int4 `uint8 [16 P, 4 ceil(K/8)]` (P = ceil(N/16); columns and k past the ends are zero codes);
+  the fp32 scales stay `[G, N]`. `QArray(kernel="cpu_ffi")` stores this layout from quantization
+  on (`nbytes` counts the padding; `codes()` / `dequantize()` undo it). The previous row layout
+  (one output column per row, a horizontal sum per output) ran W8A8 at 8 rows 2.7x slower on the
+  110M Llama's tied head (32000 x 768, one scale per row) and 7x slower with groups of 32;
 - weight-only (`act_format=None`): fp32 activations, codes widened to fp32 in AVX-512 registers,
   fp32 FMA per group, each group's sum times its scale;
 - W8A8 (`act_format="int8"`): each row of x quantized to int8 inside the kernel exactly as
@@ -23,7 +28,8 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   quantization, fp32 `[N, K]`; XLA:CPU's own fp32 dot reads a decode step's weights at about 60 %
   of the DRAM bandwidth;
 - rows: up to 8 rows of x per pass over the columns, so a decode batch of up to 8 reads each
-  weight once (register tiles of up to 8 rows x 1-4 columns);
+  weight once (register tiles of up to 8 rows x 1-4 panels); any number of rows (`use_kernel`
+  says where XLA's dot is faster and takes over);
 - threads: the N columns in blocks shared between the calling thread and XLA's intra-op thread
   pool (`ffi::ThreadPool`, so the kernel uses the threads XLA was given);
 - a scalar path (same sums) where the CPU lacks AVX-512 / VNNI, chosen at run time.
@@ -60,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KERNELS = ("cpu_ffi",)
-MAX_ROWS = 64          # x rows (decode batch) up to which QArray uses the kernel; XLA above
+MAX_ROWS = 64          # x rows up to which fp32-activation int8 / fp32 weights take the kernel
 TARGET = "jaxinf_lowbit_matmul"
 ATTENTION_TARGET = "jaxinf_attention_step"  # csrc/attention_step.cc (jaxinf.models.cpu_attention)
 # every source of csrc/ goes into the one shared library
@@ -163,62 +169,86 @@ def isa(act_int8: bool = False) -> str:
   return ("scalar", "avx512", "avx512-vnni")[load().jaxinf_lowbit_isa(int(bool(act_int8)))]
 
 
-PANEL = 16  # int4 columns per panel
+PANEL = 16  # columns per panel
 OCTET = 8   # int4 k per 64-byte panel step
+QUAD = 4    # int8 k per 64-byte panel step
+
+
+def use_kernel(rows: int, *, int4: bool, act_int8: bool) -> bool:
+  """Whether `x @ w` with `rows` rows of x runs the kernel rather than XLA's form. int4 panels and
+  int8 activations: at every row count, prefill included (XLA:CPU has no fast form of either: at
+  256 rows x 768 x 2304 the kernel took 1.8 ms for W4A8, 4.3 for W4 and 3.6 for W8A8 where XLA's
+  grouped / integer dots took 64, 25 and 20 ms, `experiments/bench_kernel_rows.py`). int8 and
+  fp32 weights with fp32 activations: up to `MAX_ROWS`; above, XLA's dense fp32 dot is the faster
+  one (3.9 vs 5.2 ms at 256 rows: the product is compute-bound there and its packing wins)."""
+  return rows > 0 and (int4 or act_int8 or rows <= MAX_ROWS)
+
+
+def kernel_step(bits: int) -> int:
+  """k per 64-byte panel step: 8 for int2-int4 (nibbles), 4 for int8 (bytes)."""
+  return OCTET if bits <= 4 else QUAD
 
 
 def kernel_layout(codes: jax.Array, bits: int) -> jax.Array:
-  """int8 codes `[K, N]` -> the kernel's stored form: int8 `[N, K]` (bits > 4), or for bits <= 4
-  panels of 16 columns, uint8 `[16 P, 4 ceil(K / 8)]` (P = ceil(N / 16); columns and k past the
-  ends are zero codes): panel q's bytes are `[ceil(K / 8), 16, 4]`, octet o, column 16 q + j,
+  """int8 codes `[K, N]` -> the kernel's stored form, panels of 16 columns (P = ceil(N / 16);
+  columns and k past the ends are zero codes). bits > 4: int8 `[16 P, 4 ceil(K / 4)]`, panel q's
+  bytes `[ceil(K / 4), 16, 4]`: quad o, column 16 q + j, byte b holding k = 4 o + b. bits <= 4:
+  uint8 `[16 P, 4 ceil(K / 8)]`, panel q's bytes `[ceil(K / 8), 16, 4]`: octet o, column 16 q + j,
   byte b holding k = 8 o + b in its low nibble and k = 8 o + 4 + b in its high one."""
   codes = jnp.asarray(codes, jnp.int8)
-  if bits > 4:
-    return codes.T
   k, n = codes.shape
-  k8, panels = -(-k // OCTET), -(-n // PANEL)
-  u = jnp.pad(codes.astype(jnp.uint8) & 0xF, ((0, OCTET * k8 - k), (0, PANEL * panels - n)))
-  u = u.reshape(k8, 2, 4, panels, PANEL)  # k = 8 o + 4 h + b; n = 16 q + j
-  packed = u[:, 0] | (u[:, 1] << 4)  # [o, b, q, j]
-  return packed.transpose(2, 0, 3, 1).reshape(PANEL * panels, 4 * k8)
+  step, panels = kernel_step(bits), -(-n // PANEL)
+  ks = -(-k // step)
+  if bits > 4:
+    u = jnp.pad(codes, ((0, step * ks - k), (0, PANEL * panels - n)))
+    u = u.reshape(ks, 4, panels, PANEL)  # [o, b, q, j]: k = 4 o + b; n = 16 q + j
+  else:
+    u = jnp.pad(codes.astype(jnp.uint8) & 0xF, ((0, step * ks - k), (0, PANEL * panels - n)))
+    u = u.reshape(ks, 2, 4, panels, PANEL)  # k = 8 o + 4 h + b; n = 16 q + j
+    u = u[:, 0] | (u[:, 1] << 4)  # [o, b, q, j]
+  return u.transpose(2, 0, 3, 1).reshape(PANEL * panels, 4 * ks)
+
+
+def _unpack_steps(d: jax.Array, bits: int, axis: int) -> jax.Array:
+  """Panel step bytes -> int8 codes: int8 bytes as they are; int4 nibbles, the low and high one
+  of each byte stacked at `axis` (k = 8 o + 4 h + b), sign-extended."""
+  if bits > 4:
+    return jnp.asarray(d, jnp.int8)
+  u = jnp.stack([d & 0xF, d >> 4], axis=axis)
+  return (u.astype(jnp.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
+
+
+def _panel_bytes(data: jax.Array, bits: int) -> jax.Array:
+  return jnp.asarray(data, jnp.int8 if bits > 4 else jnp.uint8)
 
 
 def kernel_codes(data: jax.Array, bits: int, k: int, n: int) -> jax.Array:
   """The inverse of `kernel_layout`: the int8 codes `[k, n]` (packed codes sign-extended)."""
-  if bits > 4:
-    return jnp.asarray(data, jnp.int8).T
-  data = jnp.asarray(data, jnp.uint8)
-  k8 = data.shape[1] // 4
-  d = data.reshape(-1, k8, PANEL, 4).transpose(1, 3, 0, 2)  # [o, b, q, j]: no gather
-  u = jnp.stack([d & 0xF, d >> 4], axis=1)  # [o, h, b, q, j]: k = 8 o + 4 h + b, n = 16 q + j
-  u = u.reshape(OCTET * k8, -1)[:k, :n]
-  return (u.astype(jnp.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
+  data = _panel_bytes(data, bits)
+  ks = data.shape[1] // 4
+  d = data.reshape(-1, ks, PANEL, 4).transpose(1, 3, 0, 2)  # [o, b, q, j]: no gather
+  u = _unpack_steps(d, bits, axis=1)  # int4: [o, h, b, q, j]
+  return u.reshape(kernel_step(bits) * ks, -1)[:k, :n]
 
 
 def kernel_columns(data: jax.Array, bits: int, k: int, ids: jax.Array) -> jax.Array:
   """Columns `ids` of the codes stored in the kernel layout, int8 `[k, *ids.shape]`; reads only
   their bytes."""
   ids = jnp.asarray(ids)
-  if bits > 4:
-    return jnp.moveaxis(jnp.take(jnp.asarray(data, jnp.int8), ids, axis=0), -1, 0)
-  return _panel_columns(data, k, ids)
-
-
-def _panel_columns(data: jax.Array, k: int, ids: jax.Array) -> jax.Array:
-  data = jnp.asarray(data, jnp.uint8)
-  k8 = data.shape[1] // 4
-  d = data.reshape(-1, k8, PANEL, 4)[ids // PANEL, :, ids % PANEL, :]  # [*ids, o, b]
-  u = jnp.stack([d & 0xF, d >> 4], axis=-2).reshape(ids.shape + (OCTET * k8,))[..., :k]
-  codes = (u.astype(jnp.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
+  data = _panel_bytes(data, bits)
+  ks = data.shape[1] // 4
+  d = data.reshape(-1, ks, PANEL, 4)[ids // PANEL, :, ids % PANEL, :]  # [*ids, o, b]
+  u = _unpack_steps(d, bits, axis=-2)  # int4: [*ids, o, h, b]
+  codes = u.reshape(ids.shape + (kernel_step(bits) * ks,))[..., :k]
   return jnp.moveaxis(codes, -1, 0)
 
 
 def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, group_size: int,
                   act_int8: bool = False, force_scalar: bool = False) -> jax.Array:
   """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
-  `[N, K]`, uint8 `[16 ceil(N / 16), 4 ceil(K / 8)]` (int4 panels) or float32 `[N, K]` (fp32
-  weights, not quantized; `scale` then ones `[1, N]`), `scale` fp32 `[K / group_size, N]` (N is
-  read from `scale` for int4).
+  `[16 ceil(N / 16), 4 ceil(K / 4)]` (int8 panels), uint8 `[16 ceil(N / 16), 4 ceil(K / 8)]`
+  (int4 panels) or float32 `[N, K]` (fp32 weights, not quantized; `scale` then ones `[1, N]`),
+  `scale` fp32 `[K / group_size, N]` (N is read from `scale` for the panels).
   `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `force_scalar`: the
   portable path even where AVX-512 is available (tests). x is cast to fp32; y is fp32.
   Checks shapes and dtypes before tracing (TypeError / ValueError naming the argument)."""
@@ -231,25 +261,29 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
     raise ValueError(f"x: expected shape [M, {k}], got {tuple(x.shape)}")
   if not hasattr(data, "dtype") or np.dtype(data.dtype) not in (
       np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)):
-    raise TypeError(f"data: expected int8 [N, K] or uint8 int4-panel codes or float32 [N, K] "
+    raise TypeError(f"data: expected int8 / uint8 (int8 / int4 code panels) or float32 [N, K] "
                     f"weights, got {getattr(data, 'dtype', type(data).__name__)}")
   if np.dtype(data.dtype) == np.dtype(np.float32) and act_int8:
     raise ValueError("act_int8: fp32 weights take fp32 activations")
-  int4 = np.dtype(data.dtype) == np.dtype(np.uint8)
-  kb = 4 * (-(-k // OCTET)) if int4 else k
+  panels = np.dtype(data.dtype) != np.dtype(np.float32)
+  bits = 4 if np.dtype(data.dtype) == np.dtype(np.uint8) else 8
+  kb = 4 * (-(-k // kernel_step(bits))) if panels else k
   if data.ndim != 2 or data.shape[1] != kb:
     raise ValueError(f"data: expected shape [N, {kb}] for K = {k}, got {tuple(data.shape)}")
   n = data.shape[0]
-  if int4:
+  if panels:
     if not hasattr(scale, "shape") or len(scale.shape) != 2:
       raise ValueError(f"scale: expected shape [G, N], got {getattr(scale, 'shape', None)}")
     n = int(scale.shape[1])
     if data.shape[0] != PANEL * (-(-n // PANEL)):
-      raise ValueError(f"data: expected {PANEL * (-(-n // PANEL))} rows (int4 panels of "
-                       f"{PANEL} for N = {n} columns), got {data.shape[0]}")
+      raise ValueError(f"data: expected {PANEL * (-(-n // PANEL))} rows (panels of {PANEL} for "
+                       f"N = {n} columns), got {data.shape[0]}")
   if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
       or group_size < 1 or k % group_size:
     raise ValueError(f"group_size: expected a positive divisor of K = {k}, got {group_size!r}")
+  if not panels and group_size != k:
+    raise ValueError(f"group_size: fp32 weights take one group (group_size = K = {k}), got "
+                     f"{group_size}")
   if not hasattr(scale, "dtype") or np.dtype(scale.dtype) != np.dtype(np.float32):
     raise TypeError(f"scale: expected float32, got {getattr(scale, 'dtype', type(scale).__name__)}")
   if tuple(scale.shape) != (k // group_size, n):

@@ -33,14 +33,14 @@ The product `x @ W` (`QArray.__rmatmul__`, the XLA path) never materialises the 
   accumulated in int32 (exact for `in` below 2^31 / 127² ≈ 133k), otherwise an fp32 dot of the
   grid values.
 
-Kernel layout (`kernel="cpu_ffi"`, integer formats only, `jaxinf.quant.cpu_kernel`): int8 codes
-transposed, one output column per row (`[out, in]`, the same bytes as the XLA layout); int2–int4
-codes in panels of 16 output columns (`cpu_kernel.kernel_layout`: per 8 inputs, 64 bytes holding
-16 columns x 8 nibbles), so that one vector load feeds 16 output lanes. The panels pad `out` to a
-multiple of 16 and `in` to a multiple of 8 with zero codes; `nbytes` counts the padding. `codes()`,
-`dequantize()` and the XLA path (used above `cpu_kernel.MAX_ROWS` rows of x) undo the layout.
-`x @ w` with up to `MAX_ROWS` rows runs the kernel (fp32 activations, or int8 ones with
-`act_format="int8"`).
+Kernel layout (`kernel="cpu_ffi"`, integer formats only, `jaxinf.quant.cpu_kernel`): the codes in
+panels of 16 output columns (`cpu_kernel.kernel_layout`: per 64 bytes 16 columns x 4 int8 codes, or
+x 8 int2–int4 nibbles), so that one vector load feeds 16 output lanes. The panels pad `out` to a
+multiple of 16 and `in` to a multiple of 4 (int8) or 8 (int4) with zero codes; `nbytes` counts the
+padding. `codes()`, `dequantize()` and the XLA path undo the layout. `x @ w` runs the kernel
+(fp32 activations, or int8 ones with `act_format="int8"`) where `cpu_kernel.use_kernel` says it is
+the faster form: for int4 codes and for int8 activations at every row count (prefill too), for
+int8 codes with fp32 activations up to `cpu_kernel.MAX_ROWS` rows of x; XLA's dot above.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ class QArray(QuantizedWeight):
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
     x, out_dtype, rows = _matmul_input(x, self.logical_shape, self.dtype)
-    if self.kernel == "cpu_ffi" and 0 < rows <= cpu_kernel.MAX_ROWS:
+    if self.kernel == "cpu_ffi" and cpu_kernel.use_kernel(
+        rows, int4=self.fmt.bits <= 4, act_int8=self.act_format is not None):
       cpu_kernel.check_backend("kernel")
       y = cpu_kernel.lowbit_matmul(
           x.reshape(rows, n_in), self.data, self.scale, k=n_in, group_size=self.group_size,
@@ -363,7 +364,7 @@ class KernelWeight(QuantizedWeight):
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
     x, out_dtype, rows = _matmul_input(x, self.logical_shape, self.dtype)
-    if 0 < rows <= cpu_kernel.MAX_ROWS:
+    if cpu_kernel.use_kernel(rows, int4=False, act_int8=False):
       cpu_kernel.check_backend("kernel")
       y = cpu_kernel.lowbit_matmul(x.reshape(rows, n_in), self.data,
                                    jnp.ones((1, n_out), jnp.float32), k=n_in, group_size=n_in)

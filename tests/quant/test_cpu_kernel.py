@@ -34,11 +34,13 @@ def kernel():
   return jax.jit(lambda x, w: x @ w)
 
 
-# (format, group size, K); N = 37 throughout (a tail int4 panel, tail row-tile columns). int4:
-# K = 100 pads the last octet; groups of 32 and 24 (whole octets) take the vector path, groups
-# of 20 the scalar one.
-CASES = [("int8", None, 100), ("int8", 20, 100), ("int4", None, 100), ("int4", 20, 100),
-         ("int4", 32, 96), ("int4", 24, 96)]
+# (format, group size, K); N = 37 throughout (a tail panel of 5 columns). int4: K = 100 pads the
+# last octet; groups of 32 and 24 (whole octets) take the vector path, groups of 20 the scalar
+# one. int8: K = 98 pads the last quad; groups of 20 and 32 (whole quads) take the vector path,
+# groups of 10 the scalar one.
+CASES = [("int8", None, 100), ("int8", None, 98), ("int8", 20, 100), ("int8", 32, 96),
+         ("int8", 10, 100), ("int4", None, 100), ("int4", 20, 100), ("int4", 32, 96),
+         ("int4", 24, 96)]
 
 
 @pytest.mark.parametrize("fmt,group,k", CASES)
@@ -51,12 +53,13 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, k, act):
   qx = quantize(jnp.asarray(w), fmt, group_size=group, act_format=act)
   wd = np.asarray(qx.dequantize(), np.float64)
   np.testing.assert_array_equal(np.asarray(qk.dequantize()), np.asarray(qx.dequantize()))
-  if fmt == "int8":
-    assert qk.nbytes == qx.nbytes
-  else:  # panels: 16 columns x 8 k per 64 bytes, zero-padded
-    assert qk.data.shape == (48, 4 * -(-k // 8))
-    assert qk.nbytes == qk.data.size + qk.scale.nbytes
-  for m in (1, 3, 5, 7, 8, 16, 33):  # every row-tile height (8 per pass, tails 1-7)
+  # panels: 16 columns x 4 k (int8) or x 8 k (int4) per 64 bytes, zero-padded
+  step = 4 if fmt == "int8" else 8
+  assert qk.data.shape == (48, 4 * -(-k // step))
+  assert qk.nbytes == qk.data.size + qk.scale.nbytes
+  # every row-tile height (8 per pass, tails 1-7); 70 rows: past MAX_ROWS, the kernel for int4
+  # and int8 activations (`cpu_kernel.use_kernel`), XLA's dot for int8 weight-only
+  for m in (1, 3, 5, 7, 8, 16, 33, 70):
     x = rng.normal(size=(m, k)).astype(np.float32)
     y = np.asarray(kernel(x, qk), np.float64)
     scalar = np.asarray(cpu_kernel.lowbit_matmul(
@@ -171,7 +174,11 @@ def test_bad_input(kernel):
   with raises_before_tracing(ValueError, "data"):
     cpu_kernel.lowbit_matmul(x, w.data[:, :16], w.scale, k=32, group_size=32)
   with raises_before_tracing(ValueError, "scale"):
-    cpu_kernel.lowbit_matmul(x, w.data, w.scale[:, :4], k=32, group_size=32)
+    cpu_kernel.lowbit_matmul(x, w.data, jnp.ones((2, 8)), k=32, group_size=32)
+  with raises_before_tracing(ValueError, "data"):  # 17 columns take two panels (32 rows)
+    cpu_kernel.lowbit_matmul(x, w.data, jnp.ones((1, 17)), k=32, group_size=32)
+  with raises_before_tracing(ValueError, "group_size"):  # fp32 weights: one group
+    cpu_kernel.lowbit_matmul(x, jnp.ones((8, 32)), jnp.ones((2, 8)), k=32, group_size=16)
   with raises_before_tracing(ValueError, "group_size"):
     cpu_kernel.lowbit_matmul(x, w.data, w.scale, k=32, group_size=5)
   with raises_before_tracing(ValueError, "kernel"):

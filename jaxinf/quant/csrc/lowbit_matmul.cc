@@ -3,18 +3,20 @@
 //
 //   y[M, N] = x[M, K] @ W[K, N],   W[k, n] = s[k / group_size, n] * q[n, k]
 //
-// Weight layout (the kernel layout of a QArray, produced at quantization time): the codes
-// transposed, one output column per row, so that every dot product reads K contiguous codes:
-//   int8:  q  int8  [N, K]
-//   int4:  panels of 16 output columns, uint8 [16 P, 4 ceil(K / 8)] (P = ceil(N / 16), columns
-//          and k past the ends are zero codes): panel q holds ceil(K / 8) octets of 64 bytes, octet
-//          o's 32-bit lane j is column 16 q + j, whose byte b holds k = 8 o + b (low nibble) and
-//          k = 8 o + 4 + b (high nibble), 4-bit two's complement. One 64-byte load gives 16
-//          columns x 8 k; a lane's 4 bytes meet 4 consecutive activations (vpdpbusd's group), so
-//          the 16 sums of a panel stay in one register's lanes: no horizontal reduction, and a
-//          group's 16 column scales are one contiguous load from `scale`.
-//   fp32:  w  float32 [N, K] (not quantized: the same streaming GEMV for fp32 weights; XLA's
-//          own fp32 dot reads a decode step's weights at ~60 % of the DRAM bandwidth)
+// Weight layout (the kernel layout of a QArray, produced at quantization time): integer codes in
+// panels of 16 output columns (P = ceil(N / 16) panels; columns and k past the ends are zero
+// codes), each panel a run of 64-byte steps whose 32-bit lane j is column 16 q + j:
+//   int4:  uint8 [16 P, 4 ceil(K / 8)]: panel q holds ceil(K / 8) octets; octet o's lane j holds
+//          in byte b k = 8 o + b (low nibble) and k = 8 o + 4 + b (high nibble), 4-bit two's
+//          complement. One 64-byte load gives 16 columns x 8 k.
+//   int8:  int8 [16 P, 4 ceil(K / 4)]: panel q holds ceil(K / 4) quads; quad o's lane j holds
+//          k = 4 o + b in byte b. One 64-byte load gives 16 columns x 4 k.
+//          A lane's 4 bytes meet 4 consecutive activations (vpdpbusd's group), so the 16 sums of
+//          a panel stay in one register's lanes: no horizontal reduction, and a group's 16 column
+//          scales are one contiguous load from `scale`.
+//   fp32:  w  float32 [N, K], one output column per row (not quantized: the same streaming GEMV
+//          for fp32 weights; XLA's own fp32 dot reads a decode step's weights at ~60 % of the
+//          DRAM bandwidth); `scale` is ones [1, N].
 //   scale  float32 [G, N], G = K / group_size.
 //
 // Activations:
@@ -24,8 +26,8 @@
 //                  row; round half to even), as QArray's XLA path does, and the integer dot runs
 //                  on AVX-512 VNNI (vpdpbusd: u8 x s8 -> s32). vpdpbusd wants an unsigned operand,
 //                  so the weight code is offset to unsigned (int8: q + 128, int4: q + 8, by an XOR
-//                  of the sign bit) and the offset times the group's sum of x codes is subtracted
-//                  (int4: the group's integer sums start from it).
+//                  of the sign bit) and the group's integer sums start from minus the offset
+//                  times the group's sum of x codes.
 //
 // Threads: the N output columns are cut into blocks taken from an atomic counter by the calling
 // thread and by tasks scheduled on XLA's intra-op thread pool (ffi::ThreadPool); the caller waits
@@ -33,7 +35,8 @@
 //
 // Instruction sets: the AVX-512 (F, BW, VL, VNNI) paths are compiled with target attributes and
 // chosen at run time (__builtin_cpu_supports); a portable scalar path computes the same sums
-// everywhere else (and for int4 groups that are not a multiple of 8 k).
+// everywhere else (and for groups that are not a whole number of panel steps: 8 k for int4, 4 k
+// for int8).
 
 #include <algorithm>
 #include <atomic>
@@ -42,6 +45,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -59,18 +63,19 @@ namespace {
 
 struct Problem {
   const float* x;      // [M, K] fp32 activations
-  const void* w;       // int8 [N, K] or uint8 [N, KB]
+  const void* w;       // int4 / int8 panels [16 P, 4 KS] or float32 [N, K]
   const float* scale;  // [G, N]
   float* y;            // [M, N]
   int64_t M, N, K, KB, G, gs;
-  int64_t K8;          // int4: octets of k per panel (ceil(K / 8))
-  bool int4;
-  bool f32w;           // fp32 weights [N, K] (fp32 activations only)
+  int64_t kstep;       // panels: k per 64-byte step (int4 8, int8 4)
+  int64_t KS;          // panels: steps per panel (ceil(K / kstep))
+  bool int4;           // int4 panels (uint8)
+  bool f32w;           // fp32 weights [N, K] (fp32 activations only); else int8 panels
   bool act_int8;
   // per-call scratch (built once before the column blocks run)
-  const float* xa;     // fp32 x for int4: [M, 8 K8], zero past K
+  const float* xa;     // fp32 x for panels: [M, kstep KS], zero past K
   int64_t xa_row;      // floats per row of xa
-  const int8_t* qx;    // int8 x: [M, K] (int8 weights) or [M, 8 K8] zero past K (int4)
+  const int8_t* qx;    // int8 x: [M, kstep KS], zero past K
   int64_t qx_row;      // bytes per row of qx
   const float* sx;     // [M] activation scales
   const int32_t* sumx; // [M, G] sums of the int8 x codes per group
@@ -81,22 +86,22 @@ inline int8_t nib(uint8_t b, int hi) {
   return static_cast<int8_t>((v ^ 8) - 8);
 }
 
-// int4: the 64 bytes of panel q, octet o.
+// Panels: the 64 bytes of panel q, step o.
 inline const uint8_t* panel_at(const Problem& p, int64_t q, int64_t o) {
-  return static_cast<const uint8_t*>(p.w) + (q * p.K8 + o) * 64;
+  return static_cast<const uint8_t*>(p.w) + (q * p.KS + o) * 64;
 }
 
 inline int8_t code_at(const Problem& p, int64_t n, int64_t k) {
-  if (!p.int4) return static_cast<const int8_t*>(p.w)[n * p.K + k];
-  const uint8_t b = panel_at(p, n / 16, k / 8)[(n % 16) * 4 + (k & 3)];
+  const uint8_t b = panel_at(p, n / 16, k / p.kstep)[(n % 16) * 4 + (k & 3)];
+  if (!p.int4) return static_cast<int8_t>(b);
   return nib(b, static_cast<int>((k >> 2) & 1));
 }
 
 // ---- scratch: activation rearrangement and quantization ------------------------------------
 
-// int4, fp32 x: the rows padded with zeros to whole octets of k.
+// Panels, fp32 x: the rows padded with zeros to whole steps of k.
 void build_xa(const Problem& p, std::vector<float>& xa, int64_t& row) {
-  row = 8 * p.K8;
+  row = p.kstep * p.KS;
   xa.assign(static_cast<size_t>(p.M * row), 0.0f);
   for (int64_t m = 0; m < p.M; ++m)
     std::memcpy(xa.data() + m * row, p.x + m * p.K, sizeof(float) * static_cast<size_t>(p.K));
@@ -139,11 +144,11 @@ void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* s_out) {
 
 bool has_avx512();
 
-// int8 x for the W8A8 paths: codes ([M, K]; int4 weights: [M, 8 K8], zero past K), scales and
-// per-group sums of the codes.
+// int8 x for the W8A8 paths: codes ([M, kstep KS], zero past K), scales and per-group sums of
+// the codes.
 void quantize_rows(const Problem& p, std::vector<int8_t>& qx, int64_t& row, std::vector<float>& sx,
                    std::vector<int32_t>& sumx) {
-  row = p.int4 ? 8 * p.K8 : p.K;
+  row = p.kstep * p.KS;
   qx.assign(static_cast<size_t>(p.M * row), 0);
   sx.assign(static_cast<size_t>(p.M), 1.0f);
   sumx.assign(static_cast<size_t>(p.M * p.G), 0);
@@ -209,56 +214,32 @@ JAXINF_AVX512 inline __mmask64 mask64(int64_t count) {
   return count >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << count) - 1);
 }
 
-// fp32 x, int8 codes (F32W false) or fp32 weights (F32W true): MT rows x NT columns at a time.
-template <int MT, int NT, bool F32W>
-JAXINF_AVX512 inline void f32_dense_tile(const Problem& p, int64_t m0, int64_t n0) {
-  __m512 tot[MT][NT];
+// fp32 x, fp32 weights [N, K]: MT rows x NT columns at a time (rows of W are the columns).
+template <int MT, int NT>
+JAXINF_AVX512 void f32_f32_tile(const Problem& p, int64_t m0, int64_t n0) {
+  const float* w = static_cast<const float*>(p.w);
+  __m512 acc[MT][NT];
   for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) tot[i][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t k0 = g * p.gs, k1 = k0 + p.gs;
-    __m512 acc[MT][NT];
-    for (int i = 0; i < MT; ++i)
-      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < k1; k += 16) {
-      const __mmask16 mk = mask16(k1 - k);
-      __m512 wv[NT];
-      for (int j = 0; j < NT; ++j) {
-        if constexpr (F32W) {
-          wv[j] = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(p.w) + (n0 + j) * p.K + k);
-        } else {
-          const __m128i b =
-              _mm_maskz_loadu_epi8(mk, static_cast<const int8_t*>(p.w) + (n0 + j) * p.K + k);
-          wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-        }
-      }
-      for (int i = 0; i < MT; ++i) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
-        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-      }
-    }
-    for (int j = 0; j < NT; ++j) {
-      const __m512 s = _mm512_set1_ps(p.scale[g * p.N + n0 + j]);
-      for (int i = 0; i < MT; ++i) tot[i][j] = _mm512_fmadd_ps(acc[i][j], s, tot[i][j]);
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.K; k += 16) {
+    const __mmask16 mk = mask16(p.K - k);
+    __m512 wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + (n0 + j) * p.K + k);
+    for (int i = 0; i < MT; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) p.y[(m0 + i) * p.N + n0 + j] = _mm512_reduce_add_ps(tot[i][j]);
+    for (int j = 0; j < NT; ++j) {
+      const float s = p.scale[n0 + j];  // ones (one group)
+      p.y[(m0 + i) * p.N + n0 + j] = s * _mm512_reduce_add_ps(acc[i][j]);
+    }
 }
 
-template <int MT, int NT>
-JAXINF_AVX512 void f32_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
-  f32_dense_tile<MT, NT, false>(p, m0, n0);
-}
-
-template <int MT, int NT>
-JAXINF_AVX512 void f32_f32_tile(const Problem& p, int64_t m0, int64_t n0) {
-  f32_dense_tile<MT, NT, true>(p, m0, n0);
-}
-
-// int4 panels: the octets of group g (all of them when there is one group; a group is a whole
-// number of octets on the vector paths).
-inline int64_t octets_per_group(const Problem& p) { return p.G == 1 ? p.K8 : p.gs / 8; }
+// Panels: the steps of group g (all of them when there is one group; a group is a whole number
+// of steps on the vector paths).
+inline int64_t steps_per_group(const Problem& p) { return p.G == 1 ? p.KS : p.gs / p.kstep; }
 
 // The valid lanes (columns) of panel q, and the panel's 16 scales of group g.
 JAXINF_AVX512 inline __mmask16 panel_lanes(const Problem& p, int64_t q) {
@@ -267,47 +248,70 @@ JAXINF_AVX512 inline __mmask16 panel_lanes(const Problem& p, int64_t q) {
 JAXINF_AVX512 inline __m512 panel_scales(const Problem& p, int64_t g, int64_t q) {
   return _mm512_maskz_loadu_ps(panel_lanes(p, q), p.scale + g * p.N + 16 * q);
 }
-
-// The code of k = 8 o + R in every lane of an octet, sign-extended and converted to fp32.
-template <int R>
-JAXINF_AVX512 inline __m512 panel_codes_f32(__m512i v) {
-  constexpr int off = 8 * (R & 3) + 4 * (R >> 2);
-  return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28 - off), 28));
+// A panel's scales are one 64-byte line per group, N floats apart: a stride of pages that the
+// hardware prefetchers do not follow, so at large K (many groups) the scale loads missed to
+// memory. Prefetch the line SCALE_AHEAD groups ahead.
+constexpr int64_t SCALE_AHEAD = 4;
+template <int NP>
+JAXINF_AVX512 inline void prefetch_scales(const Problem& p, int64_t g, int64_t q0) {
+  if (g + SCALE_AHEAD >= p.G) return;
+  for (int j = 0; j < NP; ++j)
+    _mm_prefetch(reinterpret_cast<const char*>(p.scale + (g + SCALE_AHEAD) * p.N + 16 * (q0 + j)),
+                 _MM_HINT_T0);
 }
 
-template <int MT, int NP, int R>
-JAXINF_AVX512 inline void f32_i4p_step(const Problem& p, int64_t m0, int64_t o,
-                                       const __m512i (&v)[NP], __m512 (&acc)[MT][NP]) {
+// k per 64-byte panel step: int4 an octet (8 k), int8 a quad (4 k).
+template <int BITS>
+constexpr int panel_kstep() { return BITS == 4 ? 8 : 4; }
+
+// The code of k = kstep o + R in every lane of a panel step, sign-extended, as fp32. int4: byte
+// R & 3 of the lane, low nibble for R < 4, high for R >= 4; int8: byte R.
+template <int BITS, int R>
+JAXINF_AVX512 inline __m512 panel_codes_f32(__m512i v) {
+  if constexpr (BITS == 4) {
+    constexpr int off = 8 * (R & 3) + 4 * (R >> 2);
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28 - off), 28));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * R), 24));
+  }
+}
+
+template <int BITS, int MT, int NP, int R>
+JAXINF_AVX512 inline void f32_panel_step(const Problem& p, int64_t m0, int64_t o,
+                                         const __m512i (&v)[NP], __m512 (&acc)[MT][NP]) {
   __m512 c[NP];
-  for (int j = 0; j < NP; ++j) c[j] = panel_codes_f32<R>(v[j]);
+  for (int j = 0; j < NP; ++j) c[j] = panel_codes_f32<BITS, R>(v[j]);
   for (int i = 0; i < MT; ++i) {
-    const __m512 xv = _mm512_set1_ps(p.xa[(m0 + i) * p.xa_row + 8 * o + R]);
+    const __m512 xv = _mm512_set1_ps(p.xa[(m0 + i) * p.xa_row + panel_kstep<BITS>() * o + R]);
     for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_fmadd_ps(xv, c[j], acc[i][j]);
   }
 }
 
-// fp32 x (zero-padded, build_xa), int4 panels q0 .. q0 + NP - 1: MT rows x 16 NP columns.
-template <int MT, int NP>
-JAXINF_AVX512 void f32_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
-  const int64_t opg = octets_per_group(p);
+template <int BITS, int MT, int NP, int... R>
+JAXINF_AVX512 inline void f32_panel_steps(const Problem& p, int64_t m0, int64_t o,
+                                          const __m512i (&v)[NP], __m512 (&acc)[MT][NP],
+                                          std::integer_sequence<int, R...>) {
+  (f32_panel_step<BITS, MT, NP, R>(p, m0, o, v, acc), ...);
+}
+
+// fp32 x (zero-padded, build_xa), int4 or int8 panels q0 .. q0 + NP - 1: MT rows x 16 NP
+// columns; per group, fp32 sums in the 16 lanes times the group's 16 scales.
+template <int BITS, int MT, int NP>
+JAXINF_AVX512 void f32_panel_tile(const Problem& p, int64_t m0, int64_t q0) {
+  const int64_t spg = steps_per_group(p);
   __m512 tot[MT][NP];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NP; ++j) tot[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.G; ++g) {
+    prefetch_scales<NP>(p, g, q0);
     __m512 acc[MT][NP];
     for (int i = 0; i < MT; ++i)
       for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t o = g * opg; o < (g + 1) * opg; ++o) {
+    for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
       __m512i v[NP];
       for (int j = 0; j < NP; ++j) v[j] = _mm512_loadu_si512(panel_at(p, q0 + j, o));
-      f32_i4p_step<MT, NP, 0>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 1>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 2>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 3>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 4>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 5>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 6>(p, m0, o, v, acc);
-      f32_i4p_step<MT, NP, 7>(p, m0, o, v, acc);
+      f32_panel_steps<BITS, MT, NP>(p, m0, o, v, acc,
+                                    std::make_integer_sequence<int, panel_kstep<BITS>()>{});
     }
     for (int j = 0; j < NP; ++j) {
       const __m512 s = panel_scales(p, g, q0 + j);
@@ -320,95 +324,60 @@ JAXINF_AVX512 void f32_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
                             tot[i][j]);
 }
 
-// W8A8 tiles: a group's integer sums times its scale into the fp32 totals, and the group's
-// offset term (scale times the sum of the x codes) into `corr`.
-template <int MT, int NT>
-JAXINF_VNNI inline void q8_group_end(const Problem& p, int64_t g, int64_t m0, int64_t n0,
-                                     const __m512i (&acc)[MT][NT], __m512 (&tot)[MT][NT],
-                                     float (&corr)[MT][NT]) {
-  for (int j = 0; j < NT; ++j) {
-    const float sc = p.scale[g * p.N + n0 + j];
-    const __m512 s = _mm512_set1_ps(sc);
-    for (int i = 0; i < MT; ++i) {
-      tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]), s, tot[i][j]);
-      corr[i][j] += sc * static_cast<float>(p.sumx[(m0 + i) * p.G + g]);
-    }
-  }
-}
-
-// y = s_x (sum of the totals - offset x corr).
-template <int MT, int NT>
-JAXINF_VNNI inline void q8_store(const Problem& p, int64_t m0, int64_t n0,
-                                 const __m512 (&tot)[MT][NT], const float (&corr)[MT][NT],
-                                 float offset) {
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j)
-      p.y[(m0 + i) * p.N + n0 + j] =
-          p.sx[m0 + i] * (_mm512_reduce_add_ps(tot[i][j]) - offset * corr[i][j]);
-}
-
-// int8 x, int8 codes (VNNI): sum (q + 128) * qx - 128 * sum qx, per group.
-template <int MT, int NT>
-JAXINF_VNNI void q8_i8_tile(const Problem& p, int64_t m0, int64_t n0) {
-  const int8_t* w = static_cast<const int8_t*>(p.w);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 tot[MT][NT];
-  float corr[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) tot[i][j] = _mm512_setzero_ps(), corr[i][j] = 0.0f;
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t k0 = g * p.gs, k1 = k0 + p.gs;
-    __m512i acc[MT][NT];
-    for (int i = 0; i < MT; ++i)
-      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_si512();
-    for (int64_t k = k0; k < k1; k += 64) {
-      const __mmask64 mk = mask64(k1 - k);
-      __m512i wv[NT];
-      for (int j = 0; j < NT; ++j)
-        wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + (n0 + j) * p.K + k), flip);
-      for (int i = 0; i < MT; ++i) {
-        const __m512i xv = _mm512_maskz_loadu_epi8(mk, p.qx + (m0 + i) * p.qx_row + k);
-        for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[j], xv);
-      }
-    }
-    q8_group_end<MT, NT>(p, g, m0, n0, acc, tot, corr);
-  }
-  q8_store<MT, NT>(p, m0, n0, tot, corr, 128.0f);
-}
-
-// int8 x (zero-padded, quantize_rows), int4 panels (VNNI): per group, the 16 lanes' integer sums
-// start at -8 sum(x codes) and add (q + 8) x over the group's octets (the low nibbles meet x's
-// k = 8 o .. 8 o + 3, the high ones k = 8 o + 4 .. 8 o + 7, each 4 broadcast to all lanes).
 template <int MT, int NP>
-JAXINF_VNNI void q8_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
-  const int64_t opg = octets_per_group(p);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88));
+JAXINF_AVX512 void f32_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
+  f32_panel_tile<4, MT, NP>(p, m0, q0);
+}
+template <int MT, int NP>
+JAXINF_AVX512 void f32_i8p_tile(const Problem& p, int64_t m0, int64_t q0) {
+  f32_panel_tile<8, MT, NP>(p, m0, q0);
+}
+
+// int8 x (zero-padded, quantize_rows), int4 or int8 panels (VNNI). vpdpbusd multiplies unsigned
+// bytes by signed ones, so the codes are offset to unsigned by an XOR of their sign bits (int4:
+// q + 8 in each nibble, int8: q + 128) and each lane's integer sum of a group starts at -offset
+// times the group's sum of x codes. int4: the low nibbles of octet o meet x's k = 8 o .. 8 o + 3,
+// the high ones k = 8 o + 4 .. 8 o + 7; int8: quad o meets k = 4 o .. 4 o + 3; each 4 x codes
+// broadcast to all lanes.
+template <int BITS, int MT, int NP>
+JAXINF_VNNI void q8_panel_tile(const Problem& p, int64_t m0, int64_t q0) {
+  constexpr int kstep = panel_kstep<BITS>();
+  constexpr int32_t offset = BITS == 4 ? 8 : 128;
+  const int64_t spg = steps_per_group(p);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(BITS == 4 ? 0x88 : 0x80));
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 tot[MT][NP];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NP; ++j) tot[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.G; ++g) {
+    prefetch_scales<NP>(p, g, q0);
     __m512i acc[MT][NP];
     for (int i = 0; i < MT; ++i) {
-      const __m512i start = _mm512_set1_epi32(-8 * p.sumx[(m0 + i) * p.G + g]);
+      const __m512i start = _mm512_set1_epi32(-offset * p.sumx[(m0 + i) * p.G + g]);
       for (int j = 0; j < NP; ++j) acc[i][j] = start;
     }
-    for (int64_t o = g * opg; o < (g + 1) * opg; ++o) {
+    for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
       __m512i lo[NP], hi[NP];
       for (int j = 0; j < NP; ++j) {
         const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(panel_at(p, q0 + j, o)), flip);
-        lo[j] = _mm512_and_si512(v, low);                         // q + 8, k = 8 o + b
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // q + 8, k = 8 o + 4 + b
+        if constexpr (BITS == 4) {
+          lo[j] = _mm512_and_si512(v, low);                        // q + 8, k = 8 o + b
+          hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);  // q + 8, k = 8 o + 4 + b
+        } else {
+          lo[j] = v;                                               // q + 128, k = 4 o + b
+        }
       }
       for (int i = 0; i < MT; ++i) {
-        const int8_t* xq = p.qx + (m0 + i) * p.qx_row + 8 * o;
-        int32_t x0, x1;
+        const int8_t* xq = p.qx + (m0 + i) * p.qx_row + kstep * o;
+        int32_t x0;
         std::memcpy(&x0, xq, 4);
-        std::memcpy(&x1, xq + 4, 4);
-        const __m512i xl = _mm512_set1_epi32(x0), xh = _mm512_set1_epi32(x1);
-        for (int j = 0; j < NP; ++j) {
-          acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xl);
-          acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xh);
+        const __m512i xl = _mm512_set1_epi32(x0);
+        for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xl);
+        if constexpr (BITS == 4) {
+          int32_t x1;
+          std::memcpy(&x1, xq + 4, 4);
+          const __m512i xh = _mm512_set1_epi32(x1);
+          for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xh);
         }
       }
     }
@@ -426,12 +395,21 @@ JAXINF_VNNI void q8_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
   }
 }
 
+template <int MT, int NP>
+JAXINF_VNNI void q8_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
+  q8_panel_tile<4, MT, NP>(p, m0, q0);
+}
+template <int MT, int NP>
+JAXINF_VNNI void q8_i8p_tile(const Problem& p, int64_t m0, int64_t q0) {
+  q8_panel_tile<8, MT, NP>(p, m0, q0);
+}
+
 // Runs one kind of tile over rows [0, M) and columns [n0, n1): up to 8 rows per pass, so that a
 // decode batch of up to 8 reads each weight once (a pass over the columns streams the weights).
-// Row-layout tiles (int8 codes, fp32 weights) take NT = min(4, W / MT) columns (W: the
-// accumulator budget of the tile kind, within AVX-512's 32 registers; 4 columns at M = 1 for
-// memory-level parallelism), tails with 1 column; int4 panel tiles take NP = min(4, 8 / MT)
-// panels of 16 columns (n0 is then a multiple of 16).
+// The fp32-weight row tile takes NT = min(4, W / MT) columns (W: the accumulator budget of the
+// tile kind, within AVX-512's 32 registers; 4 columns at M = 1 for memory-level parallelism),
+// tails with 1 column; panel tiles take NP = min(4, W / MT) panels of 16 columns (n0 is then a
+// multiple of 16).
 #define JAXINF_COLS(TILE, MT, W)                                                   \
   {                                                                              \
     constexpr int nt = std::max(1, std::min(4, (W) / (MT)));                     \
@@ -463,11 +441,11 @@ JAXINF_VNNI void q8_i4p_tile(const Problem& p, int64_t m0, int64_t q0) {
     }                                                                              \
   }
 
-// accumulator budgets: the fp32 row tiles keep MT x NT sums (+ NT weights, 1 x); the W8A8 row
-// tile keeps integer and float sums (2 MT NT); the panel tiles 2 MT NP sums (+ 2 NP codes)
+// accumulator budgets: the fp32 row tile keeps MT x NT sums (+ NT weights, 1 x); the panel
+// tiles a group's sums and the totals (2 MT NP, + 2 NP codes)
 JAXINF_DEFINE_BLOCK(f32_f32_block, f32_f32_tile, JAXINF_AVX512, JAXINF_COLS, 24)
-JAXINF_DEFINE_BLOCK(f32_i8_block, f32_i8_tile, JAXINF_AVX512, JAXINF_COLS, 24)
-JAXINF_DEFINE_BLOCK(q8_i8_block, q8_i8_tile, JAXINF_VNNI, JAXINF_COLS, 12)
+JAXINF_DEFINE_BLOCK(f32_i8_block, f32_i8p_tile, JAXINF_AVX512, JAXINF_PANELS, 8)
+JAXINF_DEFINE_BLOCK(q8_i8_block, q8_i8p_tile, JAXINF_VNNI, JAXINF_PANELS, 8)
 JAXINF_DEFINE_BLOCK(f32_i4_block, f32_i4p_tile, JAXINF_AVX512, JAXINF_PANELS, 8)
 JAXINF_DEFINE_BLOCK(q8_i4_block, q8_i4p_tile, JAXINF_VNNI, JAXINF_PANELS, 8)
 #endif  // JAXINF_X86
@@ -497,8 +475,8 @@ bool has_vnni() {
 BlockFn pick(const Problem& p, bool force_scalar) {
   if (force_scalar) return scalar_block;
 #if JAXINF_X86
-  const bool whole_octets = !p.int4 || p.G == 1 || p.gs % 8 == 0;
-  if (!whole_octets) return scalar_block;
+  const bool whole_steps = p.f32w || p.G == 1 || p.gs % p.kstep == 0;
+  if (!whole_steps) return scalar_block;
   if (p.act_int8) {
     if (!has_vnni()) return scalar_block;
     return p.int4 ? q8_i4_block : q8_i8_block;
@@ -535,7 +513,7 @@ struct Shared {
 void run_blocks(const Problem& p, BlockFn fn, ffi::ThreadPool& pool) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // about 4 blocks per thread (balance), a multiple of 48 columns each (whole row tiles of 1-4
-  // columns, whole int4 panels of 16)
+  // columns, whole panels of 16)
   int64_t block_cols = std::max<int64_t>(48, (p.N + 4 * threads - 1) / (4 * threads));
   block_cols = (block_cols + 47) / 48 * 48;
   const int64_t blocks = (p.N + block_cols - 1) / block_cols;
@@ -578,8 +556,8 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   } else if (w.element_type() == ffi::DataType::F32) {
     f32w = true;
   } else {
-    return ffi::Error::InvalidArgument("lowbit_matmul: w must be int8 (int8 codes), uint8 "
-                                       "(packed int4 codes) or float32 (fp32 weights)");
+    return ffi::Error::InvalidArgument("lowbit_matmul: w must be int8 (int8 code panels), uint8 "
+                                       "(int4 code panels) or float32 (fp32 weights)");
   }
   if (f32w && act_int8 != 0)
     return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take fp32 activations");
@@ -592,14 +570,17 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   p.int4 = int4;
   p.f32w = f32w;
   p.act_int8 = act_int8 != 0;
-  p.K8 = (p.K + 7) / 8;
-  p.KB = int4 ? 4 * p.K8 : p.K;
-  if (int4) p.N = sd[1];  // the panels' rows are the columns padded to a multiple of 16
-  const int64_t rows = int4 ? (p.N + 15) / 16 * 16 : p.N;
+  p.kstep = int4 ? 8 : 4;
+  p.KS = (p.K + p.kstep - 1) / p.kstep;
+  p.KB = f32w ? p.K : 4 * p.KS;
+  if (!f32w) p.N = sd[1];  // the panels' rows are the columns padded to a multiple of 16
+  const int64_t rows = f32w ? p.N : (p.N + 15) / 16 * 16;
   if (p.K != k_attr || wd[0] != rows || wd[1] != p.KB || sd[1] != p.N || yd[0] != p.M ||
       yd[1] != p.N)
     return ffi::Error::InvalidArgument("lowbit_matmul: operand shapes do not agree");
   if (ffi::Error e = check_common(p.M, p.K, p.N, p.G, p.gs); e.failure()) return e;
+  if (f32w && p.G != 1)
+    return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take one group (ones)");
   if (p.M == 0) return ffi::Error::Success();
   p.x = x.typed_data();
   p.w = w.untyped_data();
@@ -614,7 +595,7 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
     p.qx = qx.data();
     p.sx = sx.data();
     p.sumx = sumx.data();
-  } else if (int4) {
+  } else if (!f32w) {
     build_xa(p, xa, p.xa_row);
     p.xa = xa.data();
   }
