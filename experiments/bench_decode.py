@@ -124,6 +124,7 @@ class Config(common.StudyConfig):
   llama_cpp_src: str = ""            # folder with convert_hf_to_gguf.py ("": $LLAMA_CPP_SRC or
                                      # <sys.prefix>/src/llama.cpp)
   bandwidth_mib: tuple[int, ...] = (32, 128, 512, 1024)  # read-bandwidth probe sizes (MiB)
+  kernel_rows: tuple[int, ...] = (1, 8, 64, 65, 256)  # rows of x for the kernel-or-XLA table
 
   def check(self) -> None:
     super().check()
@@ -131,7 +132,8 @@ class Config(common.StudyConfig):
     common.check_choices(self, "runtimes", choices=RUNTIMES)
     common.check_choices(self, "gguf_types", choices=GGUF_TYPES)
     common.check_choices(self, "jaxinf_weights", choices=JAXINF_WEIGHTS)
-    common.check_ints(self, "batches", "prompt_len", "new_tokens", "repeats", "bandwidth_mib")
+    common.check_ints(self, "batches", "prompt_len", "new_tokens", "repeats", "bandwidth_mib",
+                      "kernel_rows")
     common.check_ints(self, "threads", low=0)
     for name in ("sizes", "runtimes", "batches"):
       if not getattr(self, name):
@@ -147,7 +149,7 @@ def smoke_config(cfg: Config) -> Config:
   """The tiny size the tests run; options given beside `--smoke` are kept (`common.smoke_sized`)."""
   return common.smoke_sized(cfg, dataclasses.replace(
       cfg, out_dir=common.smoke_dir(cfg.out_dir), sizes=("llama-tiny",), prompt_len=8,
-      new_tokens=8, repeats=1, bandwidth_mib=(8,)))
+      new_tokens=8, repeats=1, bandwidth_mib=(8,), kernel_rows=(1, 65)))
 
 
 def n_threads(cfg: Config) -> int:
@@ -242,6 +244,53 @@ def _median(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+KERNEL_ROW_WEIGHTS = ("float32-ffi", "int8-ffi", "int8-a8-ffi", "int4-ffi", "int4-a8-ffi")
+
+
+def kernel_or_xla(cfg: Config, size: str, repeats: int = 7) -> list[dict]:
+  """The hand-written CPU kernel against XLA's form of the same product, by rows of x: the
+  model's MLP up-projection `[hidden, mlp_hidden]` in each kernel weight kind, x @ W timed
+  through `cpu_kernel.lowbit_matmul` (the kernel layout) and through the XLA path (`kernel=None`
+  QArray, or the fp32 dot), medians; `chosen` is what `QArray @` runs (`cpu_kernel.use_kernel`).
+  Empty where the kernel cannot be built or quantize_params does not exist."""
+  from jaxinf.quant import cpu_kernel, ptq
+
+  try:
+    cpu_kernel.load()
+  except cpu_kernel.KernelUnavailableError as e:
+    print(f"kernel-or-XLA table skipped: {e}", flush=True)
+    return []
+  c = SIZES[size]
+  k, n = c.hidden_size, c.mlp_hidden
+  rng = np.random.default_rng(cfg.seed)
+  w = jnp.asarray(rng.normal(size=(k, n)) * k**-0.5, jnp.float32)
+  rows = []
+  for weights in KERNEL_ROW_WEIGHTS:
+    if weights == "float32-ffi":
+      fast = ptq.kernel_params({"w": {"kernel": w}})[0]["w"]["kernel"]
+      xla_w, data, scale, gs, a8, int4 = w, fast.data, jnp.ones((1, n), jnp.float32), k, False, False
+    else:
+      options = {key: v for key, v in JAXINF_QUANT[weights].items() if key not in _TABLE}
+      fast = ptq.quantize_params({"w": {"kernel": w}}, ptq.QuantConfig(**options))[0]["w"]["kernel"]
+      options.pop("kernel")
+      xla_w = ptq.quantize_params({"w": {"kernel": w}}, ptq.QuantConfig(**options))[0]["w"]["kernel"]
+      data, scale, gs = fast.data, fast.scale, fast.group_size
+      a8, int4 = fast.act_format is not None, fast.fmt.bits <= 4
+    kernel = jax.jit(lambda x, d, s, gs=gs, a8=a8: cpu_kernel.lowbit_matmul(
+        x, d, s, k=k, group_size=gs, act_int8=a8))
+    xla = jax.jit(lambda x, q: x @ q)
+    for m in cfg.kernel_rows:
+      x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+      t_kernel = _median(lambda: kernel(x, data, scale).block_until_ready(), repeats)
+      t_xla = _median(lambda: xla(x, xla_w).block_until_ready(), repeats)
+      rows.append({"weights": weights, "rows": m, "shape": f"{k} x {n}",
+                   "kernel_ms": t_kernel * 1e3, "xla_ms": t_xla * 1e3,
+                   "xla_over_kernel": t_xla / t_kernel,
+                   "chosen": "kernel" if cpu_kernel.use_kernel(m, int4=int4, act_int8=a8)
+                   else "xla"})
+  return rows
 
 
 def read_bandwidth(mib: int, threads: int, repeats: int = 5) -> dict:
@@ -625,8 +674,11 @@ def run(cfg: Config) -> list[dict]:
   rows = []
   for size in cfg.sizes:
     rows += run_size(cfg, size, runtimes, skipped, bandwidth, bw_curve, cfg.progress)
+  kernel_rows = (kernel_or_xla(cfg, cfg.sizes[0])
+                 if "jaxinf" in runtimes and quantizer() is not None else [])
   after = load_note()
   meta = {"config": dataclasses.asdict(cfg), "runtimes": runtimes, "skipped": skipped,
+          "kernel_or_xla": kernel_rows,
           "bandwidth_gbps": bandwidth / 1e9, "bandwidth_curve": bw_curve, "threads": threads,
           "load_before": before, "load_after": after, "versions": versions(runtimes),
           "cpu": cpu_name(), "seconds": time.perf_counter() - t_start}
@@ -641,9 +693,23 @@ def write_outputs(out: Path, cfg: Config, rows: list[dict], meta: dict) -> None:
   common.write_report(out, rows, title="Decode speed: jaxinf, transformers, llama.cpp",
                       notes=report_notes(cfg, rows, meta) + "\n\n## Side by side (tokens/s)\n\n"
                       + common.markdown_table(side, list(dict.fromkeys(k for r in side for k in r)))
+                      + kernel_section(meta["kernel_or_xla"])
                       + "\n## Every row",
                       columns=COLUMNS, extra=meta)
   plot(rows, out / "bench_decode.png")
+
+
+def kernel_section(rows: list[dict]) -> str:
+  if not rows:
+    return ""
+  return ("\n## Kernel or XLA, by rows of x (ms per product)\n\n"
+          f"The MLP up-projection ({rows[0]['shape']}) through the hand-written kernel and "
+          "through XLA's form of the same product (the `kernel=None` QArray path: codes converted "
+          "inside the step, grouped or integer dots; the fp32 dot for fp32 weights), medians of 7 "
+          "after a warm-up. `chosen`: what `QArray @` runs at that many rows "
+          "(`jaxinf.quant.cpu_kernel.use_kernel`; prefill passes batch x prompt rows).\n\n"
+          + common.markdown_table(rows, ["weights", "rows", "kernel_ms", "xla_ms",
+                                         "xla_over_kernel", "chosen"]))
 
 
 def summary(rows: list[dict]) -> list[dict]:

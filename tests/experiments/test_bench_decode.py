@@ -65,6 +65,18 @@ def test_smoke_run(tmp_path, capsys):
           table[("jaxinf", "float32")]["weight_mb"], rel=1e-6)
   report = (out / "report.md").read_text()
   assert "| size | batch | runtime |" in report and "Read bandwidth" in report
+  kernel_rows = json.loads((out / "meta.json").read_text())["kernel_or_xla"]
+  if bench_decode.quantizer() is not None and kernel_rows:  # empty: no C++ compiler
+    from jaxinf.quant import cpu_kernel
+
+    assert {(r["weights"], r["rows"]) for r in kernel_rows} == {
+        (w, m) for w in bench_decode.KERNEL_ROW_WEIGHTS for m in (1, 65)}
+    for r in kernel_rows:
+      assert r["kernel_ms"] > 0 and r["xla_ms"] > 0
+      int4, a8 = r["weights"].startswith("int4"), "-a8" in r["weights"]
+      assert r["chosen"] == ("kernel" if cpu_kernel.use_kernel(r["rows"], int4=int4, act_int8=a8)
+                             else "xla")
+    assert "## Kernel or XLA, by rows of x" in report
 
 
 def test_missing_peers_are_skipped_by_name(monkeypatch):
