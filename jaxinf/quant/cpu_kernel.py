@@ -176,12 +176,13 @@ QUAD = 4    # int8 k per 64-byte panel step
 
 def use_kernel(rows: int, *, int4: bool, act_int8: bool) -> bool:
   """Whether `x @ w` with `rows` rows of x runs the kernel rather than XLA's form. int4 panels and
-  int8 activations: at every row count, prefill included (XLA:CPU has no fast form of either: at
-  256 rows x 768 x 2304 the kernel took 1.8 ms for W4A8, 4.3 for W4 where XLA's grouped / integer
-  dots took 64 and 25 ms). int8 and fp32 weights with fp32 activations: up to `MAX_ROWS`; above,
-  XLA's dense fp32 dot is the faster one (the product is compute-bound there and its packing
-  wins). `python -m experiments.bench_decode` measures both forms by rows (its kernel-or-XLA
-  table)."""
+  int8 activations: at every row count, prefill included. A kernel-layout QArray's XLA fallback
+  must first undo the panels, and XLA:CPU's grouped / integer dots are slow: at 256 rows x 768 x
+  2304 the kernel took 1.8 ms for W4A8 and 4.3 for W4 where the fallback took 64 and 25 ms.
+  (Measured against a `kernel=None` QArray, W8A8 with one scale per column is faster in XLA at
+  256 rows, 0.7 vs 1.5 ms: a rule to re-tune.) int8 and fp32 weights with fp32 activations: up to
+  `MAX_ROWS`; above, XLA's dense fp32 dot is the faster one (compute-bound, its packing wins).
+  `python -m experiments.bench_decode` measures both forms by rows (its kernel-or-XLA table)."""
   return rows > 0 and (int4 or act_int8 or rows <= MAX_ROWS)
 
 
