@@ -270,14 +270,14 @@ def kernel_or_xla(cfg: Config, size: str, repeats: int = 7) -> list[dict]:
   for weights in KERNEL_ROW_WEIGHTS:
     if weights == "float32-ffi":
       fast = ptq.kernel_params({"w": {"kernel": w}})[0]["w"]["kernel"]
-      xla_w, data, scale, gs, a8, int4 = w, fast.data, jnp.ones((1, n), jnp.float32), k, False, False
+      xla_w, data, scale, gs, a8 = w, fast.data, jnp.ones((1, n), jnp.float32), k, False
     else:
       options = {key: v for key, v in JAXINF_QUANT[weights].items() if key not in _TABLE}
       fast = ptq.quantize_params({"w": {"kernel": w}}, ptq.QuantConfig(**options))[0]["w"]["kernel"]
       options.pop("kernel")
       xla_w = ptq.quantize_params({"w": {"kernel": w}}, ptq.QuantConfig(**options))[0]["w"]["kernel"]
       data, scale, gs = fast.data, fast.scale, fast.group_size
-      a8, int4 = fast.act_format is not None, fast.fmt.bits <= 4
+      a8 = fast.act_format is not None
     kernel = jax.jit(lambda x, d, s, gs=gs, a8=a8: cpu_kernel.lowbit_matmul(
         x, d, s, k=k, group_size=gs, act_int8=a8))
     xla = jax.jit(lambda x, q: x @ q)
@@ -288,7 +288,7 @@ def kernel_or_xla(cfg: Config, size: str, repeats: int = 7) -> list[dict]:
       rows.append({"weights": weights, "rows": m, "shape": f"{k} x {n}",
                    "kernel_ms": t_kernel * 1e3, "xla_ms": t_xla * 1e3,
                    "xla_over_kernel": t_xla / t_kernel,
-                   "chosen": "kernel" if cpu_kernel.use_kernel(m, int4=int4, act_int8=a8)
+                   "chosen": "kernel" if cpu_kernel.use_kernel(m, codes=weights != "float32-ffi")
                    else "xla"})
   return rows
 

@@ -16,7 +16,8 @@ held-out prompts, compilation excluded):
   decoding (`jaxinf.decoding.jacobi`), Speculative Jacobi Decoding (sampling);
 - Medusa heads trained on the frozen target (`jaxinf.decoding.medusa`), exact acceptance;
 - self-drafting: the target itself with int8 or int4 weights as the draft (`jaxinf.quant`, the
-  hand-written CPU kernel on CPU), which agrees with the target far more often than a small model.
+  hand-written CPU kernel on CPU; by default with int8 activations too, W8A8 / W4A8, whose decode
+  step is the cheaper one), which agrees with the target far more often than a small model.
 
 Measured acceptance α̂ = accepted / drafted and tokens per target call sit beside the theoretical
 E = (1 − α^{γ+1}) / (1 − α) (Leviathan et al. 2023, eq. 1) at the measured α̂. For greedy runs the
@@ -52,7 +53,8 @@ from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled
 from jaxinf.train.step import OptimizerConfig
 
 EOS = ByteTokenizer.eos_id
-SELF_DRAFT_FORMATS = ("int8", "int4")
+# weight-only, or with int8 activations ("-a8": W8A8 / W4A8, the kernel's VNNI path)
+SELF_DRAFT_FORMATS = ("int8", "int4", "int8-a8", "int4-a8")
 SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temperature=0.7)}
 
 
@@ -71,8 +73,8 @@ class Config(common.StudyConfig):
   adaptive_gamma: int = 8
   # self-drafts: the target itself with low-bit weights (`jaxinf.quant`; on CPU the hand-written
   # kernel, `QuantConfig(kernel="cpu_ffi")`), its tied table at int8
-  self_drafts: tuple[str, ...] = ("int8", "int4")
-  self_draft_gammas: tuple[int, ...] = (4, 8)
+  self_drafts: tuple[str, ...] = ("int8-a8", "int4-a8")  # of SELF_DRAFT_FORMATS
+  self_draft_gammas: tuple[int, ...] = (4, 6, 8)
   self_draft_group_size: int | None = 32  # int4's scale group (None: one scale per channel)
   recurrent_target: str = "rwkv7-1m"   # "any family can be the target": one row with it
   lookup_ngram: int = 3
@@ -126,7 +128,7 @@ def smoke_config(cfg: Config) -> Config:
   # options given beside --smoke are kept (`common.smoke_sized`)
   return common.smoke_sized(cfg, dataclasses.replace(
       cfg, prompt_len=24, new_tokens=8, n_prompts=1, repeats=1, samplers=("greedy",),
-      gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(), self_drafts=("int4",),
+      gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(), self_drafts=("int4-a8",),
       self_draft_gammas=(2,), self_draft_group_size=None,
       adaptive_gamma=3, lookup_draft_len=3, jacobi_window=3, lookahead_window=2,
       lookahead_ngram=2, lookahead_candidates=2, trie_branches=2, fastdraft_sequences=4,
@@ -318,8 +320,10 @@ def run(cfg: Config) -> list[dict]:
 
 
 def self_draft(cfg: Config, t_params, fmt: str):
-  """The target's parameters with every matmul weight in `fmt` and its tied embedding table at
-  int8, stored for the CPU kernel when it runs here (else the XLA path)."""
+  """The target's parameters with every matmul weight in `fmt` ("int8" / "int4", "-a8": int8
+  activations at the matmul inputs too) and its tied embedding table at int8, stored for the CPU
+  kernel when it runs here (else the XLA path)."""
+  bits, act = fmt.removesuffix("-a8"), "int8" if fmt.endswith("-a8") else None
   kernel = None
   if jax.default_backend() == "cpu":
     try:
@@ -327,9 +331,9 @@ def self_draft(cfg: Config, t_params, fmt: str):
       kernel = "cpu_ffi"
     except cpu_kernel.KernelUnavailableError as e:
       print(f"self-draft {fmt}: the CPU kernel is unavailable ({e}); the XLA path", flush=True)
-  config = QuantConfig(format=fmt, kernel=kernel, embeddings=(r"embed_tokens/embedding",),
-                       embedding_format="int8",
-                       group_size=cfg.self_draft_group_size if fmt == "int4" else None)
+  config = QuantConfig(format=bits, act_format=act, kernel=kernel,
+                       embeddings=(r"embed_tokens/embedding",), embedding_format="int8",
+                       group_size=cfg.self_draft_group_size if bits == "int4" else None)
   params, report = quantize_params(t_params, config)
   print(f"self-draft {fmt}: {report.bytes_after:,} bytes of {report.bytes_before:,} "
         f"(kernel {kernel})", flush=True)

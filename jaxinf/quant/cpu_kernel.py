@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KERNELS = ("cpu_ffi",)
-MAX_ROWS = 64          # x rows up to which fp32-activation int8 / fp32 weights take the kernel
+MAX_ROWS = 64          # x rows up to which fp32 weights (`KernelWeight`) take the kernel
 TARGET = "jaxinf_lowbit_matmul"
 ATTENTION_TARGET = "jaxinf_attention_step"  # csrc/attention_step.cc (jaxinf.models.cpu_attention)
 # every source of csrc/ goes into the one shared library
@@ -174,16 +174,18 @@ OCTET = 8   # int4 k per 64-byte panel step
 QUAD = 4    # int8 k per 64-byte panel step
 
 
-def use_kernel(rows: int, *, int4: bool, act_int8: bool) -> bool:
-  """Whether `x @ w` with `rows` rows of x runs the kernel rather than XLA's form. int4 panels and
-  int8 activations: at every row count, prefill included. A kernel-layout QArray's XLA fallback
-  must first undo the panels, and XLA:CPU's grouped / integer dots are slow: at 256 rows x 768 x
-  2304 the kernel took 1.8 ms for W4A8 and 4.3 for W4 where the fallback took 64 and 25 ms.
-  (Measured against a `kernel=None` QArray, W8A8 with one scale per column is faster in XLA at
-  256 rows, 0.7 vs 1.5 ms: a rule to re-tune.) int8 and fp32 weights with fp32 activations: up to
-  `MAX_ROWS`; above, XLA's dense fp32 dot is the faster one (compute-bound, its packing wins).
-  `python -m experiments.bench_decode` measures both forms by rows (its kernel-or-XLA table)."""
-  return rows > 0 and (int4 or act_int8 or rows <= MAX_ROWS)
+def use_kernel(rows: int, *, codes: bool) -> bool:
+  """Whether `x @ w` with `rows` rows of x runs the kernel rather than XLA's form. Integer codes
+  (`codes=True`: int4 or int8, fp32 or int8 activations): at every row count, prefill included,
+  because a kernel-layout QArray's XLA fallback must first undo the panels and XLA:CPU's grouped /
+  integer dots are slow. At 256 rows x 768 x 2304 the kernel took 1.8 ms for W4A8 and 4.3 for W4
+  where the fallback took 64 and 25 ms; int8 weight-only, the kernel against the fallback at
+  65 / 128 / 256 rows: 0.5-0.6x / 0.5-0.7x / 0.6-1.1x with one scale per column (the one loss,
+  1.02 against 0.91 ms at 256 x 384 x 1024) and 0.4-0.6x with groups of 32. fp32 weights
+  (`KernelWeight`): up to `MAX_ROWS`; above, XLA's dense fp32 dot (compute-bound, its packing
+  wins). `python -m experiments.bench_decode` measures both forms by rows (its kernel-or-XLA
+  table)."""
+  return rows > 0 and (codes or rows <= MAX_ROWS)
 
 
 def kernel_step(bits: int) -> int:

@@ -38,9 +38,9 @@ panels of 16 output columns (`cpu_kernel.kernel_layout`: per 64 bytes 16 columns
 x 8 int2–int4 nibbles), so that one vector load feeds 16 output lanes. The panels pad `out` to a
 multiple of 16 and `in` to a multiple of 4 (int8) or 8 (int4) with zero codes; `nbytes` counts the
 padding. `codes()`, `dequantize()` and the XLA path undo the layout. `x @ w` runs the kernel
-(fp32 activations, or int8 ones with `act_format="int8"`) where `cpu_kernel.use_kernel` says it is
-the faster form: for int4 codes and for int8 activations at every row count (prefill too), for
-int8 codes with fp32 activations up to `cpu_kernel.MAX_ROWS` rows of x; XLA's dot above.
+(fp32 activations, or int8 ones with `act_format="int8"`) at every row count, prefill too: XLA's
+form of a kernel-layout product first undoes the panels and is the slower one
+(`cpu_kernel.use_kernel`).
 """
 
 from __future__ import annotations
@@ -221,8 +221,7 @@ class QArray(QuantizedWeight):
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
     x, out_dtype, rows = _matmul_input(x, self.logical_shape, self.dtype)
-    if self.kernel == "cpu_ffi" and cpu_kernel.use_kernel(
-        rows, int4=self.fmt.bits <= 4, act_int8=self.act_format is not None):
+    if self.kernel == "cpu_ffi" and cpu_kernel.use_kernel(rows, codes=True):
       cpu_kernel.check_backend("kernel")
       y = cpu_kernel.lowbit_matmul(
           x.reshape(rows, n_in), self.data, self.scale, k=n_in, group_size=self.group_size,
@@ -364,7 +363,7 @@ class KernelWeight(QuantizedWeight):
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
     x, out_dtype, rows = _matmul_input(x, self.logical_shape, self.dtype)
-    if cpu_kernel.use_kernel(rows, int4=False, act_int8=False):
+    if cpu_kernel.use_kernel(rows, codes=False):
       cpu_kernel.check_backend("kernel")
       y = cpu_kernel.lowbit_matmul(x.reshape(rows, n_in), self.data,
                                    jnp.ones((1, n_out), jnp.float32), k=n_in, group_size=n_in)

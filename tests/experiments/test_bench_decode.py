@@ -73,8 +73,8 @@ def test_smoke_run(tmp_path, capsys):
         (w, m) for w in bench_decode.KERNEL_ROW_WEIGHTS for m in (1, 65)}
     for r in kernel_rows:
       assert r["kernel_ms"] > 0 and r["xla_ms"] > 0
-      int4, a8 = r["weights"].startswith("int4"), "-a8" in r["weights"]
-      assert r["chosen"] == ("kernel" if cpu_kernel.use_kernel(r["rows"], int4=int4, act_int8=a8)
+      assert r["chosen"] == ("kernel" if cpu_kernel.use_kernel(
+          r["rows"], codes=r["weights"] != "float32-ffi")
                              else "xla")
     assert "## Kernel or XLA, by rows of x" in report
 

@@ -57,8 +57,8 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, k, act):
   step = 4 if fmt == "int8" else 8
   assert qk.data.shape == (48, 4 * -(-k // step))
   assert qk.nbytes == qk.data.size + qk.scale.nbytes
-  # every row-tile height (8 per pass, tails 1-7); 70 rows: past MAX_ROWS, the kernel for int4
-  # and int8 activations (`cpu_kernel.use_kernel`), XLA's dot for int8 weight-only
+  # every row-tile height (8 per pass, tails 1-7); 70 rows: past MAX_ROWS, which bounds only fp32
+  # weights (integer codes take the kernel at every row count, `cpu_kernel.use_kernel`)
   for m in (1, 3, 5, 7, 8, 16, 33, 70):
     x = rng.normal(size=(m, k)).astype(np.float32)
     y = np.asarray(kernel(x, qk), np.float64)
