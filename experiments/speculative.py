@@ -17,7 +17,10 @@ held-out prompts, compilation excluded):
 - Medusa heads trained on the frozen target (`jaxinf.decoding.medusa`), exact acceptance;
 - self-drafting: the target itself with int8 or int4 weights as the draft (`jaxinf.quant`, the
   hand-written CPU kernel on CPU; by default with int8 activations too, W8A8 / W4A8, whose decode
-  step is the cheaper one), which agrees with the target far more often than a small model.
+  step is the cheaper one), which agrees with the target far more often than a small model. It
+  steps in the target's own KV cache (`share_cache=True`: no draft prefill, no catch-up step). One
+  more row times it against the target with its fp32 weights in the kernel's layout
+  (`ptq.kernel_params`), whose own `generate` is the faster baseline on CPU.
 
 Measured acceptance α̂ = accepted / drafted and tokens per target call sit beside the theoretical
 E = (1 − α^{γ+1}) / (1 − α) (Leviathan et al. 2023, eq. 1) at the measured α̂. For greedy runs the
@@ -45,7 +48,7 @@ from jaxinf.decoding.medusa import medusa_generate
 from jaxinf.decoding.sampling import SamplerConfig
 from jaxinf.decoding.speculative import expected_tokens_per_call, speculative_generate
 from jaxinf.quant import cpu_kernel
-from jaxinf.quant.ptq import QuantConfig, quantize_params
+from jaxinf.quant.ptq import QuantConfig, kernel_params, quantize_params
 from jaxinf.recipes import code_models
 from jaxinf.train.draft import target_text
 from jaxinf.train.lm import LMTrainConfig, bits_per_byte, train_lm
@@ -76,6 +79,8 @@ class Config(common.StudyConfig):
   self_drafts: tuple[str, ...] = ("int8-a8", "int4-a8")  # of SELF_DRAFT_FORMATS
   self_draft_gammas: tuple[int, ...] = (4, 6, 8)
   self_draft_group_size: int | None = 32  # int4's scale group (None: one scale per channel)
+  # the first self-draft at this gamma against the fp32-ffi target (None: no such row)
+  kernel_target_gamma: int | None = 6
   recurrent_target: str = "rwkv7-1m"   # "any family can be the target": one row with it
   lookup_ngram: int = 3
   lookup_draft_len: int = 7
@@ -121,6 +126,8 @@ class Config(common.StudyConfig):
     common.check_ints(self, "self_draft_gammas")
     if self.self_draft_group_size is not None:
       common.check_ints(self, "self_draft_group_size")
+    if self.kernel_target_gamma is not None:
+      common.check_ints(self, "kernel_target_gamma")
 
 
 def smoke_config(cfg: Config) -> Config:
@@ -129,7 +136,7 @@ def smoke_config(cfg: Config) -> Config:
   return common.smoke_sized(cfg, dataclasses.replace(
       cfg, prompt_len=24, new_tokens=8, n_prompts=1, repeats=1, samplers=("greedy",),
       gammas=(2,), sweep_drafts=("fastdraft-1m",), family_drafts=(), self_drafts=("int4-a8",),
-      self_draft_gammas=(2,), self_draft_group_size=None,
+      self_draft_gammas=(2,), self_draft_group_size=None, kernel_target_gamma=2,
       adaptive_gamma=3, lookup_draft_len=3, jacobi_window=3, lookahead_window=2,
       lookahead_ngram=2, lookahead_candidates=2, trie_branches=2, fastdraft_sequences=4,
       fastdraft_prompt=8, fastdraft_new_tokens=24,
@@ -199,6 +206,11 @@ def run(cfg: Config) -> list[dict]:
                         heldout_bpb=bits_per_byte(target, models[f"self-{fmt}"][1], heldout,
                                                   seq_len=128, max_windows=cfg.eval_windows)))
     print(f"self-{fmt}: held-out {quality[-1]['heldout_bpb']:.3f} bits/byte", flush=True)
+  kernel_target = (cfg.kernel_target_gamma is not None and cfg.self_drafts
+                   and jax.default_backend() == "cpu" and _kernel_available())
+  if kernel_target:  # the same fp32 weights in the kernel's layout: a faster target on CPU
+    models["target-fp32-ffi"] = (target, kernel_params(
+        t_params, embeddings=(r"embed_tokens/embedding",))[0])
   prompts = common.heldout_prompts(heldout, cfg.n_prompts, cfg.prompt_len, cfg.seed)
   kw = dict(max_new_tokens=cfg.new_tokens)
 
@@ -213,7 +225,15 @@ def run(cfg: Config) -> list[dict]:
       for g in cfg.self_draft_gammas:
         out.append((f"speculative self-{fmt} γ={g}",
                     dict(method="speculative", draft=f"self-{fmt}", gamma=g),
-                    _spec(target, t_params, *models[f"self-{fmt}"], g, sampler, kw)))
+                    _spec(target, t_params, *models[f"self-{fmt}"], g, sampler, kw,
+                          share_cache=True)))
+    if kernel_target:
+      fmt, g = cfg.self_drafts[0], cfg.kernel_target_gamma
+      out.append((f"speculative self-{fmt} γ={g}, fp32-ffi target",
+                  dict(method="speculative", target="target-fp32-ffi", draft=f"self-{fmt}",
+                       gamma=g),
+                  _spec(target, models["target-fp32-ffi"][1], *models[f"self-{fmt}"], g,
+                        sampler, kw, share_cache=True)))
     for d in cfg.family_drafts:
       out.append((f"speculative {d} γ={cfg.family_gamma}",
                   dict(method="speculative", draft=d, gamma=cfg.family_gamma),
@@ -317,6 +337,14 @@ def run(cfg: Config) -> list[dict]:
   _plots(out, cfg, rows)
   common.print_report(out, total)
   return rows
+
+
+def _kernel_available() -> bool:
+  try:
+    cpu_kernel.load()
+    return True
+  except cpu_kernel.KernelUnavailableError:
+    return False
 
 
 def self_draft(cfg: Config, t_params, fmt: str):

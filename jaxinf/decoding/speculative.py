@@ -23,6 +23,15 @@ assisted generation refuses stateful models). One round:
    cache (the kept draft cache stays at step 1's state, so nothing needs undoing there);
 3. the target steps [pending token, x_1..x_γ], `verify`, `rollback(keep = 1 + accepted)`.
 
+A self-draft — the target model itself with other parameters, e.g. its weights at int8 / int4
+(`jaxinf.quant`) — can share the target's cache (`share_cache=True`): no draft prefill and no
+catch-up step. Each round the draft steps the pending token and its own drafts x_1..x_{γ−1} in the
+target's cache, which then goes back to its mark (`mark` / `restore`: a length pointer for the
+transformer, so nothing is copied), and the target's step over [pending, x_1..x_γ] writes its own
+entries over the draft's before it reads them. The target never reads a draft-written entry, so
+the output is exactly as above; the draft attends to the target's own entries for every
+committed token. A round costs γ one-token draft steps and one target step.
+
 Adaptive γ (all lossless: the number of drafts depends on the draft and on past rounds only):
 `gamma_schedule="heuristic"` grows a row's γ by 2 after a fully accepted round and shrinks it by
 one otherwise (the schedule of transformers' assisted generation), within [1, gamma];
@@ -40,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.config import check_flag
 from jaxinf.decoding import sampling
 from jaxinf.decoding.checks import (check_block, check_context, check_key, check_params,
                                     check_prompts, check_same_vocab, check_sampler)
@@ -87,10 +97,12 @@ def speculative_generate(target, target_params, draft, draft_params, prompts, ke
                          gamma_schedule: str = "fixed", gamma_init: int | None = None,
                          draft_confidence: float | None = None, eos_id: int | None = None,
                          prompt_lengths=None, pad_id: int = 0, max_len: int | None = None,
-                         return_state: bool = False):
+                         share_cache: bool = False, return_state: bool = False):
   """Generates up to `max_new_tokens` per prompt from `target`'s distribution under `sampler`,
   with `draft` proposing. Arguments as `generate`; `draft_sampler` (default: `sampler`) shapes the
   draft's proposals q (any choice is exact; matching the target's usually accepts most).
+  `share_cache`: a self-draft (`draft` the target model itself, other parameters) steps in the
+  target's cache (module docstring); the state's `draft_cache` is then None.
 
   Returns `SpeculativeOutput`; with `return_state=True` also a dict with the final
   `target_cache`, `draft_cache`, the raw token `buffer` [B, max_new_tokens + gamma + 1] and
@@ -100,6 +112,11 @@ def speculative_generate(target, target_params, draft, draft_params, prompts, ke
   check_params("target_params", target, target_params, "target")
   check_params("draft_params", draft, draft_params, "draft")
   check_key(key)
+  check_flag("share_cache", share_cache)
+  if share_cache and draft != target:
+    raise ValueError("share_cache: the draft must be the target model itself (a self-draft: the "
+                     f"same model with other parameters, e.g. quantized ones); got draft {draft!r} "
+                     f"for target {target!r}")
   spec = SpeculativeConfig(gamma, gamma_schedule, gamma_init, draft_confidence)
   # a recurrent model's rollback history is sized from gamma (checks.check_block)
   target = check_block(target, "target", gamma + 1, "gamma")
@@ -114,7 +131,7 @@ def speculative_generate(target, target_params, draft, draft_params, prompts, ke
   out, state = _speculative(target, draft, target_params, draft_params, jnp.asarray(prompts),
                             jnp.asarray(lengths), key, spec=spec, sampler=sampler,
                             draft_sampler=draft_sampler, max_new_tokens=max_new_tokens,
-                            eos_id=eos_id, pad_id=pad_id, cap=cap)
+                            eos_id=eos_id, pad_id=pad_id, cap=cap, share=share_cache)
   return (out, state) if return_state else out
 
 
@@ -128,16 +145,18 @@ def draw(key, sampler: SamplerConfig, dist: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "spec", "sampler",
                                              "draft_sampler", "max_new_tokens", "eos_id",
-                                             "pad_id", "cap"))
+                                             "pad_id", "cap", "share"))
 def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec, sampler,
-                 draft_sampler, max_new_tokens, eos_id, pad_id, cap):
+                 draft_sampler, max_new_tokens, eos_id, pad_id, cap, share):
   b = prompts.shape[0]
   g = spec.gamma
   rows = jnp.arange(b)
   tcache = target.init_cache(b, cap)
   tlogits, tcache = target.prefill(tparams, prompts, tcache, lengths)
-  dcache = draft.init_cache(b, cap)
-  _, dcache = draft.prefill(dparams, prompts, dcache, lengths)
+  dcache = None  # share: the draft steps in the target's cache
+  if not share:
+    dcache = draft.init_cache(b, cap)
+    _, dcache = draft.prefill(dparams, prompts, dcache, lengths)
 
   first = draw(jax.random.fold_in(key, 0), sampler, probs(sampler, tlogits[rows, lengths - 1]))
   out = jnp.full((b, max_new_tokens + g + 1), pad_id, jnp.int32)
@@ -158,13 +177,20 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
     active = ~done & (pos < max_new_tokens)
     pending = unseen[rows, jnp.maximum(n_unseen - 1, 0)]
 
-    # 1. the draft catches up on the tokens it has not seen, in one static block
-    dlogits, dcache = draft.step(dparams, unseen, dcache)
-    dcache = draft.rollback(dcache, n_unseen)
-    logits0 = dlogits[rows, jnp.maximum(n_unseen - 1, 0)]
+    # 1. the draft catches up on the tokens it has not seen, in one static block; sharing the
+    # target's cache, it has seen all but the pending token
+    if share:
+      mark = target.mark(tcache)
+      logits0, scratch = _step_last(draft, dparams, pending, tcache)
+    else:
+      dlogits, dcache = draft.step(dparams, unseen, dcache)
+      dcache = draft.rollback(dcache, n_unseen)
+      logits0 = dlogits[rows, jnp.maximum(n_unseen - 1, 0)]
+      scratch = dcache
 
     # 2. up to gamma drafts per row; the steps between them run on a scratch copy of the draft
-    # cache (the kept cache stays at step 1's state). The last draft needs no step after it.
+    # cache (the kept cache stays at step 1's state), or in the shared cache, which then returns
+    # to its mark. The last draft needs no step after it.
     def propose(i, logits, drafts, qs, n_draft, stopped):
       q = probs(draft_sampler, logits)
       x = draw(jax.random.fold_in(rk, 1 + i), draft_sampler, q)
@@ -187,11 +213,13 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
       return i + 1, scratch, logits, drafts, qs, n_draft, stopped
 
     v = target.vocab_size
-    state = (jnp.int32(0), dcache, logits0, jnp.zeros((b, g), jnp.int32),
+    state = (jnp.int32(0), scratch, logits0, jnp.zeros((b, g), jnp.int32),
              jnp.zeros((b, g, v), jnp.float32), zeros, jnp.zeros((b,), bool))
     if g > 1:
       state = jax.lax.while_loop(draft_cond, draft_body, state)
-    i, _, logits, drafts, qs, n_draft, stopped = state
+    i, scratch, logits, drafts, qs, n_draft, stopped = state
+    if share:
+      tcache = target.restore(scratch, mark)
     _, drafts, qs, n_draft, _ = propose(i, logits, drafts, qs, n_draft, stopped)
 
     # 3. one target step over [pending, drafts], acceptance, exact rollback

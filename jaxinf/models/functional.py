@@ -65,6 +65,11 @@ class SequenceModel:
   - `rollback(cache, keep [B]) -> cache`: undoes the last `step` but for its first keep[b] tokens
     (0 <= keep <= k), exactly — a length pointer for a KV cache, a kept state history for
     recurrent models. This is what speculative verification uses.
+  - `mark(cache) -> mark` and `restore(cache, mark) -> cache`: returns a cache to the state it had
+    at `mark` after any number of further steps, exactly. Provided here as a copy of the whole
+    cache; the transformer's KV cache marks only its lengths (later steps write past them), so a
+    self-draft can step in the target's own cache and hand it back for verification
+    (`speculative_generate(share_cache=True)`).
   - `select(cache, rows [B']) -> cache`: the cache of rows `rows` (any int32 indices into the
     batch, repeats allowed, so B' may differ from B): what branch expansion, beam-like search and
     particle resampling use. Provided here from `cache_batch_axes(cache)`, the batch axis of every
@@ -92,6 +97,15 @@ class SequenceModel:
   def cache_batch_axes(self, cache):  # pragma: no cover - interface
     """A pytree like `cache` whose leaves are the batch axis of each cache leaf."""
     raise NotImplementedError
+
+  def mark(self, cache):
+    """What `restore` needs to return `cache` to its present state: here a copy of it."""
+    return jax.tree.map(jnp.copy, cache)
+
+  def restore(self, cache, mark):
+    """`cache` as it was when `mark` was taken, after any number of further steps."""
+    del cache
+    return mark
 
   def select(self, cache, rows):
     """The cache of rows `rows` [B'] (gather on every leaf's batch axis; repeats allowed)."""

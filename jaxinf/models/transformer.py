@@ -415,6 +415,20 @@ class TransformerLM(FamilyLM):
     keep = jnp.asarray(keep, jnp.int32)
     return dict(cache, length=cache["length"] - cache["last_k"] + keep, last_k=keep)
 
+  def mark(self, cache: dict) -> dict:
+    """The lengths alone: later steps write only slots past them, so `restore` is exact by
+    pointer, as `rollback` is (an evicting `kv_policy` moves kept entries: a copy of the whole
+    cache, `SequenceModel.mark`)."""
+    if self.kv_policy is not None and self.kv_policy.evicts:
+      return super().mark(cache)
+    # copies: `step` donates the cache, lengths included
+    return {"length": jnp.copy(cache["length"]), "last_k": jnp.copy(cache["last_k"])}
+
+  def restore(self, cache: dict, mark: dict) -> dict:
+    if self.kv_policy is not None and self.kv_policy.evicts:
+      return super().restore(cache, mark)
+    return dict(cache, length=mark["length"], last_k=mark["last_k"])
+
 
 def cache_size(cache: dict) -> int:
   """Slots per row, layer and KV head of a transformer cache (`[L, B, Hkv, S, D]`)."""

@@ -30,6 +30,10 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 9, 1]]
     ("rwkv7", "mamba", dict(gamma_schedule="heuristic")),
     ("mamba", "transnormer", {}),
     ("transnormer", "transformer", dict(draft_confidence=0.5)),
+    # self-drafts (the target model with other weights) stepping in the target's cache: the
+    # transformer's mark is a length pointer, RWKV-7's a copy of its state
+    ("transformer", "transformer", dict(share_cache=True)),
+    ("rwkv7", "rwkv7", dict(share_cache=True, gamma_schedule="heuristic")),
 ])
 def test_greedy_equals_generate(target, draft, opts):
   tm, tp = tiny_model(target)
@@ -79,13 +83,14 @@ def _codes(tokens, n):
   return sum(np.asarray(tokens)[:, i] * V ** (n - 1 - i) for i in range(n))
 
 
-@pytest.mark.parametrize("sampler", [SamplerConfig(temperature=1.0),
-                                     SamplerConfig(temperature=0.7, top_k=4)])
-def test_bigram_distribution_is_the_targets(bigrams, sampler):
+@pytest.mark.parametrize("sampler,share", [(SamplerConfig(temperature=1.0), False),
+                                           (SamplerConfig(temperature=0.7, top_k=4), False),
+                                           (SamplerConfig(temperature=1.0), True)])
+def test_bigram_distribution_is_the_targets(bigrams, sampler, share):
   target, tp, dp = bigrams
   prompts = np.full((ROWS, 1), 2, np.int32)
   out = speculative_generate(target, tp, target, dp, prompts, jax.random.key(3),
-                             max_new_tokens=3, gamma=3, sampler=sampler)
+                             max_new_tokens=3, gamma=3, sampler=sampler, share_cache=share)
   exact = _bigram_joint(np.asarray(tp["table"]), 2, sampler, 3)
   assert chi_square_pvalue(_codes(out.tokens, 3), exact) > 1e-3
   acc = np.asarray(out.accepted).sum() / np.asarray(out.drafted).sum()
@@ -125,6 +130,40 @@ def test_recurrent_target_distribution_is_exact(recurrent_pair):
   out = speculative_generate(tm, tp, dm, dp, np.repeat(prompt, 8000, 0), jax.random.key(5),
                              max_new_tokens=2, gamma=3, sampler=sampler)
   assert chi_square_pvalue(_codes(out.tokens, 2), exact) > 1e-3
+
+
+def test_shared_cache_self_draft_distribution_is_exact():
+  """A transformer self-draft (other weights) stepping in the target's KV cache, which goes back to
+  its mark by pointer: the first two tokens' joint law by enumeration, with rejections."""
+  tm, tp = tiny_model("transformer", vocab_size=V)
+  _, dp = tiny_model("transformer", vocab_size=V, seed=3)
+  prompt = np.array([[1, 4, 2]], np.int32)
+  seqs = np.concatenate([np.repeat(prompt, V, 0), np.arange(V)[:, None]], 1).astype(np.int32)
+  logits, _ = tm.prefill(tp, jnp.asarray(seqs), tm.init_cache(V, 4), jnp.full((V,), 4))
+  first = np.asarray(jax.nn.softmax(logits[0, 2]), np.float64)
+  second = np.asarray(jax.nn.softmax(logits[:, 3]), np.float64)
+  exact = (first[:, None] * second).ravel()
+  out = speculative_generate(tm, tp, tm, dp, np.repeat(prompt, 8000, 0), jax.random.key(5),
+                             max_new_tokens=2, gamma=3, sampler=SamplerConfig(temperature=1.0),
+                             share_cache=True)
+  assert chi_square_pvalue(_codes(out.tokens, 2), exact) > 1e-3
+  assert 0 < np.asarray(out.rejected).sum()  # the draft's law differs: rejections happen
+
+
+@pytest.mark.parametrize("family", ["transformer", "rwkv7", "mamba", "transnormer"])
+def test_restore_returns_the_cache_to_its_mark(family):
+  """`mark`, three more steps, `restore`: the next step's logits equal those from an untouched
+  copy of the marked cache (the transformer restores by pointer, the others from a copy)."""
+  m, p = tiny_model(family)
+  cache = m.prefill(p, jnp.asarray([[1, 2, 3, 4]]), m.init_cache(1, 16), jnp.array([4]))[1]
+  copy = jax.tree.map(jnp.copy, cache)
+  mark = m.mark(cache)
+  for tok in (5, 6, 7):
+    _, cache = m.step(p, jnp.asarray([[tok]]), cache)
+  cache = m.restore(cache, mark)
+  got, _ = m.step(p, jnp.asarray([[9, 10]]), cache)
+  want, _ = m.step(p, jnp.asarray([[9, 10]]), copy)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=0)
 
 
 def test_recurrent_rollback_state_equals_prefill_of_accepted(recurrent_pair):
@@ -203,3 +242,7 @@ def test_bad_input_is_refused(bigrams):
     run(draft_confidence=1.5)
   with pytest.raises(TypeError, match="draft"):
     run(draft=object())
+  with pytest.raises(TypeError, match="share_cache"):
+    run(share_cache="yes")
+  with pytest.raises(ValueError, match="share_cache: the draft must be the target model"):
+    run(draft=BigramModel(V, max_len=99), share_cache=True)
