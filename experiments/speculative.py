@@ -327,6 +327,14 @@ def run(cfg: Config) -> list[dict]:
             f"tokens/call {row['tokens_per_call']:.2f}  accepted/drafted {accept_rate:.2f}",
             flush=True)
 
+  if cfg.self_drafts and cfg.kernel_target_gamma is not None:
+    fmt = cfg.self_drafts[0]
+    rows.append(dict(study="anatomy", draft=f"self-{fmt}", gamma=cfg.kernel_target_gamma,
+                     **round_anatomy(target, t_params, models[f"self-{fmt}"][1], prompts[:1],
+                                     cfg.kernel_target_gamma, cfg.new_tokens, cfg.repeats)))
+    print("self-draft round (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
+                                                if isinstance(v, float)), flush=True)
+
   total = time.perf_counter() - t_start
   meta = dict(config=dataclasses.asdict(cfg), total_seconds=total, backend=jax.default_backend(),
               devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
@@ -368,6 +376,56 @@ def self_draft(cfg: Config, t_params, fmt: str):
   return params
 
 
+def round_anatomy(model, t_params, d_params, prompt, gamma: int, new_tokens: int,
+                  repeats: int) -> dict:
+  """Where a shared-cache self-draft round's time goes (greedy, one prompt): the measured round,
+  (speculative_generate(new_tokens) - its prefill-only run) / rounds, beside its pieces timed
+  alone in compiled loops from the same prefilled cache (10 rounds a call): `draft_step_ms` (one
+  one-token draft step), `verify_ms` (the target's step over gamma + 1 tokens) and
+  `pieces_round_ms` (gamma draft steps then the verify step, in one loop: what a round costs
+  without sampling, acceptance and bookkeeping). `overhead_ms` = round - pieces_round;
+  `generate_token_ms` the plain decode step it competes with."""
+  key, reps = jax.random.key(0), 10
+  spec = lambda n: speculative_generate(model, t_params, model, d_params, prompt, key,
+                                        max_new_tokens=n, gamma=gamma, share_cache=True)
+  gen = lambda n: generate(model, t_params, prompt, key, max_new_tokens=n)
+  secs = common.side_by_side({"spec": lambda: spec(new_tokens).tokens,
+                              "spec_prefill": lambda: spec(1).tokens,
+                              "gen": lambda: gen(new_tokens).tokens,
+                              "gen_prefill": lambda: gen(1).tokens}, repeats)
+  rounds = int(spec(new_tokens).target_calls.sum())
+  cap = prompt.shape[1] + new_tokens + gamma + 1
+  cache0 = model.prefill(t_params, jax.numpy.asarray(prompt), model.init_cache(1, cap),
+                         jax.numpy.array([prompt.shape[1]], "int32"))[1]
+
+  def loop(draft: bool, verify: bool):
+    def one(c, _):
+      mark = model.mark(c)
+      tok = jax.numpy.ones((1, 1), "int32")
+      if draft:
+        for _ in range(gamma):
+          logits, c = model.step(d_params, tok, c)
+          tok = jax.numpy.argmax(logits[:, -1], -1)[:, None].astype("int32")
+      c = model.restore(c, mark)
+      if verify:
+        logits, c = model.step(t_params, jax.numpy.tile(tok, (1, gamma + 1)), c)
+        # keep nothing, but by a value of the logits (so the head is computed)
+        c = model.rollback(c, jax.numpy.minimum(jax.numpy.argmax(logits[:, -1], -1), 0))
+      return c, None
+    run = jax.jit(lambda c: jax.lax.scan(one, c, None, length=reps)[0])
+    cache = jax.tree.map(jax.numpy.copy, cache0)
+    return common.side_by_side({"x": lambda: run(cache)}, repeats)["x"] / reps * 1e3
+
+  draft_ms, verify_ms, both_ms = loop(True, False), loop(False, True), loop(True, True)
+  round_ms = (secs["spec"] - secs["spec_prefill"]) / max(rounds, 1) * 1e3
+  return dict(rounds=rounds, round_ms=round_ms, draft_step_ms=draft_ms / gamma,
+              verify_ms=verify_ms, pieces_round_ms=both_ms, overhead_ms=round_ms - both_ms,
+              generate_token_ms=(secs["gen"] - secs["gen_prefill"]) / max(new_tokens - 1, 1)
+              * 1e3,
+              speculative_s=secs["spec"], generate_s=secs["gen"],
+              prefill_s=secs["gen_prefill"])
+
+
 def _spec(target, t_params, draft, d_params, gamma, sampler, kw, **opts):
   return lambda p, k: speculative_generate(target, t_params, draft, d_params, p, k, gamma=gamma,
                                            sampler=sampler, **kw, **opts)
@@ -405,6 +463,18 @@ def _report(cfg: Config, rows: list[dict], total: float) -> str:
     if best is not None:
       parts += ["", f"Best lossless method: {best['label']} at {best['speedup']:.2f}x "
                 f"({best['tokens_per_call']:.2f} tokens per target call)."]
+  anatomy = [r for r in rows if r["study"] == "anatomy"]
+  if anatomy:
+    parts += ["", "## Where a self-draft round goes (greedy, first prompt, ms)", "",
+              common.markdown_table(anatomy, ["draft", "gamma", "rounds", "round_ms",
+                                              "draft_step_ms", "verify_ms", "pieces_round_ms",
+                                              "overhead_ms", "generate_token_ms", "prefill_s",
+                                              "speculative_s", "generate_s"]),
+              "", "round_ms: (speculative - its prefill-only run) / rounds; draft_step_ms, "
+              "verify_ms (the target's step over gamma + 1 tokens), pieces_round_ms (gamma "
+              "draft steps and the verify step in one compiled loop) timed alone; overhead_ms = "
+              "round_ms - pieces_round_ms (sampling, acceptance, bookkeeping); prefill_s: the "
+              "target's prefill, which `generate` pays too."]
   parts += ["", "accept_rate = accepted / drafted (multi-branch methods count every branch's "
             "drafts); alpha = accepted / (accepted + rejected), the per-draft acceptance rate "
             "(draft-model rows: each round's drafts after a rejection are never judged); "

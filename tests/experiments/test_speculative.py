@@ -26,6 +26,16 @@ def test_smoke_run(tmp_path, monkeypatch):
     assert r["speedup"] > 0 and r["tokens_per_call"] >= 1
     assert math.isnan(r["alpha"]) or 0 <= r["alpha"] <= 1
     assert math.isnan(r["accept_rate"]) or 0 <= r["accept_rate"] <= 1
+  # the self-draft steps in the target's cache, and a row against the fp32-ffi target where the
+  # CPU kernel builds
+  assert any(r["draft"] == "self-int4-a8" for r in speed)
+  if speculative._kernel_available():
+    assert any(r["target"] == "target-fp32-ffi" for r in speed)
+  anatomy = [r for r in rows if r["study"] == "anatomy"]
+  assert len(anatomy) == 1 and anatomy[0]["rounds"] >= 1
+  for name in ("round_ms", "draft_step_ms", "verify_ms", "pieces_round_ms", "generate_token_ms"):
+    assert anatomy[0][name] > 0
+  assert "## Where a self-draft round goes" in (out / "report.md").read_text()
   assert (tmp_path / "results" / "code_models_smoke" / "train" / "fastdraft-1m" /
           "target_text.npy").exists()
   assert (out / "speedup_gamma.png").stat().st_size > 0
