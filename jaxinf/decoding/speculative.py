@@ -198,7 +198,8 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
         stopped = stopped | ((i > 0) & (jnp.max(q, -1) < spec.draft_confidence))
       take = ~stopped
       drafts = drafts.at[:, i].set(jnp.where(take, x, 0))
-      qs = qs.at[:, i].set(q)
+      if not point_masses:
+        qs = qs.at[:, i].set(q)
       n_draft = n_draft + take.astype(jnp.int32)
       return x, drafts, qs, n_draft, stopped | (n_draft >= gam)
 
@@ -213,8 +214,12 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
       return i + 1, scratch, logits, drafts, qs, n_draft, stopped
 
     v = target.vocab_size
+    # greedy target and draft: every draw is decided, so acceptance needs no draft tables and
+    # no random numbers (below)
+    point_masses = sampler.greedy and draft_sampler.greedy
     state = (jnp.int32(0), scratch, logits0, jnp.zeros((b, g), jnp.int32),
-             jnp.zeros((b, g, v), jnp.float32), zeros, jnp.zeros((b,), bool))
+             jnp.zeros((b, g, 1 if point_masses else v), jnp.float32), zeros,
+             jnp.zeros((b,), bool))
     if g > 1:
       state = jax.lax.while_loop(draft_cond, draft_body, state)
     i, scratch, logits, drafts, qs, n_draft, stopped = state
@@ -225,7 +230,17 @@ def _speculative(target, draft, tparams, dparams, prompts, lengths, key, *, spec
     # 3. one target step over [pending, drafts], acceptance, exact rollback
     block = jnp.concatenate([pending[:, None], drafts], axis=1)
     tlogits, tcache = target.step(tparams, block, tcache)
-    n_acc, nxt = verify(jax.random.fold_in(rk, 0), probs(sampler, tlogits), drafts, qs, n_draft)
+    if point_masses:
+      # what `verify` returns for one-hot p and q: drafts accepted while each is the target's
+      # argmax, then the target's argmax (a residual of one-hots at a rejection is p's)
+      top = jnp.argmax(sampling.process_logits(sampler, tlogits.reshape(b * (g + 1), v)), -1)
+      top = top.reshape(b, g + 1).astype(jnp.int32)
+      ok = (drafts == top[:, :g]) & (jnp.arange(g)[None] < n_draft[:, None])
+      n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+      nxt = top[rows, n_acc]
+    else:
+      n_acc, nxt = verify(jax.random.fold_in(rk, 0), probs(sampler, tlogits), drafts, qs,
+                          n_draft)
     # finished rows keep nothing, so their caches never outgrow the buffer
     tcache = target.rollback(tcache, jnp.where(active, 1 + n_acc, 0))
 
