@@ -117,16 +117,21 @@ def recurrent_pair():
   return tiny_model("rwkv7", vocab_size=V), tiny_model("transformer", vocab_size=V, seed=3)
 
 
+def _two_token_law(tm, tp, prompt):
+  """The exact joint law (temperature 1) of the two tokens after `prompt` [1, 3], enumerated."""
+  seqs = np.concatenate([np.repeat(prompt, V, 0), np.arange(V)[:, None]], 1).astype(np.int32)
+  logits, _ = tm.prefill(tp, jnp.asarray(seqs), tm.init_cache(V, 4), jnp.full((V,), 4))
+  first = np.asarray(jax.nn.softmax(logits[0, 2]), np.float64)
+  second = np.asarray(jax.nn.softmax(logits[:, 3]), np.float64)
+  return (first[:, None] * second).ravel()
+
+
 def test_recurrent_target_distribution_is_exact(recurrent_pair):
   """RWKV-7 target, transformer draft: the first two tokens' joint law by enumeration."""
   (tm, tp), (dm, dp) = recurrent_pair
   prompt = np.array([[1, 4, 2]], np.int32)
   sampler = SamplerConfig(temperature=1.0)
-  seqs = np.concatenate([np.repeat(prompt, V, 0), np.arange(V)[:, None]], 1).astype(np.int32)
-  logits, _ = tm.prefill(tp, jnp.asarray(seqs), tm.init_cache(V, 4), jnp.full((V,), 4))
-  first = np.asarray(jax.nn.softmax(logits[0, 2]), np.float64)
-  second = np.asarray(jax.nn.softmax(logits[:, 3]), np.float64)
-  exact = (first[:, None] * second).ravel()
+  exact = _two_token_law(tm, tp, prompt)
   out = speculative_generate(tm, tp, dm, dp, np.repeat(prompt, 8000, 0), jax.random.key(5),
                              max_new_tokens=2, gamma=3, sampler=sampler)
   assert chi_square_pvalue(_codes(out.tokens, 2), exact) > 1e-3
@@ -138,11 +143,7 @@ def test_shared_cache_self_draft_distribution_is_exact():
   tm, tp = tiny_model("transformer", vocab_size=V)
   _, dp = tiny_model("transformer", vocab_size=V, seed=3)
   prompt = np.array([[1, 4, 2]], np.int32)
-  seqs = np.concatenate([np.repeat(prompt, V, 0), np.arange(V)[:, None]], 1).astype(np.int32)
-  logits, _ = tm.prefill(tp, jnp.asarray(seqs), tm.init_cache(V, 4), jnp.full((V,), 4))
-  first = np.asarray(jax.nn.softmax(logits[0, 2]), np.float64)
-  second = np.asarray(jax.nn.softmax(logits[:, 3]), np.float64)
-  exact = (first[:, None] * second).ravel()
+  exact = _two_token_law(tm, tp, prompt)
   out = speculative_generate(tm, tp, tm, dp, np.repeat(prompt, 8000, 0), jax.random.key(5),
                              max_new_tokens=2, gamma=3, sampler=SamplerConfig(temperature=1.0),
                              share_cache=True)
