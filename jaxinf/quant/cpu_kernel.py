@@ -213,6 +213,30 @@ def kernel_layout(codes: jax.Array, bits: int) -> jax.Array:
   return u.transpose(2, 0, 3, 1).reshape(PANEL * panels, 4 * ks)
 
 
+def f32_panels(w: jax.Array) -> jax.Array:
+  """fp32 `w [K, N]` -> the kernel's fp32 weight panels, float32 `[16 P, K]` (P = ceil(N / 16)):
+  panel q's floats `[K, 16]`, line k holding columns 16 q .. 16 q + 15 at that k (columns past N
+  are zeros). One 64-byte load gives 16 columns at one k, as the code panels do."""
+  w = jnp.asarray(w, jnp.float32)
+  k, n = w.shape
+  panels = -(-n // PANEL)
+  u = jnp.pad(w, ((0, 0), (0, PANEL * panels - n))).reshape(k, panels, PANEL)
+  return u.transpose(1, 0, 2).reshape(PANEL * panels, k)
+
+
+def f32_weights(data: jax.Array, n: int) -> jax.Array:
+  """fp32 weight panels `[16 P, K]` -> `W [K, n]` (`f32_panels` undone)."""
+  rows, k = data.shape
+  return data.reshape(rows // PANEL, k, PANEL).transpose(1, 0, 2).reshape(k, rows)[:, :n]
+
+
+def f32_columns(data: jax.Array, ids: jax.Array) -> jax.Array:
+  """Columns `ids` of the weights in fp32 panels, `W[:, ids]` as `[*ids.shape, K]`."""
+  rows, k = data.shape
+  ids = jnp.asarray(ids)
+  return data.reshape(rows // PANEL, k, PANEL)[ids // PANEL, :, ids % PANEL]
+
+
 def _unpack_steps(d: jax.Array, bits: int, axis: int) -> jax.Array:
   """Panel step bytes -> int8 codes: int8 bytes as they are; int4 nibbles, the low and high one
   of each byte stacked at `axis` (k = 8 o + 4 h + b), sign-extended."""
@@ -251,8 +275,8 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
                   act_int8: bool = False, force_scalar: bool = False) -> jax.Array:
   """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
   `[16 ceil(N / 16), 4 ceil(K / 4)]` (int8 panels), uint8 `[16 ceil(N / 16), 4 ceil(K / 8)]`
-  (int4 panels) or float32 `[N, K]` (fp32 weights, not quantized; `scale` then ones `[1, N]`),
-  `scale` fp32 `[K / group_size, N]` (N is read from `scale` for the panels).
+  (int4 panels) or float32 `[16 ceil(N / 16), K]` (fp32 weight panels, `f32_panels`; `scale`
+  then ones `[1, N]`), `scale` fp32 `[K / group_size, N]` (N is read from `scale`).
   `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `force_scalar`: the
   portable path even where AVX-512 is available (tests). x is cast to fp32; y is fp32.
   Checks shapes and dtypes before tracing (TypeError / ValueError naming the argument)."""
@@ -265,23 +289,21 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
     raise ValueError(f"x: expected shape [M, {k}], got {tuple(x.shape)}")
   if not hasattr(data, "dtype") or np.dtype(data.dtype) not in (
       np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.float32)):
-    raise TypeError(f"data: expected int8 / uint8 (int8 / int4 code panels) or float32 [N, K] "
-                    f"weights, got {getattr(data, 'dtype', type(data).__name__)}")
+    raise TypeError(f"data: expected int8 / uint8 (int8 / int4 code panels) or float32 "
+                    f"(fp32 weight panels), got {getattr(data, 'dtype', type(data).__name__)}")
   if np.dtype(data.dtype) == np.dtype(np.float32) and act_int8:
     raise ValueError("act_int8: fp32 weights take fp32 activations")
   panels = np.dtype(data.dtype) != np.dtype(np.float32)
   bits = 4 if np.dtype(data.dtype) == np.dtype(np.uint8) else 8
   kb = 4 * (-(-k // kernel_step(bits))) if panels else k
   if data.ndim != 2 or data.shape[1] != kb:
-    raise ValueError(f"data: expected shape [N, {kb}] for K = {k}, got {tuple(data.shape)}")
-  n = data.shape[0]
-  if panels:
-    if not hasattr(scale, "shape") or len(scale.shape) != 2:
-      raise ValueError(f"scale: expected shape [G, N], got {getattr(scale, 'shape', None)}")
-    n = int(scale.shape[1])
-    if data.shape[0] != PANEL * (-(-n // PANEL)):
-      raise ValueError(f"data: expected {PANEL * (-(-n // PANEL))} rows (panels of {PANEL} for "
-                       f"N = {n} columns), got {data.shape[0]}")
+    raise ValueError(f"data: expected shape [16 P, {kb}] for K = {k}, got {tuple(data.shape)}")
+  if not hasattr(scale, "shape") or len(scale.shape) != 2:
+    raise ValueError(f"scale: expected shape [G, N], got {getattr(scale, 'shape', None)}")
+  n = int(scale.shape[1])
+  if data.shape[0] != PANEL * (-(-n // PANEL)):
+    raise ValueError(f"data: expected {PANEL * (-(-n // PANEL))} rows (panels of {PANEL} for "
+                     f"N = {n} columns), got {data.shape[0]}")
   if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
       or group_size < 1 or k % group_size:
     raise ValueError(f"group_size: expected a positive divisor of K = {k}, got {group_size!r}")

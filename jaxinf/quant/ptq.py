@@ -50,7 +50,6 @@ from jaxinf.quant.base import check_patterns, is_quantized
 from jaxinf.quant.cpu_kernel import check_kernel
 from jaxinf.quant.formats import FloatSearch, get_format
 from jaxinf.quant.qarray import (
-  KernelWeight,
   QArray,
   QEmbedding,
   check_act_format,
@@ -154,11 +153,11 @@ def kernel_params(params: Any, *, kernel: str = "cpu_ffi", include: tuple[str, .
                   exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
                   embeddings: tuple[str, ...] = ()) -> tuple[Any, QuantReport]:
   """`params` with every selected floating matmul weight stored, unquantized, for the
-  hand-written CPU kernel (`KernelWeight`: fp32 `[out, in]`, whose product reads the weights
-  faster than XLA:CPU's fp32 dot at decode batch sizes), and each `embeddings` table as a
-  `QEmbedding` over such a weight (a tied head through the kernel; the table's own layout, so no
-  copy is transposed). Leaves are chosen as in `quantize_params`; the report's bytes are equal
-  (fp32 stays fp32). CPU backend only."""
+  hand-written CPU kernel (`KernelWeight`: fp32 panels of 16 output columns, whose product reads
+  the weights faster than XLA:CPU's fp32 dot at decode batch sizes), and each `embeddings` table
+  as a `QEmbedding` over such a weight (a tied head through the kernel). Leaves are chosen as in
+  `quantize_params`; the report's bytes after count the panels' zero columns (out padded to a
+  multiple of 16). CPU backend only."""
   check_kernel(kernel)
   if kernel is None:
     raise ValueError("kernel: expected 'cpu_ffi' (None is the ordinary XLA path: the params as "
@@ -178,7 +177,7 @@ def kernel_params(params: Any, *, kernel: str = "cpu_ffi", include: tuple[str, .
   for name in selected + tables:
     w = by_name[name]
     try:
-      new = (QEmbedding(KernelWeight(jnp.asarray(w, jnp.float32))) if name in tables
+      new = (QEmbedding(kernel_weight(jnp.asarray(w).T, "params")) if name in tables
              else kernel_weight(w, "params"))
     except (TypeError, ValueError) as e:
       raise type(e)(f"params: {name}: {e}") from e

@@ -322,21 +322,23 @@ jax.tree_util.register_dataclass(QEmbedding, data_fields=["head"], meta_fields=[
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class KernelWeight(QuantizedWeight):
-  """A floating `[in, out]` weight, not quantized, stored transposed (`data` float32 `[out, in]`)
-  for the hand-written CPU kernel (`jaxinf.quant.cpu_kernel`): at decode batch sizes its
-  streaming product reads the weights faster than XLA:CPU's fp32 dot does. `x @ w` with up to
+  """A floating `[in, out]` weight, not quantized, stored in the hand-written CPU kernel's fp32
+  panels (`data` float32 `[16 ceil(out / 16), in]`, `cpu_kernel.f32_panels`; `n_out` the true
+  column count): at decode batch sizes its streaming product reads the weights faster than
+  XLA:CPU's fp32 dot does, and up to 8 rows of x share one pass over them. `x @ w` with up to
   `cpu_kernel.MAX_ROWS` rows of x runs the kernel; more rows take XLA's dot of the transpose.
   It has a QArray's reading interface (`logical_shape`, `take_columns`), so a `QEmbedding` can
-  hold a floating table in this form too (whose `[vocab, dim]` layout is the kernel's)."""
+  hold a floating table in this form too (the tied head `[dim, vocab]`)."""
 
   data: jax.Array
+  n_out: int
   compute_dtype: str = "float32"
 
   __array_ufunc__ = None
 
   @property
   def logical_shape(self) -> tuple[int, int]:
-    return (int(self.data.shape[1]), int(self.data.shape[0]))
+    return (int(self.data.shape[1]), int(self.n_out))
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -354,11 +356,11 @@ class KernelWeight(QuantizedWeight):
     return dataclasses.replace(self, compute_dtype=_check_float_dtype(dtype, "dtype"))
 
   def dequantize(self) -> jax.Array:
-    return self.data.T.astype(self.dtype)
+    return cpu_kernel.f32_weights(self.data, self.n_out).astype(self.dtype)
 
   def take_columns(self, ids: jax.Array) -> jax.Array:
-    """`W[:, ids]` as `[*ids.shape, in]`: rows of the stored `[out, in]` array."""
-    return jnp.take(self.data, jnp.asarray(ids), axis=0).astype(self.dtype)
+    """`W[:, ids]` as `[*ids.shape, in]`: lane `id % 16` of panel `id // 16` at every k."""
+    return cpu_kernel.f32_columns(self.data, ids).astype(self.dtype)
 
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
@@ -368,17 +370,18 @@ class KernelWeight(QuantizedWeight):
       y = cpu_kernel.lowbit_matmul(x.reshape(rows, n_in), self.data,
                                    jnp.ones((1, n_out), jnp.float32), k=n_in, group_size=n_in)
       return y.reshape(x.shape[:-1] + (n_out,)).astype(out_dtype)
-    return (x.astype(out_dtype) @ self.data.T.astype(out_dtype)).astype(out_dtype)
+    return (x.astype(out_dtype) @ self.dequantize().astype(out_dtype)).astype(out_dtype)
 
 
-jax.tree_util.register_dataclass(KernelWeight, data_fields=["data"], meta_fields=["compute_dtype"])
+jax.tree_util.register_dataclass(KernelWeight, data_fields=["data"],
+                                 meta_fields=["n_out", "compute_dtype"])
 
 
 def kernel_weight(w: Any, arg: str = "w") -> KernelWeight:
   """A floating `w [in, out]` stored for the CPU kernel, unquantized (`KernelWeight`). Host-side."""
   w = check_weight(w, arg)
   cpu_kernel.check_backend("kernel")
-  return KernelWeight(jnp.asarray(w, jnp.float32).T)
+  return KernelWeight(cpu_kernel.f32_panels(w), int(w.shape[1]))
 
 
 def check_kernel_format(kernel: str | None, fmt: Format, act_format: str | None) -> None:

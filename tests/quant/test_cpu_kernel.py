@@ -87,8 +87,12 @@ def test_fp32_weights_match_the_reference(kernel):
   k, n = 100, 37
   w = rng.normal(size=(k, n)).astype(np.float32)
   kw = kernel_weight(jnp.asarray(w))
-  assert kw.shape == (k, n) and kw.nbytes == w.nbytes
+  # panels of 16 columns: 37 -> 48 stored, the padding zeros
+  assert kw.shape == (k, n) and kw.data.shape == (48, k) and kw.nbytes == 48 * k * 4
+  assert not np.asarray(kw.data).reshape(3, k, 16)[2, :, 5:].any()
   np.testing.assert_array_equal(np.asarray(kw.dequantize()), w)
+  ids = np.array([[0, 36], [17, 5]])
+  np.testing.assert_array_equal(np.asarray(kw.take_columns(ids)), np.moveaxis(w[:, ids], 0, -1))
   for m in (1, 3, 5, 8, 9, 33, 65):  # 65 rows: XLA's dot of the transpose
     x = rng.normal(size=(m, k)).astype(np.float32)
     y = np.asarray(kernel(x, kw), np.float64)
@@ -178,7 +182,9 @@ def test_bad_input(kernel):
   with raises_before_tracing(ValueError, "data"):  # 17 columns take two panels (32 rows)
     cpu_kernel.lowbit_matmul(x, w.data, jnp.ones((1, 17)), k=32, group_size=32)
   with raises_before_tracing(ValueError, "group_size"):  # fp32 weights: one group
-    cpu_kernel.lowbit_matmul(x, jnp.ones((8, 32)), jnp.ones((2, 8)), k=32, group_size=16)
+    cpu_kernel.lowbit_matmul(x, jnp.ones((16, 32)), jnp.ones((2, 8)), k=32, group_size=16)
+  with raises_before_tracing(ValueError, "data"):  # fp32 panels: 8 columns take 16 rows
+    cpu_kernel.lowbit_matmul(x, jnp.ones((8, 32)), jnp.ones((1, 8)), k=32, group_size=32)
   with raises_before_tracing(ValueError, "group_size"):
     cpu_kernel.lowbit_matmul(x, w.data, w.scale, k=32, group_size=5)
   with raises_before_tracing(ValueError, "kernel"):

@@ -14,9 +14,10 @@
 //          A lane's 4 bytes meet 4 consecutive activations (vpdpbusd's group), so the 16 sums of
 //          a panel stay in one register's lanes: no horizontal reduction, and a group's 16 column
 //          scales are one contiguous load from `scale`.
-//   fp32:  w  float32 [N, K], one output column per row (not quantized: the same streaming GEMV
-//          for fp32 weights; XLA's own fp32 dot reads a decode step's weights at ~60 % of the
-//          DRAM bandwidth); `scale` is ones [1, N].
+//   fp32:  float32 [16 P, K]: panel q holds K lines of 16 floats, line k the columns 16 q .. 16 q +
+//          15 at that k (not quantized: the same streaming product for fp32 weights, whose 16
+//          sums per panel need no horizontal reduction; XLA's own fp32 dot reads a decode step's
+//          weights at ~60 % of the DRAM bandwidth); `scale` is ones [1, N].
 //   scale  float32 [G, N], G = K / group_size.
 //
 // Activations:
@@ -70,7 +71,7 @@ struct Problem {
   int64_t kstep;       // panels: k per 64-byte step (int4 8, int8 4)
   int64_t KS;          // panels: steps per panel (ceil(K / kstep))
   bool int4;           // int4 panels (uint8)
-  bool f32w;           // fp32 weights [N, K] (fp32 activations only); else int8 panels
+  bool f32w;           // fp32 weight panels (fp32 activations only); else int8 / int4 panels
   bool act_int8;
   // per-call scratch (built once before the column blocks run)
   const float* xa;     // fp32 x for panels: [M, kstep KS], zero past K
@@ -188,11 +189,12 @@ void scalar_block(const Problem& p, int64_t n0, int64_t n1) {
         total *= p.sx[m];
       } else {
         const float* xr = p.x + m * p.K;
-        const float* wf = static_cast<const float*>(p.w) + n * p.K;
+        // fp32 panel n / 16: [K, 16] floats, column n in lane n % 16
+        const float* wf = static_cast<const float*>(p.w) + (n / 16) * 16 * p.K + n % 16;
         for (int64_t g = 0; g < p.G; ++g) {
           float acc = 0.0f;
           for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k)
-            acc += xr[k] * (p.f32w ? wf[k] : static_cast<float>(code_at(p, n, k)));
+            acc += xr[k] * (p.f32w ? wf[16 * k] : static_cast<float>(code_at(p, n, k)));
           total += acc * p.scale[g * p.N + n];
         }
       }
@@ -212,29 +214,6 @@ JAXINF_AVX512 inline __mmask16 mask16(int64_t count) {
 }
 JAXINF_AVX512 inline __mmask64 mask64(int64_t count) {
   return count >= 64 ? ~static_cast<__mmask64>(0) : ((static_cast<__mmask64>(1) << count) - 1);
-}
-
-// fp32 x, fp32 weights [N, K]: MT rows x NT columns at a time (rows of W are the columns).
-template <int MT, int NT>
-JAXINF_AVX512 void f32_f32_tile(const Problem& p, int64_t m0, int64_t n0) {
-  const float* w = static_cast<const float*>(p.w);
-  __m512 acc[MT][NT];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < p.K; k += 16) {
-    const __mmask16 mk = mask16(p.K - k);
-    __m512 wv[NT];
-    for (int j = 0; j < NT; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + (n0 + j) * p.K + k);
-    for (int i = 0; i < MT; ++i) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, p.x + (m0 + i) * p.K + k);
-      for (int j = 0; j < NT; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NT; ++j) {
-      const float s = p.scale[n0 + j];  // ones (one group)
-      p.y[(m0 + i) * p.N + n0 + j] = s * _mm512_reduce_add_ps(acc[i][j]);
-    }
 }
 
 // Panels: the steps of group g (all of them when there is one group; a group is a whole number
@@ -258,6 +237,29 @@ JAXINF_AVX512 inline void prefetch_scales(const Problem& p, int64_t g, int64_t q
   for (int j = 0; j < NP; ++j)
     _mm_prefetch(reinterpret_cast<const char*>(p.scale + (g + SCALE_AHEAD) * p.N + 16 * (q0 + j)),
                  _MM_HINT_T0);
+}
+
+// fp32 x, fp32 weight panels q0 .. q0 + NP - 1 (panel q: [K, 16] floats, one 64-byte line per k):
+// MT rows x 16 NP columns, x[m, k] broadcast against the panel's 16 columns, so no horizontal
+// sums (the weights are read once for up to 8 rows).
+template <int MT, int NP>
+JAXINF_AVX512 void f32_f32p_tile(const Problem& p, int64_t m0, int64_t q0) {
+  const float* w = static_cast<const float*>(p.w);
+  __m512 acc[MT][NP];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.K; ++k) {
+    __m512 wv[NP];
+    for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_ps(w + ((q0 + j) * p.K + k) * 16);
+    for (int i = 0; i < MT; ++i) {
+      const __m512 xb = _mm512_set1_ps(p.x[(m0 + i) * p.K + k]);
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NP; ++j)  // scale: ones (one group)
+      _mm512_mask_storeu_ps(p.y + (m0 + i) * p.N + 16 * (q0 + j), panel_lanes(p, q0 + j),
+                            _mm512_mul_ps(acc[i][j], panel_scales(p, 0, q0 + j)));
 }
 
 // k per 64-byte panel step: int4 an octet (8 k), int8 a quad (4 k).
@@ -406,17 +408,9 @@ JAXINF_VNNI void q8_i8p_tile(const Problem& p, int64_t m0, int64_t q0) {
 
 // Runs one kind of tile over rows [0, M) and columns [n0, n1): up to 8 rows per pass, so that a
 // decode batch of up to 8 reads each weight once (a pass over the columns streams the weights).
-// The fp32-weight row tile takes NT = min(4, W / MT) columns (W: the accumulator budget of the
-// tile kind, within AVX-512's 32 registers; 4 columns at M = 1 for memory-level parallelism),
-// tails with 1 column; panel tiles take NP = min(4, W / MT) panels of 16 columns (n0 is then a
-// multiple of 16).
-#define JAXINF_COLS(TILE, MT, W)                                                   \
-  {                                                                              \
-    constexpr int nt = std::max(1, std::min(4, (W) / (MT)));                     \
-    int64_t n = n0;                                                              \
-    for (; n + nt <= n1; n += nt) TILE<MT, nt>(p, m, n);                         \
-    for (; n < n1; ++n) TILE<MT, 1>(p, m, n);                                    \
-  }
+// A tile takes NP = min(4, W / MT) panels of 16 columns (W: the accumulator budget of the tile
+// kind, within AVX-512's 32 registers; 4 panels at M = 1 for memory-level parallelism), tails
+// with 1 panel (n0 is a multiple of 16).
 #define JAXINF_PANELS(TILE, MT, W)                                                 \
   {                                                                              \
     constexpr int np = std::max(1, std::min(4, (W) / (MT)));                     \
@@ -441,9 +435,9 @@ JAXINF_VNNI void q8_i8p_tile(const Problem& p, int64_t m0, int64_t q0) {
     }                                                                              \
   }
 
-// accumulator budgets: the fp32 row tile keeps MT x NT sums (+ NT weights, 1 x); the panel
+// accumulator budgets: the fp32-weight tile keeps MT x NP sums (+ NP weights, 1 x); the code
 // tiles a group's sums and the totals (2 MT NP, + 2 NP codes)
-JAXINF_DEFINE_BLOCK(f32_f32_block, f32_f32_tile, JAXINF_AVX512, JAXINF_COLS, 24)
+JAXINF_DEFINE_BLOCK(f32_f32_block, f32_f32p_tile, JAXINF_AVX512, JAXINF_PANELS, 24)
 JAXINF_DEFINE_BLOCK(f32_i8_block, f32_i8p_tile, JAXINF_AVX512, JAXINF_PANELS, 8)
 JAXINF_DEFINE_BLOCK(q8_i8_block, q8_i8p_tile, JAXINF_VNNI, JAXINF_PANELS, 8)
 JAXINF_DEFINE_BLOCK(f32_i4_block, f32_i4p_tile, JAXINF_AVX512, JAXINF_PANELS, 8)
@@ -512,10 +506,11 @@ struct Shared {
 
 void run_blocks(const Problem& p, BlockFn fn, ffi::ThreadPool& pool) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // about 4 blocks per thread (balance), a multiple of 48 columns each (whole row tiles of 1-4
-  // columns, whole panels of 16)
-  int64_t block_cols = std::max<int64_t>(48, (p.N + 4 * threads - 1) / (4 * threads));
-  block_cols = (block_cols + 47) / 48 * 48;
+  // about 4 blocks per thread (balance), a multiple of 64 columns each: whole panels of 16, and
+  // whole tiles of 4 panels where a tile takes 4 (one row: a tail tile of one panel would be a
+  // single chain of dependent FMAs)
+  int64_t block_cols = std::max<int64_t>(64, (p.N + 4 * threads - 1) / (4 * threads));
+  block_cols = (block_cols + 63) / 64 * 64;
   const int64_t blocks = (p.N + block_cols - 1) / block_cols;
   if (threads == 1 || blocks == 1) {
     fn(p, 0, p.N);
@@ -564,7 +559,6 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   Problem p{};
   p.M = xd[0];
   p.K = xd[1];
-  p.N = wd[0];
   p.G = sd[0];
   p.gs = group_size;
   p.int4 = int4;
@@ -573,8 +567,8 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   p.kstep = int4 ? 8 : 4;
   p.KS = (p.K + p.kstep - 1) / p.kstep;
   p.KB = f32w ? p.K : 4 * p.KS;
-  if (!f32w) p.N = sd[1];  // the panels' rows are the columns padded to a multiple of 16
-  const int64_t rows = f32w ? p.N : (p.N + 15) / 16 * 16;
+  p.N = sd[1];  // the panels' rows are the columns padded to a multiple of 16
+  const int64_t rows = (p.N + 15) / 16 * 16;
   if (p.K != k_attr || wd[0] != rows || wd[1] != p.KB || sd[1] != p.N || yd[0] != p.M ||
       yd[1] != p.N)
     return ffi::Error::InvalidArgument("lowbit_matmul: operand shapes do not agree");
