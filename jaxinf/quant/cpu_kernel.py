@@ -25,8 +25,10 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   VNNI (`vpdpbusd`, the weight offset to unsigned and the offset times the row's group sums of
   x subtracted);
 - fp32 weights (`KernelWeight`, `ptq.kernel_params`): the same streaming product without
-  quantization, fp32 `[N, K]`; XLA:CPU's own fp32 dot reads a decode step's weights at about 60 %
-  of the DRAM bandwidth;
+  quantization, in fp32 panels of 16 columns (`f32_panels`: float32 `[16 P, K]`, one 64-byte line
+  per k); XLA:CPU's own fp32 dot reads a decode step's weights at about 60 % of the DRAM
+  bandwidth, and the earlier row layout (a horizontal sum per output) cost 2x at 7 rows what it
+  cost at one;
 - rows: up to 8 rows of x per pass over the columns, so a decode batch of up to 8 reads each
   weight once (register tiles of up to 8 rows x 1-4 panels); any number of rows (`use_kernel`
   says where XLA's dot is faster and takes over);

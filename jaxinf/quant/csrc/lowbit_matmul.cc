@@ -64,7 +64,7 @@ namespace {
 
 struct Problem {
   const float* x;      // [M, K] fp32 activations
-  const void* w;       // int4 / int8 panels [16 P, 4 KS] or float32 [N, K]
+  const void* w;       // int4 / int8 panels [16 P, 4 KS] or float32 panels [16 P, K]
   const float* scale;  // [G, N]
   float* y;            // [M, N]
   int64_t M, N, K, KB, G, gs;
