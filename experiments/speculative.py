@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -207,7 +208,7 @@ def run(cfg: Config) -> list[dict]:
                                                   seq_len=128, max_windows=cfg.eval_windows)))
     print(f"self-{fmt}: held-out {quality[-1]['heldout_bpb']:.3f} bits/byte", flush=True)
   kernel_target = (cfg.kernel_target_gamma is not None and cfg.self_drafts
-                   and jax.default_backend() == "cpu" and _kernel_available())
+                   and _kernel_unavailable() is None)
   if kernel_target:  # the same fp32 weights in the kernel's layout: a faster target on CPU
     models["target-fp32-ffi"] = (target, kernel_params(
         t_params, embeddings=(r"embed_tokens/embedding",))[0])
@@ -347,12 +348,15 @@ def run(cfg: Config) -> list[dict]:
   return rows
 
 
-def _kernel_available() -> bool:
+def _kernel_unavailable() -> str | None:
+  """Why the hand-written CPU kernel cannot run here, or None when it can."""
+  if jax.default_backend() != "cpu":
+    return f"the backend is {jax.default_backend()}"
   try:
     cpu_kernel.load()
-    return True
-  except cpu_kernel.KernelUnavailableError:
-    return False
+  except cpu_kernel.KernelUnavailableError as e:
+    return str(e)
+  return None
 
 
 def self_draft(cfg: Config, t_params, fmt: str):
@@ -360,13 +364,10 @@ def self_draft(cfg: Config, t_params, fmt: str):
   activations at the matmul inputs too) and its tied embedding table at int8, stored for the CPU
   kernel when it runs here (else the XLA path)."""
   bits, act = fmt.removesuffix("-a8"), "int8" if fmt.endswith("-a8") else None
-  kernel = None
-  if jax.default_backend() == "cpu":
-    try:
-      cpu_kernel.load()
-      kernel = "cpu_ffi"
-    except cpu_kernel.KernelUnavailableError as e:
-      print(f"self-draft {fmt}: the CPU kernel is unavailable ({e}); the XLA path", flush=True)
+  why = _kernel_unavailable()
+  kernel = "cpu_ffi" if why is None else None
+  if why is not None and jax.default_backend() == "cpu":
+    print(f"self-draft {fmt}: the CPU kernel is unavailable ({why}); the XLA path", flush=True)
   config = QuantConfig(format=bits, act_format=act, kernel=kernel,
                        embeddings=(r"embed_tokens/embedding",), embedding_format="int8",
                        group_size=cfg.self_draft_group_size if bits == "int4" else None)
@@ -395,25 +396,25 @@ def round_anatomy(model, t_params, d_params, prompt, gamma: int, new_tokens: int
                               "gen_prefill": lambda: gen(1).tokens}, repeats)
   rounds = int(spec(new_tokens).target_calls.sum())
   cap = prompt.shape[1] + new_tokens + gamma + 1
-  cache0 = model.prefill(t_params, jax.numpy.asarray(prompt), model.init_cache(1, cap),
-                         jax.numpy.array([prompt.shape[1]], "int32"))[1]
+  cache0 = model.prefill(t_params, jnp.asarray(prompt), model.init_cache(1, cap),
+                         jnp.array([prompt.shape[1]], "int32"))[1]
 
   def loop(draft: bool, verify: bool):
     def one(c, _):
       mark = model.mark(c)
-      tok = jax.numpy.ones((1, 1), "int32")
+      tok = jnp.ones((1, 1), "int32")
       if draft:
         for _ in range(gamma):
           logits, c = model.step(d_params, tok, c)
-          tok = jax.numpy.argmax(logits[:, -1], -1)[:, None].astype("int32")
+          tok = jnp.argmax(logits[:, -1], -1)[:, None].astype("int32")
       c = model.restore(c, mark)
       if verify:
-        logits, c = model.step(t_params, jax.numpy.tile(tok, (1, gamma + 1)), c)
+        logits, c = model.step(t_params, jnp.tile(tok, (1, gamma + 1)), c)
         # keep nothing, but by a value of the logits (so the head is computed)
-        c = model.rollback(c, jax.numpy.minimum(jax.numpy.argmax(logits[:, -1], -1), 0))
+        c = model.rollback(c, jnp.minimum(jnp.argmax(logits[:, -1], -1), 0))
       return c, None
     run = jax.jit(lambda c: jax.lax.scan(one, c, None, length=reps)[0])
-    cache = jax.tree.map(jax.numpy.copy, cache0)
+    cache = jax.tree.map(jnp.copy, cache0)
     return common.side_by_side({"x": lambda: run(cache)}, repeats)["x"] / reps * 1e3
 
   draft_ms, verify_ms, both_ms = loop(True, False), loop(False, True), loop(True, True)
