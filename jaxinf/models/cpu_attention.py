@@ -51,11 +51,12 @@ def use_cpu_attention(impl: str, interpret: bool, cache_dtype) -> bool:
 
 def attention_step(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array, lengths: jax.Array,
                    layer: int, *, scale: float | None = None,
-                   force_scalar: bool = False) -> jax.Array:
+                   path: str | None = None) -> jax.Array:
   """Attention of the T newest queries `q [B, T, H, D]` over layer `layer` of the stacked caches
   `k_stack, v_stack [L, B, Hkv, S, D]` (fp32), `lengths [B]` the valid lengths including the T new
-  tokens. Returns `[B, T, H, D]` fp32. `scale` defaults to D ** -0.5; `force_scalar` takes the
-  portable path (tests). Checks shapes and dtypes before tracing (named errors)."""
+  tokens. Returns `[B, T, H, D]` fp32. `scale` defaults to D ** -0.5; `path`: None for the
+  fastest path this CPU runs, else one of `cpu_kernel.PATHS` that it runs (tests). Checks shapes
+  and dtypes before tracing (named errors)."""
   for name, x, nd in (("q", q, 4), ("k_stack", k_stack, 5), ("v_stack", v_stack, 5)):
     if not hasattr(x, "dtype") or np.dtype(x.dtype) != np.dtype(np.float32):
       raise TypeError(f"{name}: expected float32, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -80,8 +81,8 @@ def attention_step(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array, lengths
                      f"{getattr(lengths, 'dtype', None)} {tuple(getattr(lengths, 'shape', ()))}")
   scale = float(d ** -0.5 if scale is None else scale)
   cpu_kernel.check_backend("impl")
-  cpu_kernel.load()
+  code = cpu_kernel.check_path(path)
   call = jax.ffi.ffi_call(cpu_kernel.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")
   return call(q, k_stack, v_stack, lengths.astype(jnp.int32), layer=np.int64(layer),
-              scale=np.float32(scale), force_scalar=np.int32(bool(force_scalar)))
+              scale=np.float32(scale), path=np.int32(code))

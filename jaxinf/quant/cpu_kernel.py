@@ -34,7 +34,10 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   says where XLA's dot is faster and takes over);
 - threads: the N columns in blocks shared between the calling thread and XLA's intra-op thread
   pool (`ffi::ThreadPool`, so the kernel uses the threads XLA was given);
-- a scalar path (same sums) where the CPU lacks AVX-512 / VNNI, chosen at run time.
+- instruction sets, chosen at run time: AVX-512 (VNNI for W8A8); AVX2 + FMA (the same panels read
+  as half-panels of 8 columns; W8A8 by `vpmaddubsw` + `vpmaddwd`, llama.cpp's AVX2 recipe, since
+  there is no VNNI) — many x86 servers (AMD EPYC before Zen 4) and laptops stop at AVX2; a
+  portable scalar path (same sums) elsewhere.
 
 The same shared library holds the decode-step attention of `jaxinf.models.cpu_attention`
 (`csrc/attention_step.cc`): every source of `csrc/` is compiled into it.
@@ -162,13 +165,39 @@ def load() -> ctypes.CDLL:
       jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxinfAttentionStep),
                                   platform="cpu")
       lib.jaxinf_lowbit_isa.restype = ctypes.c_int
+      lib.jaxinf_lowbit_has.restype = ctypes.c_int
       _lib = lib
   return _lib
 
 
 def isa(act_int8: bool = False) -> str:
-  """The instruction set the kernel uses on this CPU: "avx512-vnni", "avx512" or "scalar"."""
-  return ("scalar", "avx512", "avx512-vnni")[load().jaxinf_lowbit_isa(int(bool(act_int8)))]
+  """The instruction set the kernel uses on this CPU for products with (`act_int8`) or without
+  int8 activations: "avx512-vnni", "avx512", "avx2" (AVX2 + FMA) or "scalar"."""
+  return ("scalar", "avx512", "avx512-vnni", "avx2")[load().jaxinf_lowbit_isa(int(bool(act_int8)))]
+
+
+PATHS = ("scalar", "avx2", "avx512")  # `lowbit_matmul(path=...)`; None: the fastest one here
+_PATH_CODE = {None: 0, "scalar": 1, "avx2": 2, "avx512": 3}
+
+
+def paths(act_int8: bool = False) -> tuple[str, ...]:
+  """The kernel paths this CPU runs (a subset of `PATHS`; "avx512" with int8 activations needs
+  AVX-512 VNNI)."""
+  lib = load()
+  return tuple(name for name in PATHS
+               if lib.jaxinf_lowbit_has(_PATH_CODE[name], int(bool(act_int8))))
+
+
+def check_path(path: Any, act_int8: bool = False, arg: str = "path") -> int:
+  """The FFI code of `path` (None or one of `PATHS`); ValueError naming `arg` for an unknown one
+  or one this CPU does not run."""
+  if path is not None and (not isinstance(path, str) or path not in PATHS):
+    raise ValueError(f"{arg}: expected None (the fastest path here) or one of {PATHS}, got "
+                     f"{path!r}")
+  if path is not None and path not in paths(act_int8):
+    raise ValueError(f"{arg}: this CPU does not run the {path!r} path "
+                     f"(it runs {paths(act_int8)})")
+  return _PATH_CODE[path]
 
 
 PANEL = 16  # columns per panel
@@ -274,13 +303,14 @@ def kernel_columns(data: jax.Array, bits: int, k: int, ids: jax.Array) -> jax.Ar
 
 
 def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, group_size: int,
-                  act_int8: bool = False, force_scalar: bool = False) -> jax.Array:
+                  act_int8: bool = False, path: str | None = None) -> jax.Array:
   """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
   `[16 ceil(N / 16), 4 ceil(K / 4)]` (int8 panels), uint8 `[16 ceil(N / 16), 4 ceil(K / 8)]`
   (int4 panels) or float32 `[16 ceil(N / 16), K]` (fp32 weight panels, `f32_panels`; `scale`
   then ones `[1, N]`), `scale` fp32 `[K / group_size, N]` (N is read from `scale`).
-  `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `force_scalar`: the
-  portable path even where AVX-512 is available (tests). x is cast to fp32; y is fp32.
+  `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `path`: None for
+  the fastest path this CPU runs, else one of `PATHS` that it runs (`paths()`; the tests run each).
+  x is cast to fp32; y is fp32.
   Checks shapes and dtypes before tracing (TypeError / ValueError naming the argument)."""
   if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x: expected a floating [M, {k}] array, got "
@@ -317,9 +347,9 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
   if tuple(scale.shape) != (k // group_size, n):
     raise ValueError(f"scale: expected shape {(k // group_size, n)}, got {tuple(scale.shape)}")
   check_backend()
-  load()
+  code = check_path(path, act_int8)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")
   return call(x.astype(jnp.float32), data, scale, k=np.int64(k),
               group_size=np.int64(group_size), act_int8=np.int32(bool(act_int8)),
-              force_scalar=np.int32(bool(force_scalar)))
+              path=np.int32(code))

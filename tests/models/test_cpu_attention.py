@@ -19,6 +19,7 @@ import pallas_kernels
 from jaxinf.decoding.generate import generate
 from jaxinf.models import cpu_attention
 from jaxinf.models.transformer import TransformerLM
+from jaxinf.quant import cpu_kernel
 from sequence_contract import TRANSFORMER_CFG, random_tokens
 from tests.bad_input import raises_before_tracing
 
@@ -48,8 +49,10 @@ SHAPES = [(3, 1, 4, 4, 50, 64), (2, 3, 4, 2, 37, 40), (2, 2, 2, 1, 20, 136)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("force_scalar", [False, True])
-def test_matches_the_xla_form(kernel, shape, force_scalar):
+@pytest.mark.parametrize("path", [None, "scalar", "avx2", "avx512"])
+def test_matches_the_xla_form(kernel, shape, path):
+  if path is not None and path not in cpu_kernel.paths():
+    pytest.skip(f"this CPU does not run the {path} path")
   b, t, h, hkv, s, d = shape
   rng = np.random.default_rng(sum(shape))
   layers = 3
@@ -61,7 +64,7 @@ def test_matches_the_xla_form(kernel, shape, force_scalar):
   for layer in (0, 2):
     out = np.asarray(cpu_attention.attention_step(
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), layer,
-        force_scalar=force_scalar))
+        path=path))
     ref = np.asarray(pallas_kernels.attention_step(
         jnp.asarray(q), jnp.asarray(k[layer]), jnp.asarray(v[layer]), jnp.asarray(lengths),
         impl="xla", layout="bhsd"))
@@ -120,3 +123,5 @@ def test_bad_input(kernel):
     cpu_attention.attention_step(q, k, k, n, 3)
   with raises_before_tracing(ValueError, "lengths"):
     cpu_attention.attention_step(q, k, k, jnp.full((3,), 4, jnp.int32), 0)
+  with raises_before_tracing(ValueError, "path"):
+    cpu_attention.attention_step(q, k, k, n, 0, path="neon")

@@ -61,10 +61,11 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, k, act):
   # weights (integer codes take the kernel at every row count, `cpu_kernel.use_kernel`)
   for m in (1, 3, 5, 7, 8, 16, 33, 70):
     x = rng.normal(size=(m, k)).astype(np.float32)
-    y = np.asarray(kernel(x, qk), np.float64)
-    scalar = np.asarray(cpu_kernel.lowbit_matmul(
-        jnp.asarray(x), qk.data, qk.scale, k=k, group_size=qk.group_size,
-        act_int8=act is not None, force_scalar=True), np.float64)
+    ys = {"best": np.asarray(kernel(x, qk), np.float64)}
+    for path in cpu_kernel.paths(act is not None):  # scalar, and AVX2 / AVX-512 where the CPU has
+      ys[path] = np.asarray(cpu_kernel.lowbit_matmul(
+          jnp.asarray(x), qk.data, qk.scale, k=k, group_size=qk.group_size,
+          act_int8=act is not None, path=path), np.float64)
     ref = x.astype(np.float64) @ wd
     bound = np.abs(x) @ np.abs(wd)
     if act is None:
@@ -75,10 +76,34 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, k, act):
       xla = np.asarray(kernel(x, qx), np.float64)
       offset = 128 if fmt == "int8" else 8
       tight = 4 * k * EPS * (np.abs(x) @ (np.abs(wd) + offset * np.abs(qx.dequantize()).max()))
-      assert np.all(np.abs(y - xla) <= tight), (m, np.abs(y - xla).max())
-      assert np.all(np.abs(scalar - xla) <= tight), (m, np.abs(scalar - xla).max())
-    assert np.all(np.abs(y - ref) <= tol), (m, np.abs(y - ref).max())
-    assert np.all(np.abs(scalar - ref) <= tol), (m, np.abs(scalar - ref).max())
+      for path, y in ys.items():
+        assert np.all(np.abs(y - xla) <= tight), (path, m, np.abs(y - xla).max())
+    for path, y in ys.items():
+      assert np.all(np.abs(y - ref) <= tol), (path, m, np.abs(y - ref).max())
+
+
+def test_int8_extreme_codes_on_every_path(kernel):
+  """W8A8 at the int8 extremes, where AVX2's vpmaddubsw pairs come closest to saturating s16
+  (2 x 128 x 127) and |-128| needs the unsigned reading: codes -128 (possible through the raw
+  layout, not from `quantize`) and 127 against x codes of +-127, exact integer sums expected."""
+  k, n, m = 64, 32, 3
+  codes = np.full((k, n), 127, np.int8)
+  codes[:, ::2] = -128
+  codes[::3, 1::4] = -127
+  data = cpu_kernel.kernel_layout(jnp.asarray(codes), 8)
+  scale = jnp.ones((1, n), jnp.float32)
+  x = np.full((m, k), 1.0, np.float32)
+  x[:, 1::2] = -1.0
+  x[1] *= -1.0
+  x[2, :5] = 0.0
+  x[2, 5] = 2.0  # row 2: s_x = 2 / 127, code 127 at k = 5, the rest +-64 (x / s_x = 63.5, to even)
+  for path in cpu_kernel.paths(True):
+    y = np.asarray(cpu_kernel.lowbit_matmul(jnp.asarray(x), data, scale, k=k, group_size=k,
+                                            act_int8=True, path=path), np.float64)
+    sx = np.abs(x).max(axis=1, keepdims=True) / 127
+    qx = np.clip(np.round(x / sx), -127, 127)
+    ref = (qx @ codes.astype(np.float64)) * sx
+    np.testing.assert_allclose(y, ref, rtol=1e-6, err_msg=path)
 
 
 def test_fp32_weights_match_the_reference(kernel):
@@ -100,10 +125,11 @@ def test_fp32_weights_match_the_reference(kernel):
     tol = 4 * k * EPS * (np.abs(x) @ np.abs(w))
     assert np.all(np.abs(y - ref) <= tol), (m, np.abs(y - ref).max())
     if m <= cpu_kernel.MAX_ROWS:
-      scalar = np.asarray(cpu_kernel.lowbit_matmul(
-          jnp.asarray(x), kw.data, jnp.ones((1, n), jnp.float32), k=k, group_size=k,
-          force_scalar=True), np.float64)
-      assert np.all(np.abs(scalar - ref) <= tol), (m, np.abs(scalar - ref).max())
+      for path in cpu_kernel.paths():
+        y = np.asarray(cpu_kernel.lowbit_matmul(
+            jnp.asarray(x), kw.data, jnp.ones((1, n), jnp.float32), k=k, group_size=k,
+            path=path), np.float64)
+        assert np.all(np.abs(y - ref) <= tol), (path, m, np.abs(y - ref).max())
 
 
 def test_kernel_params_generate_the_fp32_tokens(kernel):
@@ -187,6 +213,12 @@ def test_bad_input(kernel):
     cpu_kernel.lowbit_matmul(x, jnp.ones((8, 32)), jnp.ones((1, 8)), k=32, group_size=32)
   with raises_before_tracing(ValueError, "group_size"):
     cpu_kernel.lowbit_matmul(x, w.data, w.scale, k=32, group_size=5)
+  with raises_before_tracing(ValueError, "path"):
+    cpu_kernel.lowbit_matmul(x, w.data, w.scale, k=32, group_size=32, path="sse2")
+  missing = [p for p in cpu_kernel.PATHS if p not in cpu_kernel.paths()]
+  if missing:  # a path this CPU lacks is refused by name, not run
+    with raises_before_tracing(ValueError, "path"):
+      cpu_kernel.lowbit_matmul(x, w.data, w.scale, k=32, group_size=32, path=missing[0])
   with raises_before_tracing(ValueError, "kernel"):
     quantize(jnp.ones((32, 8)), "int8", kernel="gpu")
   with raises_before_tracing(TypeError, "kernel"):

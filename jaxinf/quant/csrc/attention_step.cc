@@ -19,8 +19,9 @@
 // tasks on XLA's intra-op pool (ffi::ThreadPool), as lowbit_matmul.cc does. A task's rows reuse
 // its K / V slots from cache (one DRAM read per step).
 //
-// Instruction sets: AVX-512F with a target attribute, chosen at run time; a scalar path with
-// std::exp elsewhere and for head dims above 128.
+// Instruction sets, with target attributes, chosen at run time: AVX-512F (DQ), else AVX2 + FMA
+// (8-float vectors, the exponent field set directly in exp); a scalar path with std::exp
+// elsewhere and for head dims above 128. The `path` attribute forces one (tests).
 
 #include <algorithm>
 #include <atomic>
@@ -151,11 +152,96 @@ JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const float* k, 
       acc[c] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(mask(c), vs + 16 * c), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-  for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(out + 16 * c, mask(c), _mm512_mul_ps(acc[c], inv));
+  for (int c = 0; c < NC; ++c)
+    _mm512_mask_storeu_ps(out + 16 * c, mask(c), _mm512_mul_ps(acc[c], inv));
 }
 
 bool att_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+#define JAXINF_ATT_AVX2 __attribute__((target("avx2,fma")))
+
+// exp as exp512, with 2^n put into the exponent field (no vscalefps on AVX2): x clamped to
+// [-87.3, 88.37] so that n stays in [-126, 127], and exp(x) = 0 below x = -87.3.
+JAXINF_ATT_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37f)), _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), tiny);
+}
+
+JAXINF_ATT_AVX2 inline __m256i tail_mask8(int64_t count) {
+  const int32_t c = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, count)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+JAXINF_ATT_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// As row_avx512 in 8-float vectors: NC = ceil(D / 8), the last one masked to D's tail.
+template <int NC>
+JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const float* k, const float* v,
+                              int64_t lim, float* w, float* out) {
+  const __m256i full = _mm256_set1_epi32(-1), last = tail_mask8(a.D - 8 * (NC - 1));
+  auto mask = [&](int c) { return c == NC - 1 ? last : full; };
+  if (lim == 0) {
+    for (int c = 0; c < NC; ++c) _mm256_maskstore_ps(out + 8 * c, mask(c), _mm256_setzero_ps());
+    return;
+  }
+  __m256 qv[NC];
+  for (int c = 0; c < NC; ++c)
+    qv[c] = _mm256_mul_ps(_mm256_maskload_ps(q + 8 * c, mask(c)), _mm256_set1_ps(a.scale));
+  float m = -INFINITY;
+  for (int64_t s = 0; s < lim; ++s) {
+    const float* ks = k + s * a.D;
+    __m256 acc = _mm256_mul_ps(qv[0], _mm256_maskload_ps(ks, mask(0)));
+    for (int c = 1; c < NC; ++c)
+      acc = _mm256_fmadd_ps(qv[c], _mm256_maskload_ps(ks + 8 * c, mask(c)), acc);
+    w[s] = hsum256(acc);
+    m = std::max(m, w[s]);
+  }
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t s = 0; s < lim; s += 8) {
+    const __m256i ms = tail_mask8(lim - s);
+    const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(w + s, ms), mv)),
+                                   _mm256_castsi256_ps(ms));
+    _mm256_maskstore_ps(w + s, ms, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < lim; ++s) {
+    const __m256 ws = _mm256_set1_ps(w[s]);
+    const float* vs = v + s * a.D;
+    for (int c = 0; c < NC; ++c)
+      acc[c] = _mm256_fmadd_ps(ws, _mm256_maskload_ps(vs + 8 * c, mask(c)), acc[c]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / hsum256(sum));
+  for (int c = 0; c < NC; ++c)
+    _mm256_maskstore_ps(out + 8 * c, mask(c), _mm256_mul_ps(acc[c], inv));
+}
+
+bool att_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 #endif  // JAXINF_ATT_X86
@@ -163,9 +249,18 @@ bool att_has_avx512() {
 using RowFn = void (*)(const Att&, const float*, const float*, const float*, int64_t, float*,
                        float*);
 
-RowFn pick_row(const Att& a, bool force_scalar) {
+// `path`: 0 the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 (as lowbit_matmul's).
+bool att_path_available(int32_t path) {
 #if JAXINF_ATT_X86
-  if (!force_scalar && att_has_avx512()) {
+  if (path == 2) return att_has_avx2();
+  if (path == 3) return att_has_avx512();
+#endif
+  return path == 0 || path == 1;
+}
+
+RowFn pick_row(const Att& a, int32_t path) {
+#if JAXINF_ATT_X86
+  if (path == 3 || (path == 0 && att_has_avx512())) {
     switch ((a.D + 15) / 16) {
       case 1: return row_avx512<1>;
       case 2: return row_avx512<2>;
@@ -177,10 +272,30 @@ RowFn pick_row(const Att& a, bool force_scalar) {
       case 8: return row_avx512<8>;
       default: break;
     }
+  } else if (path == 2 || (path == 0 && att_has_avx2())) {
+    switch ((a.D + 7) / 8) {
+      case 1: return row_avx2<1>;
+      case 2: return row_avx2<2>;
+      case 3: return row_avx2<3>;
+      case 4: return row_avx2<4>;
+      case 5: return row_avx2<5>;
+      case 6: return row_avx2<6>;
+      case 7: return row_avx2<7>;
+      case 8: return row_avx2<8>;
+      case 9: return row_avx2<9>;
+      case 10: return row_avx2<10>;
+      case 11: return row_avx2<11>;
+      case 12: return row_avx2<12>;
+      case 13: return row_avx2<13>;
+      case 14: return row_avx2<14>;
+      case 15: return row_avx2<15>;
+      case 16: return row_avx2<16>;
+      default: break;
+    }
   }
 #endif
   (void)a;
-  (void)force_scalar;
+  (void)path;
   return row_scalar;
 }
 
@@ -216,7 +331,7 @@ struct Tasks {
 ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths,
                          ffi::ResultBuffer<ffi::F32> o, int64_t layer, float scale,
-                         int32_t force_scalar, ffi::ThreadPool pool) {
+                         int32_t path, ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
              ld = lengths.dimensions(), od = o->dimensions();
   if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || ld.size() != 1 || od.size() != 4)
@@ -238,6 +353,8 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     return ffi::Error::InvalidArgument("attention_step: operand shapes do not agree");
   for (size_t i = 0; i < 4; ++i)
     if (od[i] != qd[i]) return ffi::Error::InvalidArgument("attention_step: bad output shape");
+  if (!att_path_available(path))
+    return ffi::Error::InvalidArgument("attention_step: this CPU does not run the requested path");
   if (a.B * a.T * a.H * a.D == 0) return ffi::Error::Success();
   a.q = q.typed_data();
   a.k = k.typed_data();
@@ -248,7 +365,7 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   auto tasks = std::make_shared<Tasks>();
   tasks->count = a.B * a.Hkv;
   tasks->a = a;
-  tasks->row = pick_row(a, force_scalar != 0);
+  tasks->row = pick_row(a, path);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t helpers = std::min(threads, tasks->count) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([tasks] { tasks->work(); });
@@ -269,5 +386,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfAttentionStep, AttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("layer")
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("force_scalar")
+                                  .Attr<int32_t>("path")
                                   .Ctx<ffi::ThreadPool>());

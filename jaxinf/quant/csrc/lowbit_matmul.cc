@@ -34,10 +34,11 @@
 // thread and by tasks scheduled on XLA's intra-op thread pool (ffi::ThreadPool); the caller waits
 // only for blocks that others have started, never for a task to start.
 //
-// Instruction sets: the AVX-512 (F, BW, VL, VNNI) paths are compiled with target attributes and
-// chosen at run time (__builtin_cpu_supports); a portable scalar path computes the same sums
+// Instruction sets, compiled with target attributes and chosen at run time
+// (__builtin_cpu_supports): AVX-512 (F, BW, VL, DQ; VNNI for W8A8); AVX2 + FMA (half-panels of 8
+// columns, W8A8 by vpmaddubsw + vpmaddwd); a portable scalar path computes the same sums
 // everywhere else (and for groups that are not a whole number of panel steps: 8 k for int4, 4 k
-// for int8).
+// for int8). The `path` attribute forces one (the tests run each path this CPU has).
 
 #include <algorithm>
 #include <atomic>
@@ -444,6 +445,228 @@ JAXINF_DEFINE_BLOCK(f32_i4_block, f32_i4p_tile, JAXINF_AVX512, JAXINF_PANELS, 8)
 JAXINF_DEFINE_BLOCK(q8_i4_block, q8_i4p_tile, JAXINF_VNNI, JAXINF_PANELS, 8)
 #endif  // JAXINF_X86
 
+// ---- AVX2 paths ------------------------------------------------------------------------------
+//
+// The same panels read as half-panels of 8 columns (one 256-bit register: a panel step's first or
+// second 32 bytes), so a tile is MT rows x NH half-panels. fp32 weights and weight-only codes as
+// on AVX-512 (FMA, codes widened in registers). W8A8 without VNNI: vpmaddubsw (u8 x s8 -> pairs
+// summed to s16, saturating) then vpmaddwd by ones (-> the lane's 4 products summed to s32).
+//   int8: the unsigned operand is |w| (|-128| = 128 as u8) and the signed one x sign(w)
+//         (vpsignb; x codes are in [-127, 127], so negating is exact): |w| x sign(w) x = w x,
+//         a pair at most 2 x 128 x 127 = 32512, below the s16 limit;
+//   int4: the unsigned operand is w + 8 (nibbles in [0, 15], by the XOR of the sign bit as on
+//         VNNI) and the sum starts at -8 times the group's sum of x codes; a pair is at most
+//         2 x 15 x 127 = 3810, so the low and high nibbles' pairs are added in s16 before vpmaddwd.
+
+#if JAXINF_X86
+#define JAXINF_AVX2 __attribute__((target("avx2,fma")))
+
+// Lanes i < count of a half-panel, as a vpmaskmov mask.
+JAXINF_AVX2 inline __m256i lanes8(int64_t count) {
+  const int32_t c = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, count)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+// Half-panel h: columns 8 h .. 8 h + 7 (panel h / 2, bytes 32 (h % 2) of each 64-byte step).
+JAXINF_AVX2 inline __m256 half_scales(const Problem& p, int64_t g, int64_t h) {
+  return _mm256_maskload_ps(p.scale + g * p.N + 8 * h, lanes8(p.N - 8 * h));
+}
+JAXINF_AVX2 inline void store_half(const Problem& p, int64_t m, int64_t h, __m256 v) {
+  _mm256_maskstore_ps(p.y + m * p.N + 8 * h, lanes8(p.N - 8 * h), v);
+}
+inline const uint8_t* half_at(const Problem& p, int64_t h, int64_t o) {
+  return panel_at(p, h / 2, o) + 32 * (h & 1);
+}
+template <int NH>
+inline void prefetch_half_scales(const Problem& p, int64_t g, int64_t h0) {
+  if (g + SCALE_AHEAD >= p.G) return;
+  for (int j = 0; j < NH; j += 2)  // a 64-byte line holds two half-panels' scales
+    _mm_prefetch(reinterpret_cast<const char*>(p.scale + (g + SCALE_AHEAD) * p.N + 8 * (h0 + j)),
+                 _MM_HINT_T0);
+}
+
+// fp32 x, fp32 weight panels: MT rows x 8 NH columns, x[m, k] broadcast against 8 columns.
+template <int MT, int NH>
+JAXINF_AVX2 void f32_f32h_tile(const Problem& p, int64_t m0, int64_t h0) {
+  const float* wh[NH];
+  for (int j = 0; j < NH; ++j)
+    wh[j] = static_cast<const float*>(p.w) + (h0 + j) / 2 * 16 * p.K + 8 * ((h0 + j) & 1);
+  __m256 acc[MT][NH];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.K; ++k) {
+    __m256 wv[NH];
+    for (int j = 0; j < NH; ++j) wv[j] = _mm256_loadu_ps(wh[j] + 16 * k);
+    for (int i = 0; i < MT; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(p.x + (m0 + i) * p.K + k);
+      for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NH; ++j)  // scale: ones (one group)
+      store_half(p, m0 + i, h0 + j, _mm256_mul_ps(acc[i][j], half_scales(p, 0, h0 + j)));
+}
+
+// The code of k = kstep o + R in every lane of a half-panel step, sign-extended, as fp32.
+template <int BITS, int R>
+JAXINF_AVX2 inline __m256 half_codes_f32(__m256i v) {
+  if constexpr (BITS == 4) {
+    constexpr int off = 8 * (R & 3) + 4 * (R >> 2);
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28 - off), 28));
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * R), 24));
+  }
+}
+
+template <int BITS, int MT, int NH, int R>
+JAXINF_AVX2 inline void f32_half_step(const Problem& p, int64_t m0, int64_t o,
+                                      const __m256i (&v)[NH], __m256 (&acc)[MT][NH]) {
+  __m256 c[NH];
+  for (int j = 0; j < NH; ++j) c[j] = half_codes_f32<BITS, R>(v[j]);
+  for (int i = 0; i < MT; ++i) {
+    const __m256 xv = _mm256_broadcast_ss(p.xa + (m0 + i) * p.xa_row + panel_kstep<BITS>() * o + R);
+    for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_fmadd_ps(xv, c[j], acc[i][j]);
+  }
+}
+
+template <int BITS, int MT, int NH, int... R>
+JAXINF_AVX2 inline void f32_half_steps(const Problem& p, int64_t m0, int64_t o,
+                                       const __m256i (&v)[NH], __m256 (&acc)[MT][NH],
+                                       std::integer_sequence<int, R...>) {
+  (f32_half_step<BITS, MT, NH, R>(p, m0, o, v, acc), ...);
+}
+
+// fp32 x (build_xa), int4 or int8 codes: per group, fp32 sums in the 8 lanes times the scales.
+template <int BITS, int MT, int NH>
+JAXINF_AVX2 void f32_half_tile(const Problem& p, int64_t m0, int64_t h0) {
+  const int64_t spg = steps_per_group(p);
+  __m256 tot[MT][NH];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NH; ++j) tot[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    prefetch_half_scales<NH>(p, g, h0);
+    __m256 acc[MT][NH];
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
+      __m256i v[NH];
+      for (int j = 0; j < NH; ++j)
+        v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_at(p, h0 + j, o)));
+      f32_half_steps<BITS, MT, NH>(p, m0, o, v, acc,
+                                   std::make_integer_sequence<int, panel_kstep<BITS>()>{});
+    }
+    for (int j = 0; j < NH; ++j) {
+      const __m256 s = half_scales(p, g, h0 + j);
+      for (int i = 0; i < MT; ++i) tot[i][j] = _mm256_fmadd_ps(acc[i][j], s, tot[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NH; ++j) store_half(p, m0 + i, h0 + j, tot[i][j]);
+}
+
+template <int MT, int NH>
+JAXINF_AVX2 void f32_i4h_tile(const Problem& p, int64_t m0, int64_t h0) {
+  f32_half_tile<4, MT, NH>(p, m0, h0);
+}
+template <int MT, int NH>
+JAXINF_AVX2 void f32_i8h_tile(const Problem& p, int64_t m0, int64_t h0) {
+  f32_half_tile<8, MT, NH>(p, m0, h0);
+}
+
+// int8 x (quantize_rows), int4 or int8 codes, integer sums by vpmaddubsw + vpmaddwd (see above).
+template <int BITS, int MT, int NH>
+JAXINF_AVX2 void q8_half_tile(const Problem& p, int64_t m0, int64_t h0) {
+  constexpr int kstep = panel_kstep<BITS>();
+  const int64_t spg = steps_per_group(p);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 tot[MT][NH];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NH; ++j) tot[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    prefetch_half_scales<NH>(p, g, h0);
+    __m256i acc[MT][NH];
+    for (int i = 0; i < MT; ++i) {
+      const __m256i start = _mm256_set1_epi32(BITS == 4 ? -8 * p.sumx[(m0 + i) * p.G + g] : 0);
+      for (int j = 0; j < NH; ++j) acc[i][j] = start;
+    }
+    for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
+      __m256i a[NH], b[NH];  // int8: |w|, w; int4: the low and the high nibbles + 8
+      for (int j = 0; j < NH; ++j) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_at(p, h0 + j, o)));
+        if constexpr (BITS == 4) {
+          const __m256i u = _mm256_xor_si256(v, flip);
+          a[j] = _mm256_and_si256(u, low);
+          b[j] = _mm256_and_si256(_mm256_srli_epi16(u, 4), low);
+        } else {
+          a[j] = _mm256_abs_epi8(v);
+          b[j] = v;
+        }
+      }
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* xq = p.qx + (m0 + i) * p.qx_row + kstep * o;
+        int32_t x0;
+        std::memcpy(&x0, xq, 4);
+        const __m256i xl = _mm256_set1_epi32(x0);
+        if constexpr (BITS == 4) {
+          int32_t x1;
+          std::memcpy(&x1, xq + 4, 4);
+          const __m256i xh = _mm256_set1_epi32(x1);
+          for (int j = 0; j < NH; ++j) {
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a[j], xl),
+                                                   _mm256_maddubs_epi16(b[j], xh));
+            acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+          }
+        } else {
+          for (int j = 0; j < NH; ++j) {
+            const __m256i pairs = _mm256_maddubs_epi16(a[j], _mm256_sign_epi8(xl, b[j]));
+            acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      }
+    }
+    for (int j = 0; j < NH; ++j) {
+      const __m256 s = half_scales(p, g, h0 + j);
+      for (int i = 0; i < MT; ++i)
+        tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), s, tot[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) {
+    const __m256 sx = _mm256_set1_ps(p.sx[m0 + i]);
+    for (int j = 0; j < NH; ++j) store_half(p, m0 + i, h0 + j, _mm256_mul_ps(tot[i][j], sx));
+  }
+}
+
+template <int MT, int NH>
+JAXINF_AVX2 void q8_i4h_tile(const Problem& p, int64_t m0, int64_t h0) {
+  q8_half_tile<4, MT, NH>(p, m0, h0);
+}
+template <int MT, int NH>
+JAXINF_AVX2 void q8_i8h_tile(const Problem& p, int64_t m0, int64_t h0) {
+  q8_half_tile<8, MT, NH>(p, m0, h0);
+}
+
+// As JAXINF_PANELS in half-panels: NH = min(8, W / MT) halves of 8 columns (AVX2's 16 registers),
+// tails with 1 half; only halves that hold a column are computed.
+#define JAXINF_HALVES(TILE, MT, W)                                                 \
+  {                                                                              \
+    constexpr int nh = std::max(1, std::min(8, (W) / (MT)));                     \
+    const int64_t h1 = (n1 + 7) / 8;                                             \
+    int64_t h = n0 / 8;                                                          \
+    for (; h + nh <= h1; h += nh) TILE<MT, nh>(p, m, h);                         \
+    for (; h < h1; ++h) TILE<MT, 1>(p, m, h);                                    \
+  }
+
+// accumulator budgets in 256-bit registers: fp32 weights MT x NH sums; codes a group's sums and
+// the totals
+JAXINF_DEFINE_BLOCK(f32_f32_block2, f32_f32h_tile, JAXINF_AVX2, JAXINF_HALVES, 12)
+JAXINF_DEFINE_BLOCK(f32_i8_block2, f32_i8h_tile, JAXINF_AVX2, JAXINF_HALVES, 6)
+JAXINF_DEFINE_BLOCK(q8_i8_block2, q8_i8h_tile, JAXINF_AVX2, JAXINF_HALVES, 6)
+JAXINF_DEFINE_BLOCK(f32_i4_block2, f32_i4h_tile, JAXINF_AVX2, JAXINF_HALVES, 6)
+JAXINF_DEFINE_BLOCK(q8_i4_block2, q8_i4h_tile, JAXINF_AVX2, JAXINF_HALVES, 6)
+#endif  // JAXINF_X86
+
 using BlockFn = void (*)(const Problem&, int64_t, int64_t);
 
 bool has_avx512() {
@@ -465,22 +688,49 @@ bool has_vnni() {
 #endif
 }
 
-// The path for this problem; `force_scalar` is the tests' switch.
-BlockFn pick(const Problem& p, bool force_scalar) {
-  if (force_scalar) return scalar_block;
+bool has_avx2() {
+#if JAXINF_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// `path`: 0 the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 (the tests' switch).
+enum Path : int32_t { kBest = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+bool runs_avx512(bool act_int8) { return act_int8 ? has_vnni() : has_avx512(); }
+
+// Whether this CPU runs `path` for a problem with (act_int8) or without int8 activations.
+bool path_available(int32_t path, bool act_int8) {
+  switch (path) {
+    case kBest:
+    case kScalar: return true;
+    case kAvx2: return has_avx2();
+    case kAvx512: return runs_avx512(act_int8);
+    default: return false;
+  }
+}
+
+// The block function for this problem and path (an available one).
+BlockFn pick(const Problem& p, int32_t path) {
+  if (path == kScalar) return scalar_block;
 #if JAXINF_X86
   const bool whole_steps = p.f32w || p.G == 1 || p.gs % p.kstep == 0;
   if (!whole_steps) return scalar_block;
-  if (p.act_int8) {
-    if (!has_vnni()) return scalar_block;
-    return p.int4 ? q8_i4_block : q8_i8_block;
+  if (path == kAvx512 || (path == kBest && runs_avx512(p.act_int8))) {
+    if (p.act_int8) return p.int4 ? q8_i4_block : q8_i8_block;
+    if (p.f32w) return f32_f32_block;
+    return p.int4 ? f32_i4_block : f32_i8_block;
   }
-  if (!has_avx512()) return scalar_block;
-  if (p.f32w) return f32_f32_block;
-  return p.int4 ? f32_i4_block : f32_i8_block;
-#else
-  return scalar_block;
+  if (path == kAvx2 || (path == kBest && has_avx2())) {
+    if (p.act_int8) return p.int4 ? q8_i4_block2 : q8_i8_block2;
+    if (p.f32w) return f32_f32_block2;
+    return p.int4 ? f32_i4_block2 : f32_i8_block2;
+  }
 #endif
+  return scalar_block;
 }
 
 // ---- threads ----------------------------------------------------------------------------------
@@ -538,7 +788,7 @@ ffi::Error check_common(int64_t M, int64_t K, int64_t N, int64_t G, int64_t gs) 
 
 ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
                 ffi::ResultBuffer<ffi::F32> y, int64_t k_attr, int64_t group_size,
-                int32_t act_int8, int32_t force_scalar, ffi::ThreadPool pool) {
+                int32_t act_int8, int32_t path, ffi::ThreadPool pool) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(),
              yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
@@ -575,6 +825,8 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   if (ffi::Error e = check_common(p.M, p.K, p.N, p.G, p.gs); e.failure()) return e;
   if (f32w && p.G != 1)
     return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take one group (ones)");
+  if (!path_available(path, p.act_int8))
+    return ffi::Error::InvalidArgument("lowbit_matmul: this CPU does not run the requested path");
   if (p.M == 0) return ffi::Error::Success();
   p.x = x.typed_data();
   p.w = w.untyped_data();
@@ -593,7 +845,7 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
     build_xa(p, xa, p.xa_row);
     p.xa = xa.data();
   }
-  run_blocks(p, pick(p, force_scalar != 0), pool);
+  run_blocks(p, pick(p, path), pool);
   return ffi::Error::Success();
 }
 
@@ -608,11 +860,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfLowbitMatmul, Impl,
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int32_t>("act_int8")
-                                  .Attr<int32_t>("force_scalar")
+                                  .Attr<int32_t>("path")
                                   .Ctx<ffi::ThreadPool>());
 
-// Which path a problem of this kind takes on this CPU: 0 scalar, 1 AVX-512, 2 AVX-512 VNNI.
+// The path a problem of this kind takes on this CPU: 0 scalar, 1 AVX-512, 2 AVX-512 VNNI, 3 AVX2.
 extern "C" __attribute__((visibility("default"))) int jaxinf_lowbit_isa(int act_int8) {
-  if (act_int8) return has_vnni() ? 2 : 0;
-  return has_avx512() ? 1 : 0;
+  if (runs_avx512(act_int8 != 0)) return act_int8 ? 2 : 1;
+  return has_avx2() ? 3 : 0;
+}
+
+// Whether this CPU runs `path` (as the FFI attribute: 1 scalar, 2 AVX2, 3 AVX-512).
+extern "C" __attribute__((visibility("default"))) int jaxinf_lowbit_has(int path, int act_int8) {
+  return path_available(path, act_int8 != 0) ? 1 : 0;
 }
