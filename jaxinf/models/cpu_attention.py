@@ -81,6 +81,7 @@ def attention_step(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array, lengths
                      f"{getattr(lengths, 'dtype', None)} {tuple(getattr(lengths, 'shape', ()))}")
   scale = float(d ** -0.5 if scale is None else scale)
   cpu_kernel.check_backend("impl")
+  cpu_kernel.load()
   code = cpu_kernel.check_path(path)
   call = jax.ffi.ffi_call(cpu_kernel.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")

@@ -347,6 +347,7 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
   if tuple(scale.shape) != (k // group_size, n):
     raise ValueError(f"scale: expected shape {(k // group_size, n)}, got {tuple(scale.shape)}")
   check_backend()
+  load()
   code = check_path(path, act_int8)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")

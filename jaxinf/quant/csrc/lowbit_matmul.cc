@@ -487,21 +487,34 @@ inline void prefetch_half_scales(const Problem& p, int64_t g, int64_t h0) {
 // fp32 x, fp32 weight panels: MT rows x 8 NH columns, x[m, k] broadcast against 8 columns.
 template <int MT, int NH>
 JAXINF_AVX2 void f32_f32h_tile(const Problem& p, int64_t m0, int64_t h0) {
+  // locals, so that the loop neither reloads p nor keeps the sums in memory
+  const int64_t K = p.K;
   const float* wh[NH];
+  const float* xr[MT];
+#pragma GCC unroll 16
   for (int j = 0; j < NH; ++j)
-    wh[j] = static_cast<const float*>(p.w) + (h0 + j) / 2 * 16 * p.K + 8 * ((h0 + j) & 1);
+    wh[j] = static_cast<const float*>(p.w) + (h0 + j) / 2 * 16 * K + 8 * ((h0 + j) & 1);
+#pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i) xr[i] = p.x + (m0 + i) * K;
   __m256 acc[MT][NH];
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < p.K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     __m256 wv[NH];
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) wv[j] = _mm256_loadu_ps(wh[j] + 16 * k);
+#pragma GCC unroll 16
     for (int i = 0; i < MT; ++i) {
-      const __m256 xb = _mm256_broadcast_ss(p.x + (m0 + i) * p.K + k);
+      const __m256 xb = _mm256_broadcast_ss(xr[i] + k);
+#pragma GCC unroll 16
       for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j)  // scale: ones (one group)
       store_half(p, m0 + i, h0 + j, _mm256_mul_ps(acc[i][j], half_scales(p, 0, h0 + j)));
 }
@@ -518,48 +531,71 @@ JAXINF_AVX2 inline __m256 half_codes_f32(__m256i v) {
 }
 
 template <int BITS, int MT, int NH, int R>
-JAXINF_AVX2 inline void f32_half_step(const Problem& p, int64_t m0, int64_t o,
-                                      const __m256i (&v)[NH], __m256 (&acc)[MT][NH]) {
+JAXINF_AVX2 inline void f32_half_step(const float* const (&xo)[MT], const __m256i (&v)[NH],
+                                      __m256 (&acc)[MT][NH]) {
   __m256 c[NH];
+#pragma GCC unroll 16
   for (int j = 0; j < NH; ++j) c[j] = half_codes_f32<BITS, R>(v[j]);
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i) {
-    const __m256 xv = _mm256_broadcast_ss(p.xa + (m0 + i) * p.xa_row + panel_kstep<BITS>() * o + R);
+    const __m256 xv = _mm256_broadcast_ss(xo[i] + R);
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_fmadd_ps(xv, c[j], acc[i][j]);
   }
 }
 
 template <int BITS, int MT, int NH, int... R>
-JAXINF_AVX2 inline void f32_half_steps(const Problem& p, int64_t m0, int64_t o,
-                                       const __m256i (&v)[NH], __m256 (&acc)[MT][NH],
-                                       std::integer_sequence<int, R...>) {
-  (f32_half_step<BITS, MT, NH, R>(p, m0, o, v, acc), ...);
+JAXINF_AVX2 inline void f32_half_steps(const float* const (&xo)[MT], const __m256i (&v)[NH],
+                                       __m256 (&acc)[MT][NH], std::integer_sequence<int, R...>) {
+  (f32_half_step<BITS, MT, NH, R>(xo, v, acc), ...);
 }
 
+// The tiles below keep p's fields and the row / half-panel pointers in locals: with them read
+// through `p` inside the loop, GCC reloaded them and kept the sums in memory (2x slower at 7 rows).
+//
 // fp32 x (build_xa), int4 or int8 codes: per group, fp32 sums in the 8 lanes times the scales.
 template <int BITS, int MT, int NH>
 JAXINF_AVX2 void f32_half_tile(const Problem& p, int64_t m0, int64_t h0) {
-  const int64_t spg = steps_per_group(p);
+  constexpr int kstep = panel_kstep<BITS>();
+  const int64_t spg = steps_per_group(p), G = p.G;
+  const uint8_t* wh[NH];
+  const float* xr[MT];
+#pragma GCC unroll 16
+  for (int j = 0; j < NH; ++j) wh[j] = half_at(p, h0 + j, 0);
+#pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i) xr[i] = p.xa + (m0 + i) * p.xa_row;
   __m256 tot[MT][NH];
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) tot[i][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < p.G; ++g) {
+  for (int64_t g = 0; g < G; ++g) {
     prefetch_half_scales<NH>(p, g, h0);
     __m256 acc[MT][NH];
+#pragma GCC unroll 16
     for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
       for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
     for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
       __m256i v[NH];
+#pragma GCC unroll 16
       for (int j = 0; j < NH; ++j)
-        v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_at(p, h0 + j, o)));
-      f32_half_steps<BITS, MT, NH>(p, m0, o, v, acc,
-                                   std::make_integer_sequence<int, panel_kstep<BITS>()>{});
+        v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wh[j] + 64 * o));
+      const float* xo[MT];
+#pragma GCC unroll 16
+      for (int i = 0; i < MT; ++i) xo[i] = xr[i] + kstep * o;
+      f32_half_steps<BITS, MT, NH>(xo, v, acc, std::make_integer_sequence<int, kstep>{});
     }
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) {
       const __m256 s = half_scales(p, g, h0 + j);
+#pragma GCC unroll 16
       for (int i = 0; i < MT; ++i) tot[i][j] = _mm256_fmadd_ps(acc[i][j], s, tot[i][j]);
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) store_half(p, m0 + i, h0 + j, tot[i][j]);
 }
 
@@ -576,25 +612,39 @@ JAXINF_AVX2 void f32_i8h_tile(const Problem& p, int64_t m0, int64_t h0) {
 template <int BITS, int MT, int NH>
 JAXINF_AVX2 void q8_half_tile(const Problem& p, int64_t m0, int64_t h0) {
   constexpr int kstep = panel_kstep<BITS>();
-  const int64_t spg = steps_per_group(p);
+  const int64_t spg = steps_per_group(p), G = p.G;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88));
   const __m256i low = _mm256_set1_epi8(0x0F);
+  const uint8_t* wh[NH];
+  const int8_t* xr[MT];
+  const int32_t* sums[MT];
+#pragma GCC unroll 16
+  for (int j = 0; j < NH; ++j) wh[j] = half_at(p, h0 + j, 0);
+#pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i) {
+    xr[i] = p.qx + (m0 + i) * p.qx_row;
+    sums[i] = p.sumx + (m0 + i) * G;
+  }
   __m256 tot[MT][NH];
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) tot[i][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < p.G; ++g) {
+  for (int64_t g = 0; g < G; ++g) {
     prefetch_half_scales<NH>(p, g, h0);
     __m256i acc[MT][NH];
+#pragma GCC unroll 16
     for (int i = 0; i < MT; ++i) {
-      const __m256i start = _mm256_set1_epi32(BITS == 4 ? -8 * p.sumx[(m0 + i) * p.G + g] : 0);
+      const __m256i start = _mm256_set1_epi32(BITS == 4 ? -8 * sums[i][g] : 0);
+#pragma GCC unroll 16
       for (int j = 0; j < NH; ++j) acc[i][j] = start;
     }
     for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
       __m256i a[NH], b[NH];  // int8: |w|, w; int4: the low and the high nibbles + 8
+#pragma GCC unroll 16
       for (int j = 0; j < NH; ++j) {
-        const __m256i v =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_at(p, h0 + j, o)));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wh[j] + 64 * o));
         if constexpr (BITS == 4) {
           const __m256i u = _mm256_xor_si256(v, flip);
           a[j] = _mm256_and_si256(u, low);
@@ -604,8 +654,9 @@ JAXINF_AVX2 void q8_half_tile(const Problem& p, int64_t m0, int64_t h0) {
           b[j] = v;
         }
       }
+#pragma GCC unroll 16
       for (int i = 0; i < MT; ++i) {
-        const int8_t* xq = p.qx + (m0 + i) * p.qx_row + kstep * o;
+        const int8_t* xq = xr[i] + kstep * o;
         int32_t x0;
         std::memcpy(&x0, xq, 4);
         const __m256i xl = _mm256_set1_epi32(x0);
@@ -613,12 +664,14 @@ JAXINF_AVX2 void q8_half_tile(const Problem& p, int64_t m0, int64_t h0) {
           int32_t x1;
           std::memcpy(&x1, xq + 4, 4);
           const __m256i xh = _mm256_set1_epi32(x1);
+#pragma GCC unroll 16
           for (int j = 0; j < NH; ++j) {
             const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a[j], xl),
                                                    _mm256_maddubs_epi16(b[j], xh));
             acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
           }
         } else {
+#pragma GCC unroll 16
           for (int j = 0; j < NH; ++j) {
             const __m256i pairs = _mm256_maddubs_epi16(a[j], _mm256_sign_epi8(xl, b[j]));
             acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
@@ -626,14 +679,18 @@ JAXINF_AVX2 void q8_half_tile(const Problem& p, int64_t m0, int64_t h0) {
         }
       }
     }
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) {
       const __m256 s = half_scales(p, g, h0 + j);
+#pragma GCC unroll 16
       for (int i = 0; i < MT; ++i)
         tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), s, tot[i][j]);
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MT; ++i) {
     const __m256 sx = _mm256_set1_ps(p.sx[m0 + i]);
+#pragma GCC unroll 16
     for (int j = 0; j < NH; ++j) store_half(p, m0 + i, h0 + j, _mm256_mul_ps(tot[i][j], sx));
   }
 }
