@@ -118,7 +118,7 @@ def test_fp32_weights_match_the_reference(kernel):
   np.testing.assert_array_equal(np.asarray(kw.dequantize()), w)
   ids = np.array([[0, 36], [17, 5]])
   np.testing.assert_array_equal(np.asarray(kw.take_columns(ids)), np.moveaxis(w[:, ids], 0, -1))
-  for m in (1, 3, 5, 8, 9, 33, 65):  # 65 rows: XLA's dot of the transpose
+  for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 33, 65):  # 65 rows: XLA's dot of the transpose
     x = rng.normal(size=(m, k)).astype(np.float32)
     y = np.asarray(kernel(x, kw), np.float64)
     ref = x.astype(np.float64) @ w.astype(np.float64)
