@@ -15,12 +15,12 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
   weights through `jaxinf.quant.ptq.quantize_params` where that module exists (rows skipped, with
   the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
   inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
-  (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512
-  registers, fp32 activations; compiled on first use), row `float32-ffi` the fp32 weights
+  (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512 or AVX2
+  registers, whichever the CPU has, fp32 activations; compiled on first use), row `float32-ffi` the fp32 weights
   unquantized through the same kernel (`jaxinf.quant.ptq.kernel_params`), rows `int8-a8-ffi` /
   `int4-a8-ffi` the
   same kernel with int8 activations (`act_format="int8"`, one scale per token; the integer dot on
-  AVX-512 VNNI), as llama.cpp's own Q8_0 / Q4_0 dots quantize the activations to Q8_0 (one scale
+  AVX-512 VNNI, or AVX2's vpmaddubsw + vpmaddwd), as llama.cpp's own Q8_0 / Q4_0 dots quantize the activations to Q8_0 (one scale
   per 32). The tied embedding / output head is
   quantized too, per token row at int8 in every low-bit row (`QuantConfig(embeddings=...)`, a
   `QEmbedding`: the lookup decodes the looked-up rows, the head is the low-bit product), as
@@ -33,12 +33,13 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
   this module's loop over the low-level API: one `llama_decode` of all prompts (each row its own
   sequence id), then one `llama_decode` per step of a batch holding one token of every sequence —
   llama.cpp's batched decoding, as its `batched` example does — greedy as argmax of the logits.
-  Built here from the sdist with `CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON
-  -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
-  -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AMX_TILE=OFF
-  -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"`: a `-DGGML_NATIVE=ON` build on this AMX-capable Xeon
-  puts Q8_0 / Q4_0 weights in the AMX buffer and segfaults in the first decode (llama.cpp issue
-  20824, open); without AMX its AVX-512 kernels and Q4_0 repacking run. `convert_hf_to_gguf.py`
+  Built from the sdist (`pip install <sdist>`: `-DGGML_NATIVE=ON`, the CPU's own instruction
+  sets); the report lists what each side ran (`llama_print_system_info`, `cpu_kernel.isa`). On an
+  AMX-capable Xeon a native build puts Q8_0 / Q4_0 weights in the AMX buffer and segfaults in the
+  first decode (llama.cpp issue 20824, open): build there with `CMAKE_ARGS="-DGGML_NATIVE=OFF
+  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+  -DGGML_AVX_VNNI=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"`. `convert_hf_to_gguf.py`
   ships only in llama-cpp-python's sdist (`vendor/llama.cpp`), not in its
   wheel nor in the `gguf` package; `--llama-cpp-src` (or `$LLAMA_CPP_SRC`, or
   `<sys.prefix>/src/llama.cpp`) names the folder holding it, its `conversion/` and `gguf-py/`. The
@@ -182,7 +183,7 @@ JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None, **_TABLE},
                 "int4": {"format": "int4", "group_size": 32, **_TABLE},
                 "int8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi", **_TABLE},
                 "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi", **_TABLE},
-                # int8 activations (one scale per token) and the integer dot on AVX-512 VNNI, as
+                # int8 activations (one scale per token) and the integer dot (VNNI or AVX2), as
                 # llama.cpp's Q8_0 / Q4_0 dots quantize activations to Q8_0 (a scale per 32)
                 "int8-a8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi",
                                 "act_format": "int8", **_TABLE},
@@ -681,7 +682,7 @@ def run(cfg: Config) -> list[dict]:
           "kernel_or_xla": kernel_rows,
           "bandwidth_gbps": bandwidth / 1e9, "bandwidth_curve": bw_curve, "threads": threads,
           "load_before": before, "load_after": after, "versions": versions(runtimes),
-          "cpu": cpu_name(), "seconds": time.perf_counter() - t_start}
+          "cpu": cpu_name(), "isa": isa_note(runtimes), "seconds": time.perf_counter() - t_start}
   write_outputs(out, cfg, rows, meta)
   common.print_report(out, time.perf_counter() - t_start)
   return rows
@@ -756,6 +757,29 @@ def versions(runtimes: list[str]) -> dict[str, str]:
   return found
 
 
+def isa_note(runtimes: list[str]) -> str:
+  """The instruction sets each side ran: jaxinf's CPU kernel path (`cpu_kernel.isa`) and
+  llama.cpp's build (`llama_print_system_info`, its CPU features that are on)."""
+  notes = []
+  if "jaxinf" in runtimes and jax.default_backend() == "cpu":
+    from jaxinf.quant import cpu_kernel
+
+    try:
+      notes.append(f"jaxinf CPU kernel: {cpu_kernel.isa()} (fp32 activations), "
+                   f"{cpu_kernel.isa(True)} (int8 activations)")
+    except cpu_kernel.KernelUnavailableError as e:
+      notes.append(f"jaxinf CPU kernel: unavailable ({e})")
+  if "llama.cpp" in runtimes:
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... | REPACK = 1 |"
+    on = sorted({part.split("=")[0].split(":")[-1].strip() for part in info.split("|")
+                 if part.strip().endswith("= 1")})
+    notes.append(f"llama.cpp CPU features on: {', '.join(on) or info.strip()}")
+  return "; ".join(notes)
+
+
 def cpu_name() -> str:
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -773,7 +797,8 @@ def report_notes(cfg: Config, rows: list[dict], meta: dict) -> str:
       f"`python -m experiments.bench_decode` — {', '.join(cfg.sizes)}; prompt {cfg.prompt_len} "
       f"tokens + {cfg.new_tokens} new tokens, greedy, batches {list(cfg.batches)}; tokens/s = "
       f"batch x new tokens / median wall time of the whole call (prefill included) over "
-      f"{cfg.repeats} round-robin repeats. {meta['cpu']}; {meta['threads']} threads for "
+      f"{cfg.repeats} round-robin repeats. {meta['cpu']}"
+      f"{'; ' + meta['isa'] if meta.get('isa') else ''}; {meta['threads']} threads for "
       f"llama.cpp and torch, XLA's own pool for jaxinf. Machine load — before: "
       f"{meta['load_before']}; after: {meta['load_after']}.\n\n"
       f"Read bandwidth (GB/s, best of threaded numpy sum and jitted jnp.sum): {curve}. "

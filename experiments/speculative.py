@@ -57,7 +57,7 @@ from jaxinf.train.medusa import MedusaTrainConfig, train_medusa_self_distilled
 from jaxinf.train.step import OptimizerConfig
 
 EOS = ByteTokenizer.eos_id
-# weight-only, or with int8 activations ("-a8": W8A8 / W4A8, the kernel's VNNI path)
+# weight-only, or with int8 activations ("-a8": W8A8 / W4A8, the kernel's integer dot)
 SELF_DRAFT_FORMATS = ("int8", "int4", "int8-a8", "int4-a8")
 SAMPLERS = {"greedy": SamplerConfig(temperature=0.0), "t0.7": SamplerConfig(temperature=0.7)}
 

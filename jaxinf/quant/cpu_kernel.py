@@ -18,12 +18,13 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   on (`nbytes` counts the padding; `codes()` / `dequantize()` undo it). The previous row layout
   (one output column per row, a horizontal sum per output) ran W8A8 at 8 rows 2.7x slower on the
   110M Llama's tied head (32000 x 768, one scale per row) and 7x slower with groups of 32;
-- weight-only (`act_format=None`): fp32 activations, codes widened to fp32 in AVX-512 registers,
+- weight-only (`act_format=None`): fp32 activations, codes widened to fp32 in vector registers,
   fp32 FMA per group, each group's sum times its scale;
 - W8A8 (`act_format="int8"`): each row of x quantized to int8 inside the kernel exactly as
-  `QArray`'s XLA path does (absmax / 127, round half to even), then the integer dot on AVX-512
-  VNNI (`vpdpbusd`, the weight offset to unsigned and the offset times the row's group sums of
-  x subtracted);
+  `QArray`'s XLA path does (absmax / 127, round half to even), then the integer dot: on AVX-512
+  VNNI `vpdpbusd`, the weight offset to unsigned and the offset times the row's group sums of
+  x subtracted; on AVX2 `vpmaddubsw` + `vpmaddwd` (int8: |w| times x sign(w), no s16
+  saturation; int4: the same offset as VNNI);
 - fp32 weights (`KernelWeight`, `ptq.kernel_params`): the same streaming product without
   quantization, in fp32 panels of 16 columns (`f32_panels`: float32 `[16 P, K]`, one 64-byte line
   per k); XLA:CPU's own fp32 dot reads a decode step's weights at about 60 % of the DRAM
@@ -34,10 +35,11 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   says where XLA's dot is faster and takes over);
 - threads: the N columns in blocks shared between the calling thread and XLA's intra-op thread
   pool (`ffi::ThreadPool`, so the kernel uses the threads XLA was given);
-- instruction sets, chosen at run time: AVX-512 (VNNI for W8A8); AVX2 + FMA (the same panels read
-  as half-panels of 8 columns; W8A8 by `vpmaddubsw` + `vpmaddwd`, llama.cpp's AVX2 recipe, since
-  there is no VNNI) — many x86 servers (AMD EPYC before Zen 4) and laptops stop at AVX2; a
-  portable scalar path (same sums) elsewhere.
+- instruction sets, chosen at run time (`isa()`; `lowbit_matmul(path=...)` forces one):
+  AVX-512 (VNNI for W8A8); AVX2 + FMA (the same panels read as half-panels of 8 columns; fp32
+  weights in row groups of 12 register sums per column tile, the second group reading the tile
+  from cache) — many x86 servers (AMD EPYC before Zen 4) and laptops stop at AVX2; a portable
+  scalar path (same sums) elsewhere, e.g. on ARM.
 
 The same shared library holds the decode-step attention of `jaxinf.models.cpu_attention`
 (`csrc/attention_step.cc`): every source of `csrc/` is compiled into it.
