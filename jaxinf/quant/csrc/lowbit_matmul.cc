@@ -846,6 +846,8 @@ void run_blocks(const Problem& p, BlockFn fn, ffi::ThreadPool& pool) {
   // transformer decoded 1.3-1.9x slower with products below 150 kB (or all) on the calling thread
   // alone, although a lone 384 x 384 int4 product ran 2x faster that way (7 against 15 us): a
   // helper that is kept busy stays awake, and waking it costs more than its share of the work.
+  // Own helper threads spinning between calls (as llama.cpp's OpenMP threads do) were slower
+  // still there: 378-403 against 498-675 tok/s for the fp32-ffi 12.7M model at batch 1.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // about 4 blocks per thread (balance), a multiple of 64 columns each: whole panels of 16, and
   // whole tiles of 4 panels where a tile takes 4 (one row: a tail tile of one panel would be a
