@@ -16,11 +16,11 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
   the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
   inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
   (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512 or AVX2
-  registers, whichever the CPU has, fp32 activations; compiled on first use), row `float32-ffi` the fp32 weights
-  unquantized through the same kernel (`jaxinf.quant.ptq.kernel_params`), rows `int8-a8-ffi` /
-  `int4-a8-ffi` the
-  same kernel with int8 activations (`act_format="int8"`, one scale per token; the integer dot on
-  AVX-512 VNNI, or AVX2's vpmaddubsw + vpmaddwd), as llama.cpp's own Q8_0 / Q4_0 dots quantize the activations to Q8_0 (one scale
+  registers, whichever the CPU has, fp32 activations; compiled on first use), row `float32-ffi`
+  the fp32 weights unquantized through the same kernel (`jaxinf.quant.ptq.kernel_params`), rows
+  `int8-a8-ffi` / `int4-a8-ffi` the same kernel with int8 activations (`act_format="int8"`, one
+  scale per token; the integer dot on AVX-512 VNNI, or AVX2's vpmaddubsw + vpmaddwd), as
+  llama.cpp's own Q8_0 / Q4_0 dots quantize the activations to Q8_0 (one scale
   per 32). The tied embedding / output head is
   quantized too, per token row at int8 in every low-bit row (`QuantConfig(embeddings=...)`, a
   `QEmbedding`: the lookup decodes the looked-up rows, the head is the low-bit product), as
