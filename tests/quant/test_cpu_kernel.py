@@ -59,10 +59,13 @@ def test_kernel_matches_dequantized_reference(kernel, fmt, group, k, act):
   assert qk.nbytes == qk.data.size + qk.scale.nbytes
   # every row-tile height (8 per pass, tails 1-7); 70 rows: past MAX_ROWS, which bounds only fp32
   # weights (integer codes take the kernel at every row count, `cpu_kernel.use_kernel`)
+  best = cpu_kernel.isa(act is not None).removesuffix("-vnni")
   for m in (1, 3, 5, 7, 8, 16, 33, 70):
     x = rng.normal(size=(m, k)).astype(np.float32)
     ys = {"best": np.asarray(kernel(x, qk), np.float64)}
     for path in cpu_kernel.paths(act is not None):  # scalar, and AVX2 / AVX-512 where the CPU has
+      if path == best:
+        continue  # "best" above ran it
       ys[path] = np.asarray(cpu_kernel.lowbit_matmul(
           jnp.asarray(x), qk.data, qk.scale, k=k, group_size=qk.group_size,
           act_int8=act is not None, path=path), np.float64)
