@@ -21,8 +21,35 @@ if os.environ.get("JAXINF_TEST_XLA_OPT") != "1" and "xla_backend_optimization_le
     os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {_O0}"
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest
+
+# One persistent compilation cache for the whole run, shared by the xdist workers: `jax.jit`
+# still traces and lowers every function, but a program either worker has compiled before (the
+# same model in another module, after `jax.clear_caches()` below; the other worker's fixtures) is
+# loaded from disk instead of compiled again. The controller makes the folder before the workers
+# start (they inherit the variable) and removes it at the end. JAXINF_TEST_COMPILE_CACHE=0 turns
+# it off.
+_CACHE_VAR = "JAXINF_TEST_JAX_CACHE_DIR"
+
+
+def pytest_configure(config):
+  if os.environ.get("JAXINF_TEST_COMPILE_CACHE") == "0":
+    return
+  if not hasattr(config, "workerinput") and _CACHE_VAR not in os.environ:
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="jaxinf-test-jax-cache-")
+    config._jaxinf_cache_owner = True
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_jaxinf_cache_owner", False):
+    shutil.rmtree(os.environ.pop(_CACHE_VAR), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
