@@ -201,3 +201,25 @@ class Linear(nnx.Linear):
     if bias is not None:
       y = y + bias.astype(dtype)
     return y
+
+
+def project(inputs: jax.Array, *linears: Linear) -> list[jax.Array]:
+  """`[linear(inputs) for linear in linears]` (projections of one input, such as q, k and v):
+  one call of the CPU kernel for all of them when their kernels are low-bit weights that can
+  share it (`jaxinf.quant.qarray.matmul_many`: the same kind in the kernel's layout), with the
+  same results; otherwise one product each, as `Linear` computes it."""
+  from jaxinf.quant.base import QuantizedWeight  # here: jaxinf.quant may import the models
+
+  kernels = [linear.kernel[...] for linear in linears]
+  if len(linears) > 1 and all(isinstance(k, QuantizedWeight) for k in kernels):
+    dtypes = {linear.dtype if linear.dtype is not None
+              else jnp.result_type(inputs.dtype, k.dtype) for linear, k in zip(linears, kernels)}
+    if len(dtypes) == 1:
+      from jaxinf.quant.qarray import matmul_many
+
+      dtype = dtypes.pop()
+      ys = matmul_many(inputs.astype(dtype), [k.astype(dtype) for k in kernels])
+      if ys is not None:
+        return [y if linear.bias is None else y + linear.bias[...].astype(dtype)
+                for y, linear in zip(ys, linears)]
+  return [linear(inputs) for linear in linears]

@@ -139,9 +139,10 @@ class Attention(nnx.Module):
     """h [B, T, C] (normed) -> q [B, T, H, D], k, v [B, T, Hkv, D], RoPE applied to q and k."""
     b, t, _ = h.shape
     cfg = self.cfg
-    q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = layers.project(h, self.q_proj, self.k_proj, self.v_proj)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     # Megatron (Shoeybi et al. 2019, §3): whole heads per tensor shard (a no-op without a mesh)
     q, k, v = (constrain(a, ("batch", None, "head_count", None)) for a in (q, k, v))
     return (layers.apply_rope(q, positions, cfg.rope_theta),
@@ -163,7 +164,7 @@ class SwiGLU(nnx.Module):
     self.down_proj = linear(cfg.mlp_hidden, cfg.hidden_size)
 
   def __call__(self, h: jax.Array) -> jax.Array:
-    return self.down_proj(layers.swiglu(self.gate_proj(h), self.up_proj(h)))
+    return self.down_proj(layers.swiglu(*layers.project(h, self.gate_proj, self.up_proj)))
 
 
 class DecoderBlock(nnx.Module):

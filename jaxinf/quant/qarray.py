@@ -377,6 +377,40 @@ jax.tree_util.register_dataclass(KernelWeight, data_fields=["data"],
                                  meta_fields=["n_out", "compute_dtype"])
 
 
+def matmul_many(x: jax.Array, weights: list[QuantizedWeight]) -> list[jax.Array] | None:
+  """`[x @ w for w in weights]` in one call of the CPU kernel (`cpu_kernel.lowbit_matmul_many`)
+  when the weights can share it: every one a kernel-layout QArray of one format, group size and
+  activation format, or every one a `KernelWeight`, with the same input width and compute dtype,
+  and `x`'s row count one that the kernel takes. The results equal the separate products bit for
+  bit. None when they cannot share a call (the caller then multiplies them one by one)."""
+  if not 2 <= len(weights) <= cpu_kernel.MAX_FUSED or not isinstance(
+      weights[0], (QArray, KernelWeight)) or not all(
+      type(w) is type(weights[0]) for w in weights):
+    return None
+  first = weights[0]
+  n_in = first.logical_shape[0]
+  if any(w.logical_shape[0] != n_in or w.dtype != first.dtype for w in weights):
+    return None
+  codes = isinstance(first, QArray)  # else fp32 panels (KernelWeight)
+  same = not codes or all(
+      w.kernel == "cpu_ffi" and w.fmt.bits == first.fmt.bits and w.group_size == first.group_size
+      and w.act_format == first.act_format and w.data.dtype == first.data.dtype for w in weights)
+  x, out_dtype, rows = _matmul_input(x, first.logical_shape, first.dtype)
+  if not same or not cpu_kernel.use_kernel(rows, codes=codes):
+    return None
+  cpu_kernel.check_backend("kernel")
+  if codes:
+    pairs = [(w.data, w.scale) for w in weights]
+    ys = cpu_kernel.lowbit_matmul_many(x.reshape(rows, n_in), pairs, k=n_in,
+                                       group_size=first.group_size,
+                                       act_int8=first.act_format is not None)
+  else:
+    pairs = [(w.data, jnp.ones((1, w.n_out), jnp.float32)) for w in weights]
+    ys = cpu_kernel.lowbit_matmul_many(x.reshape(rows, n_in), pairs, k=n_in, group_size=n_in)
+  return [y.reshape(x.shape[:-1] + (w.logical_shape[1],)).astype(out_dtype)
+          for y, w in zip(ys, weights)]
+
+
 def kernel_weight(w: Any, arg: str = "w") -> KernelWeight:
   """A floating `w [in, out]` stored for the CPU kernel, unquantized (`KernelWeight`). Host-side."""
   w = check_weight(w, arg)

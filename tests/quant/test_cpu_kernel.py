@@ -135,6 +135,105 @@ def test_fp32_weights_match_the_reference(kernel):
         assert np.all(np.abs(y - ref) <= tol), (path, m, np.abs(y - ref).max())
 
 
+# weights of one kind sharing x: int4 in groups (fp32 and int8 activations), int8 per channel,
+# fp32 panels; N = 37, 16 and 70 (tail panels, one whole panel, a block past 64 columns)
+MANY = [("int4", 32, None), ("int4", 32, "int8"), ("int8", None, None), ("int8", None, "int8"),
+        ("fp32", None, None)]
+
+
+@pytest.mark.parametrize("fmt,group,act", MANY)
+def test_many_equals_one_call_per_weight(kernel, fmt, group, act):
+  """`lowbit_matmul_many`: each product bit for bit equal to its own `lowbit_matmul` call (a
+  column's sums do not depend on how the columns are cut into blocks), on every path, at the
+  row counts of one pass, a pass and a tail, and several passes; `qarray.matmul_many` likewise
+  against `x @ w`."""
+  from jaxinf.quant.qarray import matmul_many
+
+  rng = np.random.default_rng(5)
+  k = 96
+  ws = []
+  for n in (37, 16, 70):
+    w = jnp.asarray(rng.normal(size=(k, n)).astype(np.float32))
+    ws.append(kernel_weight(w) if fmt == "fp32" else
+              quantize(w, fmt, group_size=group, act_format=act, kernel="cpu_ffi"))
+  if fmt == "fp32":
+    pairs = [(w.data, jnp.ones((1, w.n_out), jnp.float32)) for w in ws]
+    gs = k
+  else:
+    pairs = [(w.data, w.scale) for w in ws]
+    gs = ws[0].group_size
+  many = jax.jit(lambda x, pairs, path: cpu_kernel.lowbit_matmul_many(
+      x, pairs, k=k, group_size=gs, act_int8=act is not None, path=path), static_argnums=2)
+  for m in (1, 9, 17):
+    x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
+    for path in cpu_kernel.paths(act is not None):
+      ys = many(x, pairs, path)
+      assert len(ys) == 3
+      for (d, s), y in zip(pairs, ys):
+        one = cpu_kernel.lowbit_matmul(x, d, s, k=k, group_size=gs, act_int8=act is not None,
+                                       path=path)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(one), err_msg=f"{path} m={m}")
+    for y, w in zip(matmul_many(x.reshape(m, 1, k), ws), ws):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(kernel(x.reshape(m, 1, k), w)))
+
+
+def test_project_fuses_only_what_shares_a_call(kernel):
+  """`layers.project`: one `lowbit_matmul_many` call for weights of one kind, the same values as
+  the separate `Linear` calls; one product each for mixed kinds, float weights or the XLA
+  layout."""
+  from flax import nnx
+
+  from jaxinf.models import layers
+
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 3, 32)).astype(np.float32))
+
+  def linears(*kernels):
+    out = []
+    for i, w in enumerate(kernels):
+      lin = layers.Linear(32, w.shape[1], use_bias=i == 1, rngs=nnx.Rngs(i))
+      if lin.bias is not None:
+        lin.bias[...] = jnp.asarray(rng.normal(size=(w.shape[1],)), jnp.float32)
+      lin.kernel = nnx.Param(w)
+      out.append(lin)
+    return out
+
+  def calls(fn):
+    text = jax.jit(fn).lower().as_text()
+    return text.count(f"@{cpu_kernel.MANY_TARGET}("), text.count(f"@{cpu_kernel.TARGET}(")
+
+  w = [jnp.asarray(rng.normal(size=(32, n)).astype(np.float32)) for n in (24, 8, 40)]
+  q4 = [quantize(v, "int4", group_size=16, kernel="cpu_ffi") for v in w]
+  cases = {"int4": (q4, (1, 0)),
+           "fp32 panels": ([kernel_weight(v) for v in w], (1, 0)),
+           "mixed": ([q4[0], quantize(w[1], "int8", kernel="cpu_ffi"), q4[2]], (0, 3)),
+           "xla layout": ([quantize(v, "int4", group_size=16) for v in w], (0, 0)),
+           "float": (w, (0, 0))}
+  for name, (kernels, expected) in cases.items():
+    lins = linears(*kernels)
+    ys = layers.project(x, *lins)
+    for y, lin in zip(ys, lins):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(lin(x)), err_msg=name)
+    assert calls(lambda: layers.project(x, *lins)) == expected, name
+
+
+def test_many_bad_input(kernel):
+  a = quantize(jnp.ones((32, 8)), "int8", kernel="cpu_ffi")
+  b = quantize(jnp.ones((32, 8)), "int4", group_size=32, kernel="cpu_ffi")
+  x = jnp.ones((2, 32))
+  with raises_before_tracing(ValueError, "weights"):
+    cpu_kernel.lowbit_matmul_many(x, [], k=32, group_size=32)
+  with raises_before_tracing(ValueError, "weights"):
+    cpu_kernel.lowbit_matmul_many(x, [(a.data, a.scale)] * 9, k=32, group_size=32)
+  with raises_before_tracing(ValueError, "weights\\[1\\]"):
+    cpu_kernel.lowbit_matmul_many(x, [(a.data, a.scale), (a.data,)], k=32, group_size=32)
+  with raises_before_tracing(TypeError, "weights\\[1\\]"):
+    cpu_kernel.lowbit_matmul_many(x, [(a.data, a.scale), (b.data, b.scale)], k=32, group_size=32)
+  with raises_before_tracing(ValueError, "scale\\[1\\]"):
+    cpu_kernel.lowbit_matmul_many(x, [(a.data, a.scale), (a.data, jnp.ones((2, 8)))], k=32,
+                                  group_size=32)
+
+
 def test_kernel_params_generate_the_fp32_tokens(kernel):
   import dataclasses
 

@@ -270,10 +270,11 @@ constexpr int panel_kstep() { return BITS == 4 ? 8 : 4; }
 // The code of k = kstep o + R in every lane of a panel step, sign-extended, as fp32. int4: byte
 // R & 3 of the lane, low nibble for R < 4, high for R >= 4; int8: byte R.
 template <int BITS, int R>
-JAXINF_AVX512 inline __m512 panel_codes_f32(__m512i v) {
+JAXINF_AVX512 inline __m512 panel_codes_f32(__m512i v, __m512 lut) {
   if constexpr (BITS == 4) {
     constexpr int off = 8 * (R & 3) + 4 * (R >> 2);
-    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28 - off), 28));
+    if constexpr (off == 0) return _mm512_permutexvar_ps(v, lut);
+    else return _mm512_permutexvar_ps(_mm512_srli_epi32(v, off), lut);
   } else {
     return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * R), 24));
   }
@@ -281,9 +282,10 @@ JAXINF_AVX512 inline __m512 panel_codes_f32(__m512i v) {
 
 template <int BITS, int MT, int NP, int R>
 JAXINF_AVX512 inline void f32_panel_step(const Problem& p, int64_t m0, int64_t o,
-                                         const __m512i (&v)[NP], __m512 (&acc)[MT][NP]) {
+                                         const __m512i (&v)[NP], __m512 (&acc)[MT][NP],
+                                         __m512 lut) {
   __m512 c[NP];
-  for (int j = 0; j < NP; ++j) c[j] = panel_codes_f32<BITS, R>(v[j]);
+  for (int j = 0; j < NP; ++j) c[j] = panel_codes_f32<BITS, R>(v[j], lut);
   for (int i = 0; i < MT; ++i) {
     const __m512 xv = _mm512_set1_ps(p.xa[(m0 + i) * p.xa_row + panel_kstep<BITS>() * o + R]);
     for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_fmadd_ps(xv, c[j], acc[i][j]);
@@ -293,8 +295,8 @@ JAXINF_AVX512 inline void f32_panel_step(const Problem& p, int64_t m0, int64_t o
 template <int BITS, int MT, int NP, int... R>
 JAXINF_AVX512 inline void f32_panel_steps(const Problem& p, int64_t m0, int64_t o,
                                           const __m512i (&v)[NP], __m512 (&acc)[MT][NP],
-                                          std::integer_sequence<int, R...>) {
-  (f32_panel_step<BITS, MT, NP, R>(p, m0, o, v, acc), ...);
+                                          __m512 lut, std::integer_sequence<int, R...>) {
+  (f32_panel_step<BITS, MT, NP, R>(p, m0, o, v, acc, lut), ...);
 }
 
 // fp32 x (zero-padded, build_xa), int4 or int8 panels q0 .. q0 + NP - 1: MT rows x 16 NP
@@ -302,6 +304,7 @@ JAXINF_AVX512 inline void f32_panel_steps(const Problem& p, int64_t m0, int64_t 
 template <int BITS, int MT, int NP>
 JAXINF_AVX512 void f32_panel_tile(const Problem& p, int64_t m0, int64_t q0) {
   const int64_t spg = steps_per_group(p);
+  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
   __m512 tot[MT][NP];
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NP; ++j) tot[i][j] = _mm512_setzero_ps();
@@ -313,7 +316,7 @@ JAXINF_AVX512 void f32_panel_tile(const Problem& p, int64_t m0, int64_t q0) {
     for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
       __m512i v[NP];
       for (int j = 0; j < NP; ++j) v[j] = _mm512_loadu_si512(panel_at(p, q0 + j, o));
-      f32_panel_steps<BITS, MT, NP>(p, m0, o, v, acc,
+      f32_panel_steps<BITS, MT, NP>(p, m0, o, v, acc, lut,
                                     std::make_integer_sequence<int, panel_kstep<BITS>()>{});
     }
     for (int j = 0; j < NP; ++j) {
@@ -822,26 +825,35 @@ BlockFn pick(const Problem& p, int32_t path) {
 
 // ---- threads ----------------------------------------------------------------------------------
 
+// One call's products: up to kMaxProducts weights that share x (a fused projection such as q, k
+// and v), cut into column blocks numbered across the products, so that every thread streams
+// weights until the last block of the last product is taken.
+constexpr int kMaxProducts = 8;
+
 struct Shared {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t blocks = 0, block_cols = 0;
-  Problem p;
-  BlockFn fn = nullptr;
+  int count = 0;
+  Problem p[kMaxProducts];
+  BlockFn fn[kMaxProducts] = {};
+  int64_t first[kMaxProducts + 1] = {};  // product i has blocks [first[i], first[i + 1])
 
   // Takes blocks until none is left; returns when this thread has no more to do.
   void work() {
     for (;;) {
       const int64_t b = next.fetch_add(1, std::memory_order_relaxed);
       if (b >= blocks) return;
-      const int64_t n0 = b * block_cols, n1 = std::min(p.N, n0 + block_cols);
-      fn(p, n0, n1);
+      int i = 0;
+      while (b >= first[i + 1]) ++i;
+      const int64_t n0 = (b - first[i]) * block_cols, n1 = std::min(p[i].N, n0 + block_cols);
+      fn[i](p[i], n0, n1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-void run_blocks(const Problem& p, BlockFn fn, ffi::ThreadPool& pool) {
+void run_blocks(const Problem* ps, const BlockFn* fns, int count, ffi::ThreadPool& pool) {
   // Every product is shared, small ones included: on a 2-core AMD EPYC (Zen 3) the 12.7M
   // transformer decoded 1.3-1.9x slower with products below 150 kB (or all) on the calling thread
   // alone, although a lone 384 x 384 int4 product ran 2x faster that way (7 against 15 us): a
@@ -849,21 +861,26 @@ void run_blocks(const Problem& p, BlockFn fn, ffi::ThreadPool& pool) {
   // Own helper threads spinning between calls (as llama.cpp's OpenMP threads do) were slower
   // still there: 378-403 against 498-675 tok/s for the fp32-ffi 12.7M model at batch 1.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += ps[i].N;
   // about 4 blocks per thread (balance), a multiple of 64 columns each: whole panels of 16, and
   // whole tiles of 4 panels where a tile takes 4 (one row: a tail tile of one panel would be a
   // single chain of dependent FMAs)
-  int64_t block_cols = std::max<int64_t>(64, (p.N + 4 * threads - 1) / (4 * threads));
+  int64_t block_cols = std::max<int64_t>(64, (total + 4 * threads - 1) / (4 * threads));
   block_cols = (block_cols + 63) / 64 * 64;
-  const int64_t blocks = (p.N + block_cols - 1) / block_cols;
+  auto shared = std::make_shared<Shared>();
+  shared->count = count;
+  shared->block_cols = block_cols;
+  for (int i = 0; i < count; ++i) {
+    shared->p[i] = ps[i];
+    shared->fn[i] = fns[i];
+    shared->first[i + 1] = shared->first[i] + (ps[i].N + block_cols - 1) / block_cols;
+  }
+  const int64_t blocks = shared->blocks = shared->first[count];
   if (threads == 1 || blocks == 1) {
-    fn(p, 0, p.N);
+    for (int i = 0; i < count; ++i) fns[i](ps[i], 0, ps[i].N);
     return;
   }
-  auto shared = std::make_shared<Shared>();
-  shared->blocks = blocks;
-  shared->block_cols = block_cols;
-  shared->p = p;
-  shared->fn = fn;
   const int64_t helpers = std::min(threads, blocks) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared] { shared->work(); });
   shared->work();
@@ -879,9 +896,11 @@ ffi::Error check_common(int64_t M, int64_t K, int64_t N, int64_t G, int64_t gs) 
   return ffi::Error::Success();
 }
 
-ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
-                ffi::ResultBuffer<ffi::F32> y, int64_t k_attr, int64_t group_size,
-                int32_t act_int8, int32_t path, ffi::ThreadPool pool) {
+// Reads one product's operands into `p` (x, its shape and the attributes are the call's); checks
+// shapes, kinds and the path.
+ffi::Error setup(Problem& p, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                 ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t k_attr, int64_t group_size,
+                 int32_t act_int8, int32_t path) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(),
              yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2)
@@ -899,7 +918,7 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
   }
   if (f32w && act_int8 != 0)
     return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take fp32 activations");
-  Problem p{};
+  p = Problem{};
   p.M = xd[0];
   p.K = xd[1];
   p.G = sd[0];
@@ -920,25 +939,77 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32>
     return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take one group (ones)");
   if (!path_available(path, p.act_int8))
     return ffi::Error::InvalidArgument("lowbit_matmul: this CPU does not run the requested path");
-  if (p.M == 0) return ffi::Error::Success();
   p.x = x.typed_data();
   p.w = w.untyped_data();
   p.scale = scale.typed_data();
   p.y = y->typed_data();
+  return ffi::Error::Success();
+}
 
+// Runs products that share x and the kind of weight (checked by the callers): the activation
+// scratch (padded or quantized x) is built once for all of them.
+void run_products(Problem* ps, int count, int32_t path, ffi::ThreadPool& pool) {
+  if (ps[0].M == 0) return;
   std::vector<float> xa, sx;
   std::vector<int8_t> qx;
   std::vector<int32_t> sumx;
+  Problem& p = ps[0];
   if (p.act_int8) {
     quantize_rows(p, qx, p.qx_row, sx, sumx);
     p.qx = qx.data();
     p.sx = sx.data();
     p.sumx = sumx.data();
-  } else if (!f32w) {
+  } else if (!p.f32w) {
     build_xa(p, xa, p.xa_row);
     p.xa = xa.data();
   }
-  run_blocks(p, pick(p, path), pool);
+  BlockFn fns[kMaxProducts];
+  for (int i = 0; i < count; ++i) {
+    ps[i].xa = p.xa;
+    ps[i].xa_row = p.xa_row;
+    ps[i].qx = p.qx;
+    ps[i].qx_row = p.qx_row;
+    ps[i].sx = p.sx;
+    ps[i].sumx = p.sumx;
+    fns[i] = pick(ps[i], path);
+  }
+  run_blocks(ps, fns, count, pool);
+}
+
+ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                ffi::ResultBuffer<ffi::F32> y, int64_t k_attr, int64_t group_size,
+                int32_t act_int8, int32_t path, ffi::ThreadPool pool) {
+  Problem p;
+  if (ffi::Error e = setup(p, x, w, scale, y, k_attr, group_size, act_int8, path); e.failure())
+    return e;
+  run_products(&p, 1, path, pool);
+  return ffi::Error::Success();
+}
+
+// x @ W_i for several weights W_i (arguments w_0, scale_0, w_1, scale_1, ...; results y_i) of
+// one kind (element type, K, group size): one call instead of one per weight, so the threads
+// are handed work once and the activations are prepared once.
+ffi::Error ImplMany(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                    int64_t k_attr, int64_t group_size, int32_t act_int8, int32_t path,
+                    ffi::ThreadPool pool) {
+  const size_t count = rets.size();
+  if (count < 1 || count > static_cast<size_t>(kMaxProducts) || args.size() != 2 * count)
+    return ffi::Error::InvalidArgument("lowbit_matmul_many: expected 1 to 8 (w, scale) pairs "
+                                       "and as many results");
+  Problem ps[kMaxProducts];
+  for (size_t i = 0; i < count; ++i) {
+    auto w = args.get<ffi::AnyBuffer>(2 * i);
+    auto scale = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (w.has_error() || scale.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("lowbit_matmul_many: bad operand types");
+    if (ffi::Error e = setup(ps[i], x, *w, *scale, *y, k_attr, group_size, act_int8, path);
+        e.failure())
+      return e;
+    if (ps[i].int4 != ps[0].int4 || ps[i].f32w != ps[0].f32w || ps[i].G != ps[0].G)
+      return ffi::Error::InvalidArgument("lowbit_matmul_many: the weights differ in kind or groups");
+  }
+  run_products(ps, static_cast<int>(count), path, pool);
   return ffi::Error::Success();
 }
 
@@ -950,6 +1021,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfLowbitMatmul, Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int32_t>("act_int8")
+                                  .Attr<int32_t>("path")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfLowbitMatmulMany, ImplMany,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("group_size")
                                   .Attr<int32_t>("act_int8")
