@@ -229,6 +229,18 @@ def _mirostat_logits(cfg: SamplerConfig, logits, mu):
 
 # --- the rule as one function ------------------------------------------------------------------
 
+def argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)`, the same index in every case (the first maximum; the first NaN where
+  there is one; 0 for a row of -inf), as two plain reductions: a max, then the least index that
+  holds it. XLA:CPU runs argmax as one variadic (value, index) reduce that it does not vectorize:
+  143 us over the 110M Llama's 32000 logits per decode step, against 19 us this way (a 2-core
+  AMD EPYC Zen 4), 3 % of an int4 decode step."""
+  m = jnp.max(x, axis=-1, keepdims=True)  # NaN when the row holds one
+  hit = (x == m) | jnp.isnan(x)
+  ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)
+
+
 def init_state(cfg: SamplerConfig, batch: int) -> dict[str, jax.Array]:
   """Per-row sampler state: Mirostat's mu starts at 2·tau."""
   if cfg.mirostat is None:
@@ -244,7 +256,7 @@ def sample_token(cfg: SamplerConfig, key, logits, state, seen=None):
   """
   logits = process_logits(cfg, logits, seen)
   if cfg.greedy:
-    tok = jnp.argmax(logits, -1)
+    tok = argmax(logits)
     return tok, state, -jax.nn.log_softmax(logits, -1)[jnp.arange(tok.shape[0]), tok] / math.log(2)
   base_logp = jax.nn.log_softmax(logits, axis=-1)
   if cfg.mirostat is not None:

@@ -138,7 +138,7 @@ def speculative_generate(target, target_params, draft, draft_params, prompts, ke
 def draw(key, sampler: SamplerConfig, dist: jax.Array) -> jax.Array:
   """A token per row from the probabilities `dist` [B, V] (argmax when greedy)."""
   if sampler.greedy:
-    return jnp.argmax(dist, -1).astype(jnp.int32)
+    return sampling.argmax(dist)
   logits = jnp.where(dist > 0, jnp.log(jnp.where(dist > 0, dist, 1.0)), -jnp.inf)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 

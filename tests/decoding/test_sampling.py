@@ -144,3 +144,26 @@ class TestBadOptions:
   def test_raises(self, kw, match):
     with pytest.raises(ValueError, match=match):
       sampling.sampler(**kw)
+
+
+def test_argmax_is_jnp_argmax():
+  """`sampling.argmax` (max, then the least index holding it) against `jnp.argmax` on rows with
+  ties, NaNs, infinities and all -inf, in fp32 and bf16."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 50)).astype(np.float32)
+  x[1, [3, 7, 40]] = 9.0                      # tie: the first
+  x[2, [5, 30]] = np.nan                      # NaN: the first NaN
+  x[3, 11] = np.inf
+  x[3, 12] = np.nan
+  x[4] = -np.inf                              # all -inf: 0
+  x[5, [0, 49]] = np.inf                      # +inf tie
+  x[6] = 0.0                                  # all equal: 0
+  x[7, 49] = 100.0                            # the last
+  x[8] = np.round(x[8])                       # many ties
+  for dtype in (jnp.float32, jnp.bfloat16):
+    xs = jnp.asarray(x, dtype)
+    got = jax.jit(sampling.argmax)(xs)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(xs, -1)))
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(xs.reshape(3, 4, 50))),
+                                  np.asarray(jnp.argmax(xs.reshape(3, 4, 50), -1)))

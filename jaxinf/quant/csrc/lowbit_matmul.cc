@@ -275,8 +275,20 @@ JAXINF_AVX512 inline __m512 panel_codes_f32(__m512i v, __m512 lut) {
     constexpr int off = 8 * (R & 3) + 4 * (R >> 2);
     if constexpr (off == 0) return _mm512_permutexvar_ps(v, lut);
     else return _mm512_permutexvar_ps(_mm512_srli_epi32(v, off), lut);
+  } else if constexpr (R == 3) {
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
   } else {
-    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * R), 24));
+    // byte b = q (two's complement) at bits 8 r .. 8 r + 7 (r = 0 or 1; R = 2 is shifted down
+    // to r = 0 first) made the mantissa of a float of exponent 23 - 8 r, its sign bit flipped
+    // (u = q + 128): one vpternlogd (c ^ (v & m)) gives 2^(23 - 8 r) + u exactly, and one
+    // subtraction of 2^(23 - 8 r) + 128 leaves q. Exact, and the subtraction runs on the
+    // floating-point adders, not on the FMA or shuffle units that the FMA and shifts need.
+    constexpr int r = R == 1 ? 1 : 0;
+    const __m512i m = _mm512_set1_epi32(0xFF << (8 * r));
+    const __m512i c = _mm512_set1_epi32(((127 + 23 - 8 * r) << 23) | (0x80 << (8 * r)));
+    const __m512i b = R == 2 ? _mm512_srli_epi32(v, 16) : v;
+    const __m512 f = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(b, m, c, 0x6A));
+    return _mm512_sub_ps(f, _mm512_set1_ps(static_cast<float>((1 << (23 - 8 * r)) + 128)));
   }
 }
 
