@@ -13,7 +13,8 @@ saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that fo
 - jaxinf: `jaxinf.checkpoints.transformers_lm.load_llama` (through `build_peer`), then
   `jaxinf.decoding.generate` (greedy; prefill + one compiled `while_loop`), fp32; int8 / int4
   weights through `jaxinf.quant.ptq.quantize_params` where that module exists (rows skipped, with
-  the reason, where it does not): rows `int8` / `int4` take the XLA path (codes converted to fp32
+  the reason, where it does not; int8 one fp32 scale per output column, int4 one fp16 scale per
+  32 inputs, Q4_0's storage): rows `int8` / `int4` take the XLA path (codes converted to fp32
   inside the step, an fp32 dot), rows `int8-ffi` / `int4-ffi` the hand-written CPU kernel
   (`QuantConfig(kernel="cpu_ffi")`, `jaxinf.quant.cpu_kernel`: codes widened in AVX-512 or AVX2
   registers, whichever the CPU has, fp32 activations; compiled on first use), row `float32-ffi`
@@ -175,20 +176,20 @@ def convert_script(cfg: Config) -> Path | None:
   return script if script.is_file() else None
 
 
-# jaxinf's low-bit rows: int8 one scale per output channel, int4 one per 32 inputs (Q4_0's block);
-# the tied embedding / head table at int8 in both (llama.cpp: Q8_0 in its Q8_0 file, Q6_K or Q8_0
-# in its Q4_0 file)
+# jaxinf's low-bit rows: int8 one fp32 scale per output channel, int4 one fp16 scale per 32
+# inputs (Q4_0's block: 4-bit codes and an fp16 scale per 32); the tied embedding / head table at
+# int8 in both (llama.cpp: Q8_0 in its Q8_0 file, Q6_K or Q8_0 in its Q4_0 file)
 _TABLE = {"embeddings": (r"embed_tokens/embedding",), "embedding_format": "int8"}
-JAXINF_QUANT = {"int8": {"format": "int8", "group_size": None, **_TABLE},
-                "int4": {"format": "int4", "group_size": 32, **_TABLE},
-                "int8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi", **_TABLE},
-                "int4-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi", **_TABLE},
+_INT8 = {"format": "int8", "group_size": None, **_TABLE}
+_INT4 = {"format": "int4", "group_size": 32, "scale_dtype": "float16", **_TABLE}
+JAXINF_QUANT = {"int8": _INT8,
+                "int4": _INT4,
+                "int8-ffi": {**_INT8, "kernel": "cpu_ffi"},
+                "int4-ffi": {**_INT4, "kernel": "cpu_ffi"},
                 # int8 activations (one scale per token) and the integer dot (VNNI or AVX2), as
                 # llama.cpp's Q8_0 / Q4_0 dots quantize activations to Q8_0 (a scale per 32)
-                "int8-a8-ffi": {"format": "int8", "group_size": None, "kernel": "cpu_ffi",
-                                "act_format": "int8", **_TABLE},
-                "int4-a8-ffi": {"format": "int4", "group_size": 32, "kernel": "cpu_ffi",
-                                "act_format": "int8", **_TABLE}}
+                "int8-a8-ffi": {**_INT8, "kernel": "cpu_ffi", "act_format": "int8"},
+                "int4-a8-ffi": {**_INT4, "kernel": "cpu_ffi", "act_format": "int8"}}
 
 
 def quantizer():

@@ -14,8 +14,9 @@ that for our stored form, so `csrc/lowbit_matmul.cc` does, behind the XLA FFI:
   are 4 consecutive k, `vpdpbusd`'s group) and a group's 16 column scales are one load — no
   horizontal sums, and a scale group of 32 is no longer half a vector. `int8 [16 P, 4 ceil(K/4)]`,
   int4 `uint8 [16 P, 4 ceil(K/8)]` (P = ceil(N/16); columns and k past the ends are zero codes);
-  the fp32 scales stay `[G, N]`. `QArray(kernel="cpu_ffi")` stores this layout from quantization
-  on (`nbytes` counts the padding; `codes()` / `dequantize()` undo it). The previous row layout
+  the scales (fp32, or fp16 with `scale_dtype="float16"`) stay `[G, N]`.
+  `QArray(kernel="cpu_ffi")` stores this layout from quantization on (`nbytes` counts the
+  padding; `codes()` / `dequantize()` undo it). The previous row layout
   (one output column per row, a horizontal sum per output) ran W8A8 at 8 rows 2.7x slower on the
   110M Llama's tied head (32000 x 768, one scale per row) and 7x slower with groups of 32;
 - weight-only (`act_format=None`): fp32 activations, codes widened to fp32 in vector registers,
@@ -352,8 +353,10 @@ def _check_operands(x: Any, data: Any, scale: Any, k: Any, group_size: Any, act_
   if not panels and group_size != k:
     raise ValueError(f"group_size: fp32 weights take one group (group_size = K = {k}), got "
                      f"{group_size}")
-  if not hasattr(scale, "dtype") or np.dtype(scale.dtype) != np.dtype(np.float32):
-    raise TypeError(f"{s}: expected float32, got {getattr(scale, 'dtype', type(scale).__name__)}")
+  if not hasattr(scale, "dtype") or np.dtype(scale.dtype) not in (np.dtype(np.float32),
+                                                                   np.dtype(np.float16)):
+    raise TypeError(f"{s}: expected float32 or float16, got "
+                    f"{getattr(scale, 'dtype', type(scale).__name__)}")
   if tuple(scale.shape) != (k // group_size, n):
     raise ValueError(f"{s}: expected shape {(k // group_size, n)}, got {tuple(scale.shape)}")
   return n
@@ -364,7 +367,7 @@ def lowbit_matmul(x: jax.Array, data: jax.Array, scale: jax.Array, *, k: int, gr
   """`y [M, N] = x [M, K] @ W`, W given in the kernel layout (`kernel_layout`): `data` int8
   `[16 ceil(N / 16), 4 ceil(K / 4)]` (int8 panels), uint8 `[16 ceil(N / 16), 4 ceil(K / 8)]`
   (int4 panels) or float32 `[16 ceil(N / 16), K]` (fp32 weight panels, `f32_panels`; `scale`
-  then ones `[1, N]`), `scale` fp32 `[K / group_size, N]` (N is read from `scale`).
+  then ones `[1, N]`), `scale` fp32 or fp16 `[K / group_size, N]` (N is read from `scale`).
   `act_int8`: quantize each row of x to int8 (W8A8) and use the integer dot. `path`: None for
   the fastest path this CPU runs, else one of `PATHS` that it runs (`paths()`; the tests run each).
   x is cast to fp32; y is fp32.

@@ -54,6 +54,7 @@ from jaxinf.quant.qarray import (
   QEmbedding,
   check_act_format,
   check_kernel_format,
+  check_scale_dtype,
   kernel_weight,
   quantize,
   quantize_embedding,
@@ -75,7 +76,8 @@ class QuantConfig:
   products, `jaxinf.quant.cpu_kernel`; CPU backend only); embeddings: regexes of `[vocab, dim]`
   embedding tables to store as `QEmbedding` (module docstring; not subject to include/exclude);
   embedding_format: their format (None: `format`; e.g. llama.cpp's Q4_0 files keep the tied
-  table at 6 or 8 bits, so "int8" beside an int4 body is their like)."""
+  table at 6 or 8 bits, so "int8" beside an int4 body is their like); scale_dtype: "float32" or
+  "float16" (`jaxinf.quant.qarray`: fp16 scales as llama.cpp's Q4_0 / Q8_0 store them)."""
 
   format: Any = "int8"
   group_size: int | None = None
@@ -88,8 +90,10 @@ class QuantConfig:
   kernel: str | None = None
   embeddings: tuple[str, ...] = ()
   embedding_format: Any = None
+  scale_dtype: str = "float32"
 
   def __post_init__(self):
+    check_scale_dtype(self.scale_dtype)
     fmt = get_format(self.format)
     if self.embedding_format is not None:
       efmt = get_format(self.embedding_format, arg="embedding_format")
@@ -241,7 +245,7 @@ def quantize_params(params: Any, config: QuantConfig,
       fmt = config.format if config.embedding_format is None else config.embedding_format
       qe = quantize_embedding(w, fmt, group_size=config.group_size,
                               act_format=config.act_format, compute_dtype=config.compute_dtype,
-                              kernel=config.kernel)
+                              kernel=config.kernel, scale_dtype=config.scale_dtype)
     except (TypeError, ValueError) as e:
       raise type(e)(f"params: {name}: {e}") from e
     done[name] = qe
@@ -255,11 +259,13 @@ def quantize_params(params: Any, config: QuantConfig,
     try:
       if config.rounding == "adaround":
         res = adaround(w, calibration[name], config.format, config=config.adaround, **kw)
-        qw, obj_n = res.weight.with_kernel(config.kernel), res.objective_nearest
+        qw = res.weight.with_kernel(config.kernel).with_scale_dtype(config.scale_dtype)
+        obj_n = res.objective_nearest
         obj = min(res.objective_learned, res.objective_nearest)
       else:
         x = calibration.get(name) if isinstance(get_format(config.format), FloatSearch) else None
-        qw = quantize(w, config.format, calibration=x, kernel=config.kernel, **kw)
+        qw = quantize(w, config.format, calibration=x, kernel=config.kernel,
+                      scale_dtype=config.scale_dtype, **kw)
     except (TypeError, ValueError) as e:
       raise type(e)(f"params: {name}: {e}") from e
     done[name] = qw

@@ -17,6 +17,13 @@ Storage (what `nbytes` counts):
 plus the fp32 scales, `4 · G · out` bytes (fp32 rather than bf16: the scale of a group is
 applied to a sum of up to `group_size` products, and 8 mantissa bits would add a relative error of
 up to 2^-9 to every output, more than int8's own; the cost is 4 / group_size bytes per weight).
+`scale_dtype="float16"` stores them as fp16 instead, as llama.cpp's Q4_0 / Q8_0 blocks do
+(2 / group_size bytes per weight: 1/16 of a byte at groups of 32, a tenth of an int4 weight's
+bytes): 11 significant bits, a relative error of at most 2^-12 per scale, far below int4's or
+int8's rounding; codes are rounded against the fp32 scale, the stored scale is its fp16 rounding.
+A scale that fp16 cannot hold (above 65504, or rounding to zero below 6e-8) is a ValueError
+naming `scale_dtype`; one below 6e-5 is kept as an fp16 subnormal (fewer significant bits, an
+absolute error of at most 3e-8), as llama.cpp keeps it.
 Packing (`pack_nibbles`): row `2i` of the codes goes to the low nibble of packed row `i`, row
 `2i + 1` to the high nibble; an odd `in` is padded with one zero nibble (counted in `nbytes`). JAX's
 own `int4` dtype is not packed in host memory (one byte per value on CPU), hence our packing.
@@ -118,7 +125,7 @@ def _matmul_input(x: Any, shape: tuple[int, int], dtype: Any) -> tuple[jax.Array
 @dataclasses.dataclass(frozen=True, eq=False)
 class QArray(QuantizedWeight):
   """A low-bit `[in, out]` weight (module docstring). Children: `data` (the stored codes) and
-  `scale` (fp32 `[G, out]`); static: the format (after any search), the logical shape, the group
+  `scale` (fp32 or fp16 `[G, out]`); static: the format (after any search), the logical shape, the group
   size, the compute dtype, the activation format (None: weight-only), the clipping ratio the
   scale was computed with (1: absmax) and the kernel (None: the XLA path; "cpu_ffi": the CPU
   kernel and its layout, module docstring)."""
@@ -217,6 +224,10 @@ class QArray(QuantizedWeight):
     else:
       data = from_grid(self.codes(), self.scale, self.fmt, group_size=self.group_size).data
     return dataclasses.replace(self, data=data, kernel=kernel)
+
+  def with_scale_dtype(self, scale_dtype: str) -> QArray:
+    """The same codes with the scales stored in `scale_dtype` (module docstring). Host-side."""
+    return dataclasses.replace(self, scale=store_scale(self.scale, scale_dtype))
 
   def __rmatmul__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.logical_shape
@@ -431,11 +442,37 @@ def check_kernel_format(kernel: str | None, fmt: Format, act_format: str | None)
   cpu_kernel.check_backend("kernel")
 
 
+SCALE_DTYPES = ("float32", "float16")
+
+
+def check_scale_dtype(scale_dtype: Any) -> str:
+  if not isinstance(scale_dtype, str) or scale_dtype not in SCALE_DTYPES:
+    raise ValueError(f"scale_dtype: expected one of {SCALE_DTYPES}, got {scale_dtype!r}")
+  return scale_dtype
+
+
+def store_scale(scale: jax.Array, scale_dtype: str) -> jax.Array:
+  """`scale` as stored in `scale_dtype` (module docstring); ValueError naming `scale_dtype` for
+  an fp16 scale out of range."""
+  scale_dtype = check_scale_dtype(scale_dtype)
+  if scale_dtype == "float32" or isinstance(scale, jax.core.Tracer):
+    return jnp.asarray(scale).astype(scale_dtype)
+  s = np.asarray(scale, np.float32)
+  with np.errstate(over="ignore"):  # an overflow is the error below
+    s16 = s.astype(np.float16)
+  bad = ~np.isfinite(s16) | ((s16 == 0) & (s != 0))
+  if bad.any():
+    raise ValueError(f"scale_dtype: float16 cannot hold the scale {float(s[bad].flat[0]):.3g} "
+                     f"(its range is 6e-8 .. 65504); use 'float32'")
+  return jnp.asarray(s16)
+
+
 def from_grid(q: jax.Array, scale: jax.Array, fmt: Format, *, group_size: int,
               compute_dtype: str = "float32", act_format: str | None = None,
-              clip_ratio: float = 1.0, kernel: str | None = None) -> QArray:
+              clip_ratio: float = 1.0, kernel: str | None = None,
+              scale_dtype: str = "float32") -> QArray:
   """A `QArray` from grid values `q [in, out]` (exactly on `fmt`'s grid) and `scale [G, out]`,
-  stored in `kernel`'s layout (module docstring)."""
+  stored in `kernel`'s layout with `scale_dtype` scales (module docstring)."""
   kind = storage_kind(fmt)
   if kernel is not None:
     check_kernel_format(cpu_kernel.check_kernel(kernel), fmt, act_format)
@@ -449,7 +486,7 @@ def from_grid(q: jax.Array, scale: jax.Array, fmt: Format, *, group_size: int,
     data = fmt.encode(q)
     if kind == "float_packed":
       data = pack_nibbles(data)
-  return QArray(data, scale.astype(jnp.float32), fmt, tuple(int(d) for d in q.shape),
+  return QArray(data, store_scale(scale, scale_dtype), fmt, tuple(int(d) for d in q.shape),
                 int(group_size), compute_dtype, act_format, float(clip_ratio), kernel)
 
 
@@ -506,7 +543,8 @@ _fake_quantize = jax.jit(fake_quantize, static_argnums=(1, 2))
 
 def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: str | None = None,
              compute_dtype: Any = "float32", calibration: Any = None,
-             clip_ratio: float = 1.0, kernel: str | None = None) -> QArray:
+             clip_ratio: float = 1.0, kernel: str | None = None,
+             scale_dtype: str = "float32") -> QArray:
   """Round-to-nearest quantization of a floating `w [in, out]` (the models' layout) to `format`
   (a name of `jaxinf.quant.formats.FORMATS` or a format object), with one scale per output column
   (`group_size=None`) or per group of `group_size` input rows. A searched float format ("fp4",
@@ -514,9 +552,11 @@ def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: 
   [N, in]` when given, else on the weight MSE); `clip_ratio` scales the absmax scale of a fixed
   format (< 1 saturates the largest weights). `act_format` ("int8", "fp8_e4m3", "fp8_e5m2")
   quantizes the matmul input per token too (W8A8). `kernel` ("cpu_ffi", integer formats) stores
-  the weight for the hand-written CPU kernel (`jaxinf.quant.cpu_kernel`). Host-side: not for use
-  under jit."""
+  the weight for the hand-written CPU kernel (`jaxinf.quant.cpu_kernel`). `scale_dtype`
+  ("float32", "float16") stores the scales (module docstring). Host-side: not for use under
+  jit."""
   w = check_weight(w)
+  scale_dtype = check_scale_dtype(scale_dtype)
   fmt = get_format(format)
   g = check_group_size(group_size, w.shape[0])
   act_format = check_act_format(act_format)
@@ -532,7 +572,8 @@ def quantize(w: Any, format: Any, *, group_size: int | None = None, act_format: 
   check_kernel_format(kernel, fmt, act_format)
   q, scale = _fake_quantize(w, fmt, g, jnp.float32(clip_ratio))
   return from_grid(q, scale, fmt, group_size=g, compute_dtype=compute_dtype,
-                   act_format=act_format, clip_ratio=clip_ratio, kernel=kernel)
+                   act_format=act_format, clip_ratio=clip_ratio, kernel=kernel,
+                   scale_dtype=scale_dtype)
 
 
 def quantize_embedding(table: Any, format: Any, **options: Any) -> QEmbedding:

@@ -234,6 +234,62 @@ def test_many_bad_input(kernel):
                                   group_size=32)
 
 
+def test_fp16_scales(kernel):
+  """`scale_dtype="float16"` (Q4_0's storage): half the scale bytes; the kernel on every path
+  bit for bit as with fp32 scales of the same (fp16) values; the XLA path and the kernel within
+  the weight-only bound of the dequantized reference; through `quantize_params` and `generate`
+  the kernel's tokens are the XLA path's; scales fp16 cannot hold are refused by name."""
+  from jaxinf.decoding.generate import generate
+  from jaxinf.models.families import build
+
+  rng = np.random.default_rng(7)
+  k, n = 96, 37
+  w = jnp.asarray(rng.normal(size=(k, n)).astype(np.float32))
+  for fmt, group in (("int4", 32), ("int8", None)):
+    q32 = quantize(w, fmt, group_size=group, kernel="cpu_ffi")
+    q16 = quantize(w, fmt, group_size=group, kernel="cpu_ffi", scale_dtype="float16")
+    xla = quantize(w, fmt, group_size=group, scale_dtype="float16")
+    assert q16.scale.dtype == jnp.float16 and xla.scale.dtype == jnp.float16
+    assert q32.nbytes - q16.nbytes == q32.scale.size * 2
+    np.testing.assert_array_equal(np.asarray(q16.codes()), np.asarray(q32.codes()))
+    np.testing.assert_array_equal(np.asarray(q16.scale),
+                                  np.asarray(q32.scale).astype(np.float16))
+    wd = np.asarray(q16.dequantize(), np.float64)
+    np.testing.assert_array_equal(np.asarray(xla.dequantize()), np.asarray(q16.dequantize()))
+    for m in (1, 9):
+      x = rng.normal(size=(m, k)).astype(np.float32)
+      ref = x.astype(np.float64) @ wd
+      tol = 4 * k * EPS * (np.abs(x) @ np.abs(wd))
+      for y in (kernel(x, q16), kernel(x, xla)):
+        assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= tol)
+      for act in (False, True):
+        for path in cpu_kernel.paths(act):
+          a, b = (cpu_kernel.lowbit_matmul(jnp.asarray(x), q16.data, s, k=k,
+                                           group_size=q16.group_size, act_int8=act, path=path)
+                  for s in (q16.scale, q16.scale.astype(jnp.float32)))
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{path} {act}")
+  model, params = build("transformer-tiny", seed=0)
+  prompts = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
+  cfg = dict(format="int4", group_size=16, scale_dtype="float16")
+  qx, _ = quantize_params(params, QuantConfig(**cfg))
+  qk, _ = quantize_params(params, QuantConfig(**cfg, kernel="cpu_ffi"))
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(
+      np.asarray(generate(model, qx, prompts, key, max_new_tokens=8).tokens),
+      np.asarray(generate(model, qk, prompts, key, max_new_tokens=8).tokens))
+  with raises_before_tracing(ValueError, "scale_dtype"):
+    quantize(w, "int4", scale_dtype="bfloat16")
+  with raises_before_tracing(ValueError, "scale_dtype"):  # 1e6 / 7 > 65504
+    quantize(w * 1e6, "int4", group_size=32, scale_dtype="float16")
+  with raises_before_tracing(ValueError, "scale_dtype"):  # 1e-9 / 7 rounds to 0 in fp16
+    quantize(w * 1e-9, "int4", group_size=32, scale_dtype="float16")
+  with raises_before_tracing(ValueError, "scale_dtype"):
+    QuantConfig(format="int4", scale_dtype="float64")
+  with raises_before_tracing(TypeError, "scale"):
+    cpu_kernel.lowbit_matmul(jnp.ones((1, k)), q16.data, q16.scale.astype(jnp.bfloat16), k=k,
+                             group_size=q16.group_size)
+
+
 def test_kernel_params_generate_the_fp32_tokens(kernel):
   import dataclasses
 

@@ -18,7 +18,8 @@
 //          15 at that k (not quantized: the same streaming product for fp32 weights, whose 16
 //          sums per panel need no horizontal reduction; XLA's own fp32 dot reads a decode step's
 //          weights at ~60 % of the DRAM bandwidth); `scale` is ones [1, N].
-//   scale  float32 [G, N], G = K / group_size.
+//   scale  float32 or float16 [G, N], G = K / group_size (fp16: llama.cpp's Q4_0 / Q8_0 storage,
+//          widened to fp32 on load: vcvtph2ps).
 //
 // Activations:
 //   act_int8 = 0: x stays fp32; the codes are widened to fp32 in registers and FMA'd (fp32
@@ -66,7 +67,8 @@ namespace {
 struct Problem {
   const float* x;      // [M, K] fp32 activations
   const void* w;       // int4 / int8 panels [16 P, 4 KS] or float32 panels [16 P, K]
-  const float* scale;  // [G, N]
+  const void* scale;   // [G, N], float32 or float16 (scale_f16)
+  bool scale_f16;
   float* y;            // [M, N]
   int64_t M, N, K, KB, G, gs;
   int64_t kstep;       // panels: k per 64-byte step (int4 8, int8 4)
@@ -97,6 +99,35 @@ inline int8_t code_at(const Problem& p, int64_t n, int64_t k) {
   const uint8_t b = panel_at(p, n / 16, k / p.kstep)[(n % 16) * 4 + (k & 3)];
   if (!p.int4) return static_cast<int8_t>(b);
   return nib(b, static_cast<int>((k >> 2) & 1));
+}
+
+// IEEE half -> float (exact: every half is a float), for the scalar path.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man x 2^-24
+    const float f = static_cast<float>(man) * 5.9604644775390625e-08f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// The scale of group g, column n, as fp32; the address of that entry (prefetches).
+inline float scale_at(const Problem& p, int64_t g, int64_t n) {
+  const int64_t i = g * p.N + n;
+  return p.scale_f16 ? half_to_float(static_cast<const uint16_t*>(p.scale)[i])
+                     : static_cast<const float*>(p.scale)[i];
+}
+inline const char* scale_addr(const Problem& p, int64_t g, int64_t n) {
+  return static_cast<const char*>(p.scale) + (g * p.N + n) * (p.scale_f16 ? 2 : 4);
 }
 
 // ---- scratch: activation rearrangement and quantization ------------------------------------
@@ -185,7 +216,7 @@ void scalar_block(const Problem& p, int64_t n0, int64_t n1) {
           for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k) {
             acc += static_cast<int32_t>(p.qx[m * p.qx_row + k]) * code_at(p, n, k);
           }
-          total += static_cast<float>(acc) * p.scale[g * p.N + n];
+          total += static_cast<float>(acc) * scale_at(p, g, n);
         }
         total *= p.sx[m];
       } else {
@@ -196,7 +227,7 @@ void scalar_block(const Problem& p, int64_t n0, int64_t n1) {
           float acc = 0.0f;
           for (int64_t k = g * p.gs; k < (g + 1) * p.gs; ++k)
             acc += xr[k] * (p.f32w ? wf[16 * k] : static_cast<float>(code_at(p, n, k)));
-          total += acc * p.scale[g * p.N + n];
+          total += acc * scale_at(p, g, n);
         }
       }
       p.y[m * p.N + n] = total;
@@ -226,7 +257,11 @@ JAXINF_AVX512 inline __mmask16 panel_lanes(const Problem& p, int64_t q) {
   return mask16(p.N - 16 * q);
 }
 JAXINF_AVX512 inline __m512 panel_scales(const Problem& p, int64_t g, int64_t q) {
-  return _mm512_maskz_loadu_ps(panel_lanes(p, q), p.scale + g * p.N + 16 * q);
+  if (p.scale_f16)
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+        panel_lanes(p, q), static_cast<const uint16_t*>(p.scale) + g * p.N + 16 * q));
+  return _mm512_maskz_loadu_ps(panel_lanes(p, q),
+                               static_cast<const float*>(p.scale) + g * p.N + 16 * q);
 }
 // A panel's scales are one 64-byte line per group, N floats apart: a stride of pages that the
 // hardware prefetchers do not follow, so at large K (many groups) the scale loads missed to
@@ -236,8 +271,7 @@ template <int NP>
 JAXINF_AVX512 inline void prefetch_scales(const Problem& p, int64_t g, int64_t q0) {
   if (g + SCALE_AHEAD >= p.G) return;
   for (int j = 0; j < NP; ++j)
-    _mm_prefetch(reinterpret_cast<const char*>(p.scale + (g + SCALE_AHEAD) * p.N + 16 * (q0 + j)),
-                 _MM_HINT_T0);
+    _mm_prefetch(scale_addr(p, g + SCALE_AHEAD, 16 * (q0 + j)), _MM_HINT_T0);
 }
 
 // fp32 x, fp32 weight panels q0 .. q0 + NP - 1 (panel q: [K, 16] floats, one 64-byte line per k):
@@ -474,7 +508,7 @@ JAXINF_DEFINE_BLOCK(q8_i4_block, q8_i4p_tile, JAXINF_VNNI, JAXINF_PANELS, 8)
 //         2 x 15 x 127 = 3810, so the low and high nibbles' pairs are added in s16 before vpmaddwd.
 
 #if JAXINF_X86
-#define JAXINF_AVX2 __attribute__((target("avx2,fma")))
+#define JAXINF_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // Lanes i < count of a half-panel, as a vpmaskmov mask.
 JAXINF_AVX2 inline __m256i lanes8(int64_t count) {
@@ -483,7 +517,16 @@ JAXINF_AVX2 inline __m256i lanes8(int64_t count) {
 }
 // Half-panel h: columns 8 h .. 8 h + 7 (panel h / 2, bytes 32 (h % 2) of each 64-byte step).
 JAXINF_AVX2 inline __m256 half_scales(const Problem& p, int64_t g, int64_t h) {
-  return _mm256_maskload_ps(p.scale + g * p.N + 8 * h, lanes8(p.N - 8 * h));
+  if (p.scale_f16) {
+    const uint16_t* s = static_cast<const uint16_t*>(p.scale) + g * p.N + 8 * h;
+    const int64_t count = p.N - 8 * h;
+    if (count >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+    alignas(16) uint16_t tail[8] = {};
+    std::memcpy(tail, s, sizeof(uint16_t) * static_cast<size_t>(std::max<int64_t>(0, count)));
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
+  }
+  return _mm256_maskload_ps(static_cast<const float*>(p.scale) + g * p.N + 8 * h,
+                            lanes8(p.N - 8 * h));
 }
 JAXINF_AVX2 inline void store_half(const Problem& p, int64_t m, int64_t h, __m256 v) {
   _mm256_maskstore_ps(p.y + m * p.N + 8 * h, lanes8(p.N - 8 * h), v);
@@ -495,8 +538,7 @@ template <int NH>
 inline void prefetch_half_scales(const Problem& p, int64_t g, int64_t h0) {
   if (g + SCALE_AHEAD >= p.G) return;
   for (int j = 0; j < NH; j += 2)  // a 64-byte line holds two half-panels' scales
-    _mm_prefetch(reinterpret_cast<const char*>(p.scale + (g + SCALE_AHEAD) * p.N + 8 * (h0 + j)),
-                 _MM_HINT_T0);
+    _mm_prefetch(scale_addr(p, g + SCALE_AHEAD, 8 * (h0 + j)), _MM_HINT_T0);
 }
 
 // fp32 x, fp32 weight panels: MT rows x 8 NH columns, x[m, k] broadcast against 8 columns.
@@ -792,7 +834,8 @@ bool has_vnni() {
 
 bool has_avx2() {
 #if JAXINF_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
   return ok;
 #else
   return false;
@@ -910,7 +953,7 @@ ffi::Error check_common(int64_t M, int64_t K, int64_t N, int64_t G, int64_t gs) 
 
 // Reads one product's operands into `p` (x, its shape and the attributes are the call's); checks
 // shapes, kinds and the path.
-ffi::Error setup(Problem& p, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+ffi::Error setup(Problem& p, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
                  ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t k_attr, int64_t group_size,
                  int32_t act_int8, int32_t path) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(),
@@ -930,7 +973,10 @@ ffi::Error setup(Problem& p, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buf
   }
   if (f32w && act_int8 != 0)
     return ffi::Error::InvalidArgument("lowbit_matmul: fp32 weights take fp32 activations");
+  if (scale.element_type() != ffi::DataType::F32 && scale.element_type() != ffi::DataType::F16)
+    return ffi::Error::InvalidArgument("lowbit_matmul: scale must be float32 or float16");
   p = Problem{};
+  p.scale_f16 = scale.element_type() == ffi::DataType::F16;
   p.M = xd[0];
   p.K = xd[1];
   p.G = sd[0];
@@ -953,7 +999,7 @@ ffi::Error setup(Problem& p, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buf
     return ffi::Error::InvalidArgument("lowbit_matmul: this CPU does not run the requested path");
   p.x = x.typed_data();
   p.w = w.untyped_data();
-  p.scale = scale.typed_data();
+  p.scale = scale.untyped_data();
   p.y = y->typed_data();
   return ffi::Error::Success();
 }
@@ -988,7 +1034,7 @@ void run_products(Problem* ps, int count, int32_t path, ffi::ThreadPool& pool) {
   run_blocks(ps, fns, count, pool);
 }
 
-ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+ffi::Error Impl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
                 ffi::ResultBuffer<ffi::F32> y, int64_t k_attr, int64_t group_size,
                 int32_t act_int8, int32_t path, ffi::ThreadPool pool) {
   Problem p;
@@ -1011,7 +1057,7 @@ ffi::Error ImplMany(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::Remai
   Problem ps[kMaxProducts];
   for (size_t i = 0; i < count; ++i) {
     auto w = args.get<ffi::AnyBuffer>(2 * i);
-    auto scale = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto scale = args.get<ffi::AnyBuffer>(2 * i + 1);
     auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
     if (w.has_error() || scale.has_error() || y.has_error())
       return ffi::Error::InvalidArgument("lowbit_matmul_many: bad operand types");
@@ -1031,7 +1077,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfLowbitMatmul, Impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("group_size")
