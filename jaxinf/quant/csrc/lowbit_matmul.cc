@@ -345,6 +345,13 @@ JAXINF_AVX512 inline void f32_panel_steps(const Problem& p, int64_t m0, int64_t 
   (f32_panel_step<BITS, MT, NP, R>(p, m0, o, v, acc, lut), ...);
 }
 
+// Weight-only products widen every code in registers, so their compute takes about as long as
+// reading the weights from DRAM, and the loads had to run ahead of it: a software prefetch
+// PREFETCH_STEPS steps (512 bytes) ahead in each panel made the 110M Llama's int4 decode 3-4 %
+// faster at batch 1 (2-core AMD EPYC Zen 4; 16 steps ahead was no better, and the W8A8 tiles,
+// whose compute is 3x lighter, gained nothing).
+constexpr int64_t PREFETCH_STEPS = 8;
+
 // fp32 x (zero-padded, build_xa), int4 or int8 panels q0 .. q0 + NP - 1: MT rows x 16 NP
 // columns; per group, fp32 sums in the 16 lanes times the group's 16 scales.
 template <int BITS, int MT, int NP>
@@ -361,6 +368,10 @@ JAXINF_AVX512 void f32_panel_tile(const Problem& p, int64_t m0, int64_t q0) {
       for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
     for (int64_t o = g * spg; o < (g + 1) * spg; ++o) {
       __m512i v[NP];
+      if (o + PREFETCH_STEPS < p.KS)
+        for (int j = 0; j < NP; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(panel_at(p, q0 + j, o + PREFETCH_STEPS)),
+                       _MM_HINT_T0);
       for (int j = 0; j < NP; ++j) v[j] = _mm512_loadu_si512(panel_at(p, q0 + j, o));
       f32_panel_steps<BITS, MT, NP>(p, m0, o, v, acc, lut,
                                     std::make_integer_sequence<int, panel_kstep<BITS>()>{});
