@@ -11,7 +11,8 @@ One Llama-architecture model per size, random weights at decisive scales
 saved by transformers (`LlamaForCausalLM.save_pretrained`) and read from that folder by
 
 - jaxinf: `jaxinf.checkpoints.transformers_lm.load_llama` (through `build_peer`), then
-  `jaxinf.decoding.generate` (greedy; prefill + one compiled `while_loop`), fp32; int8 / int4
+  `jaxinf.decoding.generate` (greedy; prefill + one compiled `while_loop`), fp32, its KV cache in
+  fp16 as llama.cpp's is (`--kv-cache-dtype`, `TransformerConfig.cache_dtype`); int8 / int4
   weights through `jaxinf.quant.ptq.quantize_params` where that module exists (rows skipped, with
   the reason, where it does not; int8 one fp32 scale per output column, int4 one fp16 scale per
   32 inputs, Q4_0's storage): rows `int8` / `int4` take the XLA path (codes converted to fp32
@@ -111,6 +112,9 @@ SIZES: dict[str, TransformerConfig] = {
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2; then <0x00>..<0xFF>; then fillers
 
 
+KV_CACHE_DTYPES = ("float16", "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(common.StudyConfig):
   out_dir: str = "results/bench_decode"  # where results go
@@ -127,6 +131,8 @@ class Config(common.StudyConfig):
                                      # <sys.prefix>/src/llama.cpp)
   bandwidth_mib: tuple[int, ...] = (32, 128, 512, 1024)  # read-bandwidth probe sizes (MiB)
   kernel_rows: tuple[int, ...] = (1, 8, 64, 65, 256)  # rows of x for the kernel-or-XLA table
+  kv_cache_dtype: str = "float16"    # jaxinf's KV cache (`TransformerConfig.cache_dtype`):
+                                     # float16 as llama.cpp's default F16 cache, or float32
 
   def check(self) -> None:
     super().check()
@@ -134,6 +140,9 @@ class Config(common.StudyConfig):
     common.check_choices(self, "runtimes", choices=RUNTIMES)
     common.check_choices(self, "gguf_types", choices=GGUF_TYPES)
     common.check_choices(self, "jaxinf_weights", choices=JAXINF_WEIGHTS)
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      common.refuse("kv_cache_dtype", f"expected one of {KV_CACHE_DTYPES}, got "
+                    f"{self.kv_cache_dtype!r}")
     common.check_ints(self, "batches", "prompt_len", "new_tokens", "repeats", "bandwidth_mib",
                       "kernel_rows")
     common.check_ints(self, "threads", low=0)
@@ -526,10 +535,13 @@ def build_entries(cfg: Config, size: str, runtimes: list[str], folder: Path,
     peer = None
   if "jaxinf" in runtimes:
     quantize = quantizer()
+    kv_size = np.dtype(cfg.kv_cache_dtype).itemsize
+    model = dataclasses.replace(model, config=dataclasses.replace(
+        model.config, cache_dtype=cfg.kv_cache_dtype))
     for w in cfg.jaxinf_weights:
       if w == "float32":
         entries.append(Entry("jaxinf", w, jaxinf_runner(model, params, cfg.seed),
-                             fp32_bytes_per_step(c), 4, warm_full=True))
+                             fp32_bytes_per_step(c), kv_size, warm_full=True))
       elif quantize is not None:
         try:
           qparams = quantize(params, w)
@@ -538,7 +550,7 @@ def build_entries(cfg: Config, size: str, runtimes: list[str], folder: Path,
           print(f"skipped jaxinf {w}: {skipped[f'jaxinf {w}']}", flush=True)
           continue
         entries.append(Entry("jaxinf", w, jaxinf_runner(model, qparams, cfg.seed),
-                             tree_bytes_per_step(qparams, c), 4, warm_full=True))
+                             tree_bytes_per_step(qparams, c), kv_size, warm_full=True))
   if "transformers" in runtimes:
     entries.append(Entry("transformers", "float32", peer, fp32_bytes_per_step(c), 4))
   if "llama.cpp" in runtimes:
@@ -809,7 +821,8 @@ def report_notes(cfg: Config, rows: list[dict], meta: dict) -> str:
       f"step's bytes (above DRAM's where they fit the last-level cache). `vs_llama_cpp`: tokens/s "
       f"over llama.cpp's at the same weight width (f32 / Q8_0 / Q4_0). `exact` / `agree_prefix`: "
       f"greedy tokens against transformers' (jaxinf fp32's without it): all equal / mean share "
-      f"of each row before its first disagreement. llama.cpp: KV cache F16, flash attention off, "
+      f"of each row before its first disagreement. jaxinf: KV cache {cfg.kv_cache_dtype} "
+      f"(`--kv-cache-dtype`). llama.cpp: KV cache F16, flash attention off, "
       f"its quantizer's default tensor types (listed in `note`)."
       f"{skipped}")
 

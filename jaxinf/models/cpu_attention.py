@@ -12,8 +12,11 @@ the attention products another 0.3 and 4 ms.
 slots of that layer (one pass over K, a softmax per query, one pass over V; one task per batch row
 and kv head on XLA's intra-op threads) and has the semantics of `pallas_kernels.attention_step`
 with layout "bhsd" (query t of row b sees slots s <= lengths[b] - T + t; GQA; a query that sees no
-slot gets zeros). `use_cpu_attention` is the rule the transformer applies: `impl="auto"` on the CPU
-backend with no active mesh, fp32 caches, and a kernel that builds; `impl="xla"` keeps the XLA form.
+slot gets zeros). The cache may be fp32 or fp16 (`TransformerConfig.cache_dtype="float16"`,
+llama.cpp's default KV type): fp16 slots are widened to fp32 as they are read, so a step streams
+half the bytes. `use_cpu_attention` is the rule the transformer applies: `impl="auto"` on the CPU
+backend with no active mesh, fp32 or fp16 caches, and a kernel that builds; `impl="xla"` keeps the
+XLA form.
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ def available() -> bool:
   return _available
 
 
+CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))  # what the kernel reads
+
+
 def use_cpu_attention(impl: str, interpret: bool, cache_dtype) -> bool:
   """The transformer's rule for its decode step: `impl="auto"`, not interpreted, JAX's default
   backend the CPU, no active mesh (`jax.set_mesh`: GSPMD would gather the cache for a custom call),
-  fp32 caches, and the kernel available."""
+  fp32 or fp16 caches, and the kernel available."""
   return (impl == "auto" and not interpret and jax.default_backend() == "cpu"
-          and rules.active_mesh() is None and np.dtype(cache_dtype) == np.dtype(np.float32)
+          and rules.active_mesh() is None and np.dtype(cache_dtype) in CACHE_DTYPES
           and available())
 
 
@@ -53,16 +59,20 @@ def attention_step(q: jax.Array, k_stack: jax.Array, v_stack: jax.Array, lengths
                    layer: int, *, scale: float | None = None,
                    path: str | None = None) -> jax.Array:
   """Attention of the T newest queries `q [B, T, H, D]` over layer `layer` of the stacked caches
-  `k_stack, v_stack [L, B, Hkv, S, D]` (fp32), `lengths [B]` the valid lengths including the T new
-  tokens. Returns `[B, T, H, D]` fp32. `scale` defaults to D ** -0.5; `path`: None for the
-  fastest path this CPU runs, else one of `cpu_kernel.PATHS` that it runs (tests). Checks shapes
-  and dtypes before tracing (named errors)."""
-  for name, x, nd in (("q", q, 4), ("k_stack", k_stack, 5), ("v_stack", v_stack, 5)):
-    if not hasattr(x, "dtype") or np.dtype(x.dtype) != np.dtype(np.float32):
-      raise TypeError(f"{name}: expected float32, got {getattr(x, 'dtype', type(x).__name__)}")
+  `k_stack, v_stack [L, B, Hkv, S, D]` (both fp32 or both fp16), `lengths [B]` the valid lengths
+  including the T new tokens. Returns `[B, T, H, D]` fp32. `scale` defaults to D ** -0.5; `path`:
+  None for the fastest path this CPU runs, else one of `cpu_kernel.PATHS` that it runs (tests).
+  Checks shapes and dtypes before tracing (named errors)."""
+  for name, x, nd, ok in (("q", q, 4, CACHE_DTYPES[:1]), ("k_stack", k_stack, 5, CACHE_DTYPES),
+                          ("v_stack", v_stack, 5, CACHE_DTYPES)):
+    if not hasattr(x, "dtype") or np.dtype(x.dtype) not in ok:
+      raise TypeError(f"{name}: expected {' or '.join(map(str, ok))}, got "
+                      f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim != nd:
       raise ValueError(f"{name}: expected {nd} dims, got shape {tuple(x.shape)}")
   b, t, h, d = q.shape
+  if np.dtype(k_stack.dtype) != np.dtype(v_stack.dtype):
+    raise TypeError(f"v_stack: expected k_stack's dtype {k_stack.dtype}, got {v_stack.dtype}")
   if tuple(k_stack.shape) != tuple(v_stack.shape):
     raise ValueError(f"v_stack: expected k_stack's shape {tuple(k_stack.shape)}, got "
                      f"{tuple(v_stack.shape)}")

@@ -20,7 +20,9 @@ Two forms of one model (DESIGN.md, "every fast path has a slow twin"):
 `return_hidden=True` on `__call__`, `prefill`, `step` and `tree_step` also returns the final hidden
 state (after the final norm, before the head) `[B, T, C]` — what Medusa's heads read.
 
-The KV cache is `{"k", "v": [L, B, Hkv, S, D], "length": [B], "last_k": [B]}` in the compute dtype:
+The KV cache is `{"k", "v": [L, B, Hkv, S, D], "length": [B], "last_k": [B]}` in `cache_dtype`
+(None, the default: the compute dtype; "float16" halves the bytes a decode step streams, as
+llama.cpp's default F16 cache does, and the CPU attention kernel reads it in place):
 head-major, so each head's slots are contiguous and the decode step's products over the cache are
 plain batched matmuls over (B, Hkv), with no transpose of the cache per step (on a 2-core CPU the
 [L, B, S, Hkv, D] layout made attention 5-9x the cost of streaming the cache). `step` donates its
@@ -70,6 +72,8 @@ class TransformerConfig:
   max_len: int = 2048  # the longest context (RoPE has no hard limit; the cache is sized by it)
   init_std: float = 0.02  # Llama's initializer_range: normal(0, init_std) for every matrix
   dtype: str = "float32"  # activations and KV cache; parameters are fp32, softmax and norms fp32
+  cache_dtype: str | None = None  # the KV cache's dtype (None: `dtype`); keys/values are rounded
+  # to it when written and attention reads them back in the compute dtype
 
   def __post_init__(self):
     check_fields(self, positive=("rope_theta", "norm_eps", "init_std"))
@@ -95,6 +99,14 @@ class TransformerConfig:
         raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
+    if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
+      raise ValueError(f"cache_dtype: expected None or one of {_DTYPES}, got "
+                       f"{self.cache_dtype!r}")
+
+  @property
+  def kv_dtype(self) -> jnp.dtype:
+    """The KV cache's dtype: `cache_dtype`, else the compute dtype."""
+    return jnp.dtype(self.cache_dtype or self.dtype)
 
 
 # Named sizes. "-1m": ~1M parameters over the byte vocabulary (259 ids of
@@ -252,7 +264,7 @@ class Transformer(nnx.Module):
       o = mesh_kernels.attention(q, k, v, causal=True, kv_lengths=lengths, impl=impl,
                                    interpret=interpret)
       # the prompt's keys/values [B, T, Hkv, D] into the head-major cache [B, Hkv, S, D]
-      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+      k, v = jnp.swapaxes(k, 1, 2).astype(ks.dtype), jnp.swapaxes(v, 1, 2).astype(vs.dtype)
       ks = ks.at[i, :, :, :t].set(jnp.where(keep_new, k, ks[i, :, :, :t]))
       vs = vs.at[i, :, :, :t].set(jnp.where(keep_new, v, vs[i, :, :, :t]))
       x = block.finish(x, o)
@@ -276,14 +288,15 @@ class Transformer(nnx.Module):
       q, k, v = block.attention_inputs(x, positions)
       # k, v [B, k, Hkv, D] to slots `positions` of [B, Hkv, S, D] (numpy's rule: the indexed
       # dims (rows, positions) come first, so the update is [B, k, Hkv, D] as it is)
-      ks = ks.at[i, rows, :, positions].set(k)
-      vs = vs.at[i, rows, :, positions].set(v)
+      ks = ks.at[i, rows, :, positions].set(k.astype(ks.dtype))
+      vs = vs.at[i, rows, :, positions].set(v.astype(vs.dtype))
       if in_place:  # XLA:CPU: layer i read inside the stack, valid slots only (cpu_attention)
         o = cpu_attention.attention_step(q.astype(jnp.float32), ks, vs, new_length, i)
         o = o.astype(q.dtype)
       else:
-        o = mesh_kernels.attention_step(q, ks[i], vs[i], new_length, impl=impl,
-                                        interpret=interpret, layout="bhsd")
+        o = mesh_kernels.attention_step(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype),
+                                        new_length, impl=impl, interpret=interpret,
+                                        layout="bhsd")
       x = block.finish(x, o)
     cache = dict(cache, k=ks, v=vs, length=new_length,
                  last_k=jnp.full_like(start, k_new))
@@ -314,6 +327,9 @@ class TransformerLM(FamilyLM):
         raise TypeError(f"kv_policy: expected a KVPolicy or None, got "
                         f"{type(self.kv_policy).__name__}")
       self.kv_policy.check_cache(self.config.max_len, "the model's context")
+      if self.config.cache_dtype not in (None, self.config.dtype):
+        raise ValueError(f"cache_dtype: {self.config.cache_dtype!r} with a kv_policy; the policy "
+                         "stores keys/values by its own `storage` (native, int8, float8_e4m3fn)")
 
   def _refuse_evicting(self, what: str) -> None:
     if self.kv_policy is not None and self.kv_policy.evicts:
@@ -328,7 +344,7 @@ class TransformerLM(FamilyLM):
       return self.constrain_cache(kv_policies.init_cache(self.kv_policy, cfg, batch, max_len))
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     # k and v separate buffers: `step` donates the cache, and one buffer cannot be donated twice
-    zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    zeros = lambda: jnp.zeros(shape, cfg.kv_dtype)
     return self.constrain_cache({"k": zeros(), "v": zeros(),
                                  "length": jnp.zeros((batch,), jnp.int32),
                                  "last_k": jnp.zeros((batch,), jnp.int32)})

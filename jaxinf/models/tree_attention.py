@@ -89,9 +89,11 @@ def tree_forward(module, tokens, cache, parents: tuple[int, ...], *, return_hidd
   x = layers.embed(module.embed_tokens, tokens).astype(jnp.float32)
   for i, block in enumerate(module.layers):
     q, k, v = block.attention_inputs(x, positions)
-    ks = ks.at[i, rows, :, slots].set(k)  # [B, n, Hkv, D] into [L, B, Hkv, S, D]
-    vs = vs.at[i, rows, :, slots].set(v)
-    x = block.finish(x, masked_attention(q, ks[i], vs[i], visible))
+    # [B, n, Hkv, D] into [L, B, Hkv, S, D]
+    ks = ks.at[i, rows, :, slots].set(k.astype(ks.dtype))
+    vs = vs.at[i, rows, :, slots].set(v.astype(vs.dtype))
+    x = block.finish(x, masked_attention(q, ks[i].astype(q.dtype), vs[i].astype(q.dtype),
+                                         visible))
   cache = dict(cache, k=ks, v=vs, last_k=jnp.zeros_like(start))
   return (*module._outputs(x, return_hidden), cache)
 

@@ -90,6 +90,8 @@ MANY_TARGET = "jaxinf_lowbit_matmul_many"  # several weights sharing x in one ca
 ATTENTION_TARGET = "jaxinf_attention_step"  # csrc/attention_step.cc (jaxinf.models.cpu_attention)
 # every source of csrc/ goes into the one shared library
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cc")))
+# headers the sources include (part of the build cache key)
+HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
 
 
@@ -140,7 +142,7 @@ def library_path() -> Path:
 
   cxx = compiler()
   key = hashlib.sha256()
-  for source in SOURCES:
+  for source in SOURCES + HEADERS:
     key.update(source.name.encode() + source.read_bytes())
   key.update(f"{cxx}|{' '.join(FLAGS)}|jaxlib {jaxlib.__version__}".encode())
   return cache_dir() / f"lowbit_matmul-{key.hexdigest()[:16]}.so"

@@ -4,7 +4,8 @@
 //
 //   q [B, T, H, D], k / v [L, B, Hkv, S, D] (the whole stack: `layer` picks one, so the layer's
 //   cache is read in place instead of being sliced out, a copy on XLA:CPU), lengths [B] int32
-//   -> o [B, T, H, D]
+//   -> o [B, T, H, D]; q and o fp32, k and v both fp32 or both fp16 (llama.cpp's default KV
+//   cache type: half the bytes to stream per step; widened to fp32 on load, vcvtph2ps)
 //
 // Query t of row b sits at position lengths[b] - T + t and sees slots s < lengths[b] - T + t + 1
 // (clamped to [0, S]): only the valid slots are read, not the whole S. A query that sees no slot
@@ -19,18 +20,20 @@
 // tasks on XLA's intra-op pool (ffi::ThreadPool), as lowbit_matmul.cc does. A task's rows reuse
 // its K / V slots from cache (one DRAM read per step).
 //
-// Instruction sets, with target attributes, chosen at run time: AVX-512F (DQ), else AVX2 + FMA
-// (8-float vectors, the exponent field set directly in exp); a scalar path with std::exp
-// elsewhere and for head dims above 128. The `path` attribute forces one (tests).
+// Instruction sets, with target attributes, chosen at run time: AVX-512F (DQ, BW, VL), else
+// AVX2 + FMA + F16C (8-float vectors, the exponent field set directly in exp); a scalar path with
+// std::exp elsewhere and for head dims above 128. The `path` attribute forces one (tests).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "half.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -46,15 +49,18 @@ namespace {
 
 struct Att {
   const float* q;        // [B, T, H, D]
-  const float* k;        // [L, B, Hkv, S, D]
-  const float* v;
+  const void* k;         // [L, B, Hkv, S, D], fp32 or fp16 (`half`)
+  const void* v;
   const int32_t* len;    // [B]
   float* o;              // [B, T, H, D]
   int64_t B, T, H, Hkv, S, D, layer;
   float scale;
+  bool half;
 
-  const float* kv_head(const float* base, int64_t b, int64_t hk) const {
-    return base + ((layer * B + b) * Hkv + hk) * S * D;
+  const void* kv_head(const void* base, int64_t b, int64_t hk) const {
+    const int64_t i = ((layer * B + b) * Hkv + hk) * S * D;
+    return half ? static_cast<const void*>(static_cast<const uint16_t*>(base) + i)
+                : static_cast<const void*>(static_cast<const float*>(base) + i);
   }
   int64_t limit(int64_t b, int64_t t) const {
     const int64_t lim = static_cast<int64_t>(len[b]) - T + t + 1;
@@ -62,15 +68,22 @@ struct Att {
   }
 };
 
+// Element i of a K / V head stored as KV (float, or uint16_t holding fp16), as fp32.
+inline float kv_at(const float* p, int64_t i) { return p[i]; }
+inline float kv_at(const uint16_t* p, int64_t i) { return jaxinf::half_to_float(p[i]); }
+
 // One query row: q, its K / V head, its limit -> out (D floats). `w`: scratch of S floats.
-void row_scalar(const Att& a, const float* q, const float* k, const float* v, int64_t lim,
+template <typename KV>
+void row_scalar(const Att& a, const float* q, const void* kp, const void* vp, int64_t lim,
                 float* w, float* out) {
+  const KV* k = static_cast<const KV*>(kp);
+  const KV* v = static_cast<const KV*>(vp);
   for (int64_t d = 0; d < a.D; ++d) out[d] = 0.0f;
   if (lim == 0) return;
   float m = -INFINITY;
   for (int64_t s = 0; s < lim; ++s) {
     float dot = 0.0f;
-    for (int64_t d = 0; d < a.D; ++d) dot += q[d] * k[s * a.D + d];
+    for (int64_t d = 0; d < a.D; ++d) dot += q[d] * kv_at(k, s * a.D + d);
     w[s] = a.scale * dot;
     m = std::max(m, w[s]);
   }
@@ -80,12 +93,12 @@ void row_scalar(const Att& a, const float* q, const float* k, const float* v, in
     denom += w[s];
   }
   for (int64_t s = 0; s < lim; ++s)
-    for (int64_t d = 0; d < a.D; ++d) out[d] += w[s] * v[s * a.D + d];
+    for (int64_t d = 0; d < a.D; ++d) out[d] += w[s] * kv_at(v, s * a.D + d);
   for (int64_t d = 0; d < a.D; ++d) out[d] /= denom;
 }
 
 #if JAXINF_ATT_X86
-#define JAXINF_ATT_AVX512 __attribute__((target("avx512f,avx512dq")))
+#define JAXINF_ATT_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
 
 // exp(x) = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (two-part ln 2), e^r = 1 + r + r^2 P(r)
 // with Cephes' degree-5 P (highest power first) on |r| <= ln 2 / 2.
@@ -111,10 +124,20 @@ JAXINF_ATT_AVX512 inline __mmask16 tail_mask(int64_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
 }
 
+// 16 lanes of a K / V head from element i on, the lanes outside `m` zero, as fp32.
+JAXINF_ATT_AVX512 inline __m512 load16(const float* p, int64_t i, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p + i);
+}
+JAXINF_ATT_AVX512 inline __m512 load16(const uint16_t* p, int64_t i, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p + i));
+}
+
 // NC = ceil(D / 16) vectors per head vector, the last one masked to D's tail.
-template <int NC>
-JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const float* k, const float* v,
+template <int NC, typename KV>
+JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const void* kp, const void* vp,
                                   int64_t lim, float* w, float* out) {
+  const KV* k = static_cast<const KV*>(kp);
+  const KV* v = static_cast<const KV*>(vp);
   const __mmask16 last = tail_mask(a.D - 16 * (NC - 1));
   auto mask = [&](int c) { return c == NC - 1 ? last : static_cast<__mmask16>(0xFFFF); };
   if (lim == 0) {
@@ -127,10 +150,10 @@ JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const float* k, 
   // logits, one slot at a time (the products' lanes summed)
   float m = -INFINITY;
   for (int64_t s = 0; s < lim; ++s) {
-    const float* ks = k + s * a.D;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(mask(0), ks));
+    const int64_t ks = s * a.D;
+    __m512 acc = _mm512_mul_ps(qv[0], load16(k, ks, mask(0)));
     for (int c = 1; c < NC; ++c)
-      acc = _mm512_fmadd_ps(qv[c], _mm512_maskz_loadu_ps(mask(c), ks + 16 * c), acc);
+      acc = _mm512_fmadd_ps(qv[c], load16(k, ks + 16 * c, mask(c)), acc);
     w[s] = _mm512_reduce_add_ps(acc);
     m = std::max(m, w[s]);
   }
@@ -148,9 +171,9 @@ JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const float* k, 
   for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t s = 0; s < lim; ++s) {
     const __m512 ws = _mm512_set1_ps(w[s]);
-    const float* vs = v + s * a.D;
+    const int64_t vs = s * a.D;
     for (int c = 0; c < NC; ++c)
-      acc[c] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(mask(c), vs + 16 * c), acc[c]);
+      acc[c] = _mm512_fmadd_ps(ws, load16(v, vs + 16 * c, mask(c)), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
   for (int c = 0; c < NC; ++c)
@@ -158,11 +181,12 @@ JAXINF_ATT_AVX512 void row_avx512(const Att& a, const float* q, const float* k, 
 }
 
 bool att_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return ok;
 }
 
-#define JAXINF_ATT_AVX2 __attribute__((target("avx2,fma")))
+#define JAXINF_ATT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // exp as exp512, with 2^n put into the exponent field (no vscalefps on AVX2): x clamped to
 // [-87.3, 88.37] so that n stays in [-126, 127], and exp(x) = 0 below x = -87.3.
@@ -193,10 +217,27 @@ JAXINF_ATT_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 8 lanes of a K / V head from element i on, the first `n` (1..8) of them read, the rest zero
+// (`m` masks the same lanes), as fp32. fp16: a whole 8-lane chunk is one 16-byte load, a tail
+// goes through a zeroed copy (AVX2 has no masked 16-bit load).
+JAXINF_ATT_AVX2 inline __m256 load8(const float* p, int64_t i, __m256i m, int64_t) {
+  return _mm256_maskload_ps(p + i, m);
+}
+JAXINF_ATT_AVX2 inline __m256 load8(const uint16_t* p, int64_t i, __m256i, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
+  alignas(16) uint16_t t[8] = {};
+  std::memcpy(t, p + i, static_cast<size_t>(n) * sizeof(uint16_t));
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
 // As row_avx512 in 8-float vectors: NC = ceil(D / 8), the last one masked to D's tail.
-template <int NC>
-JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const float* k, const float* v,
+template <int NC, typename KV>
+JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const void* kp, const void* vp,
                               int64_t lim, float* w, float* out) {
+  const KV* k = static_cast<const KV*>(kp);
+  const KV* v = static_cast<const KV*>(vp);
+  const int64_t tail = a.D - 8 * (NC - 1);
+  auto count = [&](int c) { return c == NC - 1 ? tail : int64_t{8}; };
   const __m256i full = _mm256_set1_epi32(-1), last = tail_mask8(a.D - 8 * (NC - 1));
   auto mask = [&](int c) { return c == NC - 1 ? last : full; };
   if (lim == 0) {
@@ -208,10 +249,10 @@ JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const float* k, cons
     qv[c] = _mm256_mul_ps(_mm256_maskload_ps(q + 8 * c, mask(c)), _mm256_set1_ps(a.scale));
   float m = -INFINITY;
   for (int64_t s = 0; s < lim; ++s) {
-    const float* ks = k + s * a.D;
-    __m256 acc = _mm256_mul_ps(qv[0], _mm256_maskload_ps(ks, mask(0)));
+    const int64_t ks = s * a.D;
+    __m256 acc = _mm256_mul_ps(qv[0], load8(k, ks, mask(0), count(0)));
     for (int c = 1; c < NC; ++c)
-      acc = _mm256_fmadd_ps(qv[c], _mm256_maskload_ps(ks + 8 * c, mask(c)), acc);
+      acc = _mm256_fmadd_ps(qv[c], load8(k, ks + 8 * c, mask(c), count(c)), acc);
     w[s] = hsum256(acc);
     m = std::max(m, w[s]);
   }
@@ -228,9 +269,9 @@ JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const float* k, cons
   for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t s = 0; s < lim; ++s) {
     const __m256 ws = _mm256_set1_ps(w[s]);
-    const float* vs = v + s * a.D;
+    const int64_t vs = s * a.D;
     for (int c = 0; c < NC; ++c)
-      acc[c] = _mm256_fmadd_ps(ws, _mm256_maskload_ps(vs + 8 * c, mask(c)), acc[c]);
+      acc[c] = _mm256_fmadd_ps(ws, load8(v, vs + 8 * c, mask(c), count(c)), acc[c]);
   }
   const __m256 inv = _mm256_set1_ps(1.0f / hsum256(sum));
   for (int c = 0; c < NC; ++c)
@@ -238,12 +279,13 @@ JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const float* k, cons
 }
 
 bool att_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
   return ok;
 }
 #endif  // JAXINF_ATT_X86
 
-using RowFn = void (*)(const Att&, const float*, const float*, const float*, int64_t, float*,
+using RowFn = void (*)(const Att&, const float*, const void*, const void*, int64_t, float*,
                        float*);
 
 // `path`: 0 the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 (as lowbit_matmul's).
@@ -255,45 +297,50 @@ bool att_path_available(int32_t path) {
   return path == 0 || path == 1;
 }
 
-RowFn pick_row(const Att& a, int32_t path) {
+template <typename KV>
+RowFn pick_row_kv(const Att& a, int32_t path) {
 #if JAXINF_ATT_X86
   if (path == 3 || (path == 0 && att_has_avx512())) {
     switch ((a.D + 15) / 16) {
-      case 1: return row_avx512<1>;
-      case 2: return row_avx512<2>;
-      case 3: return row_avx512<3>;
-      case 4: return row_avx512<4>;
-      case 5: return row_avx512<5>;
-      case 6: return row_avx512<6>;
-      case 7: return row_avx512<7>;
-      case 8: return row_avx512<8>;
+      case 1: return row_avx512<1, KV>;
+      case 2: return row_avx512<2, KV>;
+      case 3: return row_avx512<3, KV>;
+      case 4: return row_avx512<4, KV>;
+      case 5: return row_avx512<5, KV>;
+      case 6: return row_avx512<6, KV>;
+      case 7: return row_avx512<7, KV>;
+      case 8: return row_avx512<8, KV>;
       default: break;
     }
   } else if (path == 2 || (path == 0 && att_has_avx2())) {
     switch ((a.D + 7) / 8) {
-      case 1: return row_avx2<1>;
-      case 2: return row_avx2<2>;
-      case 3: return row_avx2<3>;
-      case 4: return row_avx2<4>;
-      case 5: return row_avx2<5>;
-      case 6: return row_avx2<6>;
-      case 7: return row_avx2<7>;
-      case 8: return row_avx2<8>;
-      case 9: return row_avx2<9>;
-      case 10: return row_avx2<10>;
-      case 11: return row_avx2<11>;
-      case 12: return row_avx2<12>;
-      case 13: return row_avx2<13>;
-      case 14: return row_avx2<14>;
-      case 15: return row_avx2<15>;
-      case 16: return row_avx2<16>;
+      case 1: return row_avx2<1, KV>;
+      case 2: return row_avx2<2, KV>;
+      case 3: return row_avx2<3, KV>;
+      case 4: return row_avx2<4, KV>;
+      case 5: return row_avx2<5, KV>;
+      case 6: return row_avx2<6, KV>;
+      case 7: return row_avx2<7, KV>;
+      case 8: return row_avx2<8, KV>;
+      case 9: return row_avx2<9, KV>;
+      case 10: return row_avx2<10, KV>;
+      case 11: return row_avx2<11, KV>;
+      case 12: return row_avx2<12, KV>;
+      case 13: return row_avx2<13, KV>;
+      case 14: return row_avx2<14, KV>;
+      case 15: return row_avx2<15, KV>;
+      case 16: return row_avx2<16, KV>;
       default: break;
     }
   }
 #endif
   (void)a;
   (void)path;
-  return row_scalar;
+  return row_scalar<KV>;
+}
+
+RowFn pick_row(const Att& a, int32_t path) {
+  return a.half ? pick_row_kv<uint16_t>(a, path) : pick_row_kv<float>(a, path);
 }
 
 struct Tasks {
@@ -311,8 +358,8 @@ struct Tasks {
       const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= count) return;
       const int64_t b = i / a.Hkv, hk = i % a.Hkv;
-      const float* k = a.kv_head(a.k, b, hk);
-      const float* v = a.kv_head(a.v, b, hk);
+      const void* k = a.kv_head(a.k, b, hk);
+      const void* v = a.kv_head(a.v, b, hk);
       for (int64_t t = 0; t < a.T; ++t) {
         const int64_t lim = a.limit(b, t);
         for (int64_t g = 0; g < group; ++g) {
@@ -325,8 +372,8 @@ struct Tasks {
   }
 };
 
-ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> lengths,
+ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                         ffi::Buffer<ffi::S32> lengths,
                          ffi::ResultBuffer<ffi::F32> o, int64_t layer, float scale,
                          int32_t path, ffi::ThreadPool pool) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
@@ -350,12 +397,16 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     return ffi::Error::InvalidArgument("attention_step: operand shapes do not agree");
   for (size_t i = 0; i < 4; ++i)
     if (od[i] != qd[i]) return ffi::Error::InvalidArgument("attention_step: bad output shape");
+  if (k.element_type() != v.element_type() ||
+      (k.element_type() != ffi::DataType::F32 && k.element_type() != ffi::DataType::F16))
+    return ffi::Error::InvalidArgument("attention_step: k and v must both be f32 or both f16");
+  a.half = k.element_type() == ffi::DataType::F16;
   if (!att_path_available(path))
     return ffi::Error::InvalidArgument("attention_step: this CPU does not run the requested path");
   if (a.B * a.T * a.H * a.D == 0) return ffi::Error::Success();
   a.q = q.typed_data();
-  a.k = k.typed_data();
-  a.v = v.typed_data();
+  a.k = k.untyped_data();
+  a.v = v.untyped_data();
   a.len = lengths.typed_data();
   a.o = o->typed_data();
 
@@ -377,8 +428,8 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinfAttentionStep, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("layer")

@@ -51,6 +51,7 @@
 #include <utility>
 #include <vector>
 
+#include "half.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -63,6 +64,8 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+using jaxinf::half_to_float;
 
 struct Problem {
   const float* x;      // [M, K] fp32 activations
@@ -99,25 +102,6 @@ inline int8_t code_at(const Problem& p, int64_t n, int64_t k) {
   const uint8_t b = panel_at(p, n / 16, k / p.kstep)[(n % 16) * 4 + (k & 3)];
   if (!p.int4) return static_cast<int8_t>(b);
   return nib(b, static_cast<int>((k >> 2) & 1));
-}
-
-// IEEE half -> float (exact: every half is a float), for the scalar path.
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-  uint32_t bits;
-  if (exp == 0) {  // zero or subnormal: man x 2^-24
-    const float f = static_cast<float>(man) * 5.9604644775390625e-08f;
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
 }
 
 // The scale of group g, column n, as fp32; the address of that entry (prefetches).
