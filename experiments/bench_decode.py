@@ -187,8 +187,10 @@ def convert_script(cfg: Config) -> Path | None:
 
 # jaxinf's low-bit rows: int8 one fp32 scale per output channel, int4 one fp16 scale per 32
 # inputs (Q4_0's block: 4-bit codes and an fp16 scale per 32); the tied embedding / head table at
-# int8 in both (llama.cpp: Q8_0 in its Q8_0 file, Q6_K or Q8_0 in its Q4_0 file)
-_TABLE = {"embeddings": (r"embed_tokens/embedding",), "embedding_format": "int8"}
+# int8 with one scale per token row in both (8 bits a weight; llama.cpp: Q8_0 in its Q8_0 file,
+# 8.5 bits, and Q6_K, 6.56 bits, or Q8_0 in its Q4_0 file)
+_TABLE = {"embeddings": (r"embed_tokens/embedding",), "embedding_format": "int8",
+          "embedding_group_size": None}
 _INT8 = {"format": "int8", "group_size": None, **_TABLE}
 _INT4 = {"format": "int4", "group_size": 32, "scale_dtype": "float16", **_TABLE}
 JAXINF_QUANT = {"int8": _INT8,

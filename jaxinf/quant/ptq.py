@@ -76,8 +76,10 @@ class QuantConfig:
   products, `jaxinf.quant.cpu_kernel`; CPU backend only); embeddings: regexes of `[vocab, dim]`
   embedding tables to store as `QEmbedding` (module docstring; not subject to include/exclude);
   embedding_format: their format (None: `format`; e.g. llama.cpp's Q4_0 files keep the tied
-  table at 6 or 8 bits, so "int8" beside an int4 body is their like); scale_dtype: "float32" or
-  "float16" (`jaxinf.quant.qarray`: fp16 scales as llama.cpp's Q4_0 / Q8_0 store them)."""
+  table at 6 or 8 bits, so "int8" beside an int4 body is their like); embedding_group_size: the
+  tables' scale groups ("group_size", the default: `group_size`; None: one scale per token row;
+  an int: that many dims per scale); scale_dtype: "float32" or "float16"
+  (`jaxinf.quant.qarray`: fp16 scales as llama.cpp's Q4_0 / Q8_0 store them)."""
 
   format: Any = "int8"
   group_size: int | None = None
@@ -90,6 +92,7 @@ class QuantConfig:
   kernel: str | None = None
   embeddings: tuple[str, ...] = ()
   embedding_format: Any = None
+  embedding_group_size: int | str | None = "group_size"
   scale_dtype: str = "float32"
 
   def __post_init__(self):
@@ -102,6 +105,11 @@ class QuantConfig:
     g = self.group_size
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
       raise ValueError(f"group_size: expected None or a positive int, got {g!r}")
+    eg = self.embedding_group_size
+    if eg != "group_size" and eg is not None and (
+        isinstance(eg, bool) or not isinstance(eg, int) or eg < 1):
+      raise ValueError(f"embedding_group_size: expected 'group_size', None or a positive int, "
+                       f"got {eg!r}")
     check_act_format(self.act_format)
     check_kernel(self.kernel)
     if self.kernel is not None:
@@ -231,10 +239,13 @@ def quantize_params(params: Any, config: QuantConfig,
       raise ValueError(f"group_size: {config.group_size} does not divide the input dimension "
                        f"{n_in} of {name}")
 
+  table_group, table_arg = ((config.group_size, "group_size")
+                            if config.embedding_group_size == "group_size"
+                            else (config.embedding_group_size, "embedding_group_size"))
   for name in tables:
     dim = by_name[name].shape[1]
-    if config.group_size is not None and dim % config.group_size:
-      raise ValueError(f"group_size: {config.group_size} does not divide the embedding dimension "
+    if table_group is not None and dim % table_group:
+      raise ValueError(f"{table_arg}: {table_group} does not divide the embedding dimension "
                        f"{dim} of {name}")
 
   done: dict[str, QArray | QEmbedding] = {}
@@ -243,7 +254,7 @@ def quantize_params(params: Any, config: QuantConfig,
     w = by_name[name]
     try:
       fmt = config.format if config.embedding_format is None else config.embedding_format
-      qe = quantize_embedding(w, fmt, group_size=config.group_size,
+      qe = quantize_embedding(w, fmt, group_size=table_group,
                               act_format=config.act_format, compute_dtype=config.compute_dtype,
                               kernel=config.kernel, scale_dtype=config.scale_dtype)
     except (TypeError, ValueError) as e:

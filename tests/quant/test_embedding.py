@@ -118,6 +118,26 @@ def test_tied_model_with_a_quantized_table_runs_generate(family, kernel):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_embedding_group_size(tied):
+  """The table's scale groups: `group_size` by default, one per token row with None, or their
+  own size; the body keeps `group_size` (an int4 body beside a per-row int8 table, as llama.cpp's
+  --token-embedding-type sets the table apart)."""
+  _, params = tied
+  path = r"embed_tokens/embedding"
+  table = params["embed_tokens"]["embedding"]
+  dim = table.shape[1]
+  base = dict(format="int4", group_size=8, embedding_format="int8", embeddings=(path,))
+  for eg, want in (("group_size", 8), (None, dim), (dim // 2, dim // 2)):
+    qparams, _ = quantize_params(params, QuantConfig(**base, embedding_group_size=eg))
+    head = qparams["embed_tokens"]["embedding"].head
+    assert head.group_size == want and head.scale.shape[0] == dim // want
+    ref = quantize_embedding(table, "int8", group_size=None if eg is None else want).head
+    np.testing.assert_array_equal(np.asarray(head.dequantize()), np.asarray(ref.dequantize()))
+    body = [leaf for leaf in jax.tree.leaves(qparams, is_leaf=is_quantized)
+            if is_quantized(leaf) and not isinstance(leaf, QEmbedding)]
+    assert body and all(leaf.group_size == 8 for leaf in body)
+
+
 def test_bad_input(tied, table):
   _, params = tied
   with raises_before_tracing(ValueError, "embeddings"):
@@ -133,6 +153,13 @@ def test_bad_input(tied, table):
                                         embeddings=(r"embed_tokens/embedding",)))
   with raises_before_tracing(ValueError, "embedding_format"):
     QuantConfig(embeddings=(r"embed_tokens/embedding",), embedding_format="int9")
+  for bad in (0, "rows", 2.0, True):
+    with raises_before_tracing(ValueError, "embedding_group_size"):
+      QuantConfig(embeddings=(r"embed_tokens/embedding",), embedding_group_size=bad)
+  with raises_before_tracing(ValueError, "embedding_group_size"):
+    quantize_params(params, QuantConfig(embedding_group_size=dim + 1,
+                                        include=(r"no/kernel",),
+                                        embeddings=(r"embed_tokens/embedding",)))
   qe = quantize_embedding(table, "int8")
   with raises_before_tracing(TypeError, "ids"):
     qe.lookup(jnp.zeros((2,), jnp.float32))
