@@ -57,7 +57,10 @@ the mean share of each row before its first disagreement.
 
 Roofline: the machine's read bandwidth measured in the same run (the best of a threaded numpy sum
 and a jitted jnp.sum over fp32 arrays of each `bandwidth_mib` size, medians; the largest is DRAM's,
-smaller ones may sit in the last-level cache), and per row tokens/s <= batch x bandwidth / (bytes
+smaller ones may sit in the last-level cache). A shared host's DRAM bandwidth drifts within minutes
+(31 to 46 GB/s on the 2-core EPYC of 2026-12-07), so the largest probe is read again after every
+size and the roofline takes the median of those samples; the report lists them. Per row tokens/s
+<= batch x bandwidth / (bytes
 of weights read per step + batch x bytes of the KV cache read per step, at its mean length
 prompt_len + new_tokens / 2). Weight bytes: fp32 4 per parameter, a GGUF file's tensors as stored,
 jaxinf's quantized trees from their arrays; the embedding table counts when it is the (tied)
@@ -608,7 +611,7 @@ def load_note() -> str:
 
 
 def run_size(cfg: Config, size: str, runtimes: list[str], skipped: dict[str, str],
-             bandwidth: float, bw_curve: list[dict], progress: bool) -> list[dict]:
+             bw_curve: list[dict], progress: bool) -> list[dict]:
   c = SIZES[size]
   rows: list[dict] = []
   rng = np.random.default_rng(cfg.seed)
@@ -644,7 +647,6 @@ def run_size(cfg: Config, size: str, runtimes: list[str], skipped: dict[str, str
       for name, e in by_name.items():
         kv = kv_bytes_per_row(c, mean_ctx, e.kv_itemsize)
         step_bytes = e.weight_bytes + batch * kv
-        bound = batch * bandwidth / step_bytes
         cache_bw = _bandwidth_at(bw_curve, step_bytes)
         peer = f"llama.cpp {PEER_OF[e.weights]}"
         exact, share = (None, None) if ref_name in (None, name) else agreement(tokens[name],
@@ -655,12 +657,19 @@ def run_size(cfg: Config, size: str, runtimes: list[str], skipped: dict[str, str
             "seconds": secs[name], "times": times[name],
             "vs_llama_cpp": tps[name] / tps[peer] if peer in tps else None,
             "weight_mb": e.weight_bytes / 1e6, "kv_mb_per_row": kv / 1e6,
-            "roofline_tok_s": bound, "of_roofline": tps[name] / bound,
+            "step_bytes": step_bytes, "roofline_tok_s": None, "of_roofline": None,  # set by run
             "cache_roofline_tok_s": batch * cache_bw / step_bytes if cache_bw else None,
             "agrees_with": ref_name if ref_name not in (None, name) else None,
             "exact": exact, "agree_prefix": share, "note": e.note,
         })
   return rows
+
+
+def apply_roofline(rows: list[dict], bandwidth: float) -> None:
+  """`roofline_tok_s` = batch x `bandwidth` / the row's bytes per step, and `of_roofline`."""
+  for r in rows:
+    r["roofline_tok_s"] = r["batch"] * bandwidth / r["step_bytes"]
+    r["of_roofline"] = r["tokens_per_s"] / r["roofline_tok_s"]
 
 
 def _bandwidth_at(curve: list[dict], nbytes: float) -> float | None:
@@ -683,19 +692,24 @@ def run(cfg: Config) -> list[dict]:
   threads = n_threads(cfg)
   before = load_note()
   bw_curve = [read_bandwidth(m, threads) for m in sorted(cfg.bandwidth_mib)]
-  bandwidth = max(bw_curve, key=lambda p: p["mib"])["gbps"] * 1e9  # the largest probe: DRAM's
+  dram = max(bw_curve, key=lambda p: p["mib"])  # the largest probe: DRAM's
   if cfg.progress:
     print("read bandwidth: " + ", ".join(f"{p['mib']} MiB {p['gbps']:.1f} GB/s"
                                          for p in bw_curve), flush=True)
+  samples = [dram["gbps"]]  # DRAM bandwidth drifts on a shared host: sampled again after each size
   rows = []
   for size in cfg.sizes:
-    rows += run_size(cfg, size, runtimes, skipped, bandwidth, bw_curve, cfg.progress)
+    rows += run_size(cfg, size, runtimes, skipped, bw_curve, cfg.progress)
+    samples.append(read_bandwidth(dram["mib"], threads)["gbps"])
+  bandwidth = statistics.median(samples) * 1e9
+  apply_roofline(rows, bandwidth)
   kernel_rows = (kernel_or_xla(cfg, cfg.sizes[0])
                  if "jaxinf" in runtimes and quantizer() is not None else [])
   after = load_note()
   meta = {"config": dataclasses.asdict(cfg), "runtimes": runtimes, "skipped": skipped,
           "kernel_or_xla": kernel_rows,
-          "bandwidth_gbps": bandwidth / 1e9, "bandwidth_curve": bw_curve, "threads": threads,
+          "bandwidth_gbps": bandwidth / 1e9, "bandwidth_curve": bw_curve,
+          "dram_samples_gbps": samples, "threads": threads,
           "load_before": before, "load_after": after, "versions": versions(runtimes),
           "cpu": cpu_name(), "isa": isa_note(runtimes), "seconds": time.perf_counter() - t_start}
   write_outputs(out, cfg, rows, meta)
@@ -817,7 +831,9 @@ def report_notes(cfg: Config, rows: list[dict], meta: dict) -> str:
       f"llama.cpp and torch, XLA's own pool for jaxinf. Machine load — before: "
       f"{meta['load_before']}; after: {meta['load_after']}.\n\n"
       f"Read bandwidth (GB/s, best of threaded numpy sum and jitted jnp.sum): {curve}. "
-      f"`roofline_tok_s` = batch x {meta['bandwidth_gbps']:.1f} GB/s (the largest probe: DRAM) / "
+      f"DRAM ({max(cfg.bandwidth_mib)} MiB) sampled at the start and after each size: "
+      f"{', '.join(f'{g:.1f}' for g in meta['dram_samples_gbps'])} GB/s. "
+      f"`roofline_tok_s` = batch x {meta['bandwidth_gbps']:.1f} GB/s (their median) / "
       f"(weight bytes + batch x KV bytes at the mean context {cfg.prompt_len + cfg.new_tokens / 2:g}"
       f"); `cache_roofline_tok_s` uses the bandwidth measured at the probe size that holds one "
       f"step's bytes (above DRAM's where they fit the last-level cache). `vs_llama_cpp`: tokens/s "

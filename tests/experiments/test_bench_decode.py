@@ -65,7 +65,15 @@ def test_smoke_run(tmp_path, capsys):
           table[("jaxinf", "float32")]["weight_mb"], rel=1e-6)
   report = (out / "report.md").read_text()
   assert "| size | batch | runtime |" in report and "Read bandwidth" in report
-  kernel_rows = json.loads((out / "meta.json").read_text())["kernel_or_xla"]
+  meta = json.loads((out / "meta.json").read_text())
+  # DRAM sampled at the start and after each size; the roofline divides by their median
+  samples = meta["dram_samples_gbps"]
+  assert len(samples) == 2 and all(g > 0 for g in samples)
+  assert meta["bandwidth_gbps"] == pytest.approx(sum(samples) / 2)
+  for r in rows:
+    assert r["roofline_tok_s"] == pytest.approx(
+        r["batch"] * meta["bandwidth_gbps"] * 1e9 / r["step_bytes"])
+  kernel_rows = meta["kernel_or_xla"]
   if bench_decode.quantizer() is not None and kernel_rows:  # empty: no C++ compiler
     from jaxinf.quant import cpu_kernel
 
@@ -98,6 +106,7 @@ def test_missing_peers_are_skipped_by_name(monkeypatch):
     ({"gguf_types": ("q5_k",)}, "gguf_types"),
     ({"new_tokens": 2000}, "new_tokens"),
     ({"batches": (0,)}, "batches"),
+    ({"kv_cache_dtype": "int8"}, "kv_cache_dtype"),
     ({"threads": -1}, "threads"),
 ])
 def test_bad_options_are_named(options, name):
