@@ -73,7 +73,8 @@ class TransformerConfig:
   init_std: float = 0.02  # Llama's initializer_range: normal(0, init_std) for every matrix
   dtype: str = "float32"  # activations and KV cache; parameters are fp32, softmax and norms fp32
   cache_dtype: str | None = None  # the KV cache's dtype (None: `dtype`); keys/values are rounded
-  # to it when written and attention reads them back in the compute dtype
+  # to it when written and later steps read them back in the compute dtype (a prompt's own
+  # attention in `prefill` uses them before rounding)
 
   def __post_init__(self):
     check_fields(self, positive=("rope_theta", "norm_eps", "init_std"))

@@ -110,6 +110,9 @@ class QuantConfig:
         isinstance(eg, bool) or not isinstance(eg, int) or eg < 1):
       raise ValueError(f"embedding_group_size: expected 'group_size', None or a positive int, "
                        f"got {eg!r}")
+    for name, unset in (("embedding_format", None), ("embedding_group_size", "group_size")):
+      if getattr(self, name) != unset and not self.embeddings:
+        raise ValueError(f"{name}: applies to the `embeddings` tables, and none is given")
     check_act_format(self.act_format)
     check_kernel(self.kernel)
     if self.kernel is not None:

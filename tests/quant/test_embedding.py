@@ -153,6 +153,9 @@ def test_bad_input(tied, table):
                                         embeddings=(r"embed_tokens/embedding",)))
   with raises_before_tracing(ValueError, "embedding_format"):
     QuantConfig(embeddings=(r"embed_tokens/embedding",), embedding_format="int9")
+  for name, value in (("embedding_format", "int8"), ("embedding_group_size", None)):
+    with raises_before_tracing(ValueError, name):   # nothing to apply it to
+      QuantConfig(**{name: value})
   for bad in (0, "rows", 2.0, True):
     with raises_before_tracing(ValueError, "embedding_group_size"):
       QuantConfig(embeddings=(r"embed_tokens/embedding",), embedding_group_size=bad)
