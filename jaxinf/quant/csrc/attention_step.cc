@@ -238,7 +238,7 @@ JAXINF_ATT_AVX2 void row_avx2(const Att& a, const float* q, const void* kp, cons
   const KV* v = static_cast<const KV*>(vp);
   const int64_t tail = a.D - 8 * (NC - 1);
   auto count = [&](int c) { return c == NC - 1 ? tail : int64_t{8}; };
-  const __m256i full = _mm256_set1_epi32(-1), last = tail_mask8(a.D - 8 * (NC - 1));
+  const __m256i full = _mm256_set1_epi32(-1), last = tail_mask8(tail);
   auto mask = [&](int c) { return c == NC - 1 ? last : full; };
   if (lim == 0) {
     for (int c = 0; c < NC; ++c) _mm256_maskstore_ps(out + 8 * c, mask(c), _mm256_setzero_ps());
