@@ -18,9 +18,9 @@ unchanged through the models' own code (`x @ w` reaches the quantized leaf):
   the per-tensor searched (exponent, mantissa, bias) split ("fp4"), W8A8 int8 and fp8 (weights
   and per-token dynamic activation quantization), and AdaRound int4 (learned rounding on matmul
   inputs recorded from one denoiser call on noised digits).
-* Code LM: `jaxinf.recipes.code_models.WindowLM`, the byte transformer `experiments.kv_compression`
-  trains on the stdlib's source
-  (its checkpoint in `results/kv_compression/train/` is reused, else trained there, ~3 min);
+* Code LM: `jaxinf.recipes.code_models.WindowLM` at its defaults, a byte transformer trained 200
+  steps on the stdlib's source alone into `<lm_dir>/train/` (~3 min, once; the copy-trained model
+  of `experiments.kv_compression` is another recipe, in its own folder);
   held-out bits per byte (one full-sequence forward pass) at fp32, int8, int4, fp8 (searched),
   fp4 (searched), uniform 3-bit int (per channel) and SqueezeLLM 3- and 4-bit (Fisher diagonal
   from `fisher_batches` calibration sequences, 0.5 % sparse outliers).
@@ -91,7 +91,7 @@ class Config(common.StudyConfig):
   calibration_rows: int = 512      # recorded matmul inputs per weight (AdaRound)
   repeats: int = 3                 # timed sampling runs (median)
   lm_formats: tuple[str, ...] = LM_FORMATS
-  lm_dir: str = "results/kv_compression"   # the code LM's study folder (checkpoint in train/)
+  lm_dir: str = "results/quantization/lm"  # the code LM's folder (checkpoint in train/)
   eval_rows: int = 32              # held-out windows for bits per byte
   eval_len: int = 512              # bytes per window
   fisher_batches: int = 16         # calibration sequences for SqueezeLLM's Fisher diagonal
@@ -115,8 +115,8 @@ class Config(common.StudyConfig):
       common.refuse("eval_len", f"expected >= 2 bytes, got {self.eval_len}")
 
   def lm_recipe(self) -> code_models.WindowLM:
-    """The code LM: `experiments.kv_compression`'s model at its default size (so its checkpoint
-    in `<lm_dir>/train` is reused), or a tiny one for `--smoke`."""
+    """The code LM: `code_models.WindowLM` at its defaults (code alone, no copy data), or a tiny
+    one for `--smoke`."""
     if self.smoke:
       return code_models.WindowLM(hidden_size=32, num_layers=2, max_len=64, train_steps=3,
                                   batch_size=2, seq_len=64, seed=self.seed)
@@ -358,8 +358,8 @@ def run(cfg: Config) -> list[dict]:
        f"evaluations of the batch). int4_g: groups of {cfg.group_size} input rows. AdaRound: "
        f"{cfg.adaround_iterations} Adam steps per weight on up to {cfg.calibration_rows} recorded "
        "inputs; its `quant_seconds` include that optimisation."),
-      (f"Code LM: {meta.get('lm_params', 0):,}-parameter byte transformer of "
-       f"experiments.kv_compression, bits per byte over {meta.get('lm_eval_bytes')} held-out "
+      (f"Code LM: {meta.get('lm_params', 0):,}-parameter byte transformer "
+       f"(`code_models.WindowLM`, code only), bits per byte over {meta.get('lm_eval_bytes')} held-out "
        f"bytes ({cfg.eval_rows} windows). Quantized: every `kernel` (tied embedding stays fp32). "
        "fp8/fp4 `_search`: the per-tensor searched split and bias (chosen formats in "
        "`stored_as`). int3: 3-bit codes stored in 4-bit nibbles (no 3-bit packing), so int4's "

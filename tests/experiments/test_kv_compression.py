@@ -28,6 +28,9 @@ def test_smoke_run(tmp_path):
   assert "D2O beats H2O at the same budget" in report and "budget 24:" in report
   assert (out / "kv_compression.png").stat().st_size > 0
   assert (out / "train" / "checkpoints").is_dir()
+  assert (out / "train" / "copy_warmup" / "checkpoints").is_dir()   # the copy warm-up ran first
+  recipe = json.loads((out / "train" / "recipe.json").read_text())
+  assert recipe["copy_warmup_steps"] == 2 and recipe["copy"]["spans"] == 2
 
 
 @pytest.mark.parametrize("options, error, names", [
@@ -37,6 +40,9 @@ def test_smoke_run(tmp_path):
     ({"budgets": (4096,)}, ValueError, "budgets: 4096 exceeds the longest"),
     ({"window": 0}, ValueError, "window"),
     ({"sinks": 64, "budgets": (32,)}, ValueError, "budgets.*sinks"),
+    ({"copy_windows": 1.5}, ValueError, "copy_windows.*repeat_windows"),
+    ({"copy_spans": -1}, ValueError, "copy_spans"),
+    ({"copy_warmup_steps": -1}, ValueError, "copy_warmup_steps"),
 ])
 def test_bad_options_are_named(options, error, names):
   with raises_before_tracing(error, names):
