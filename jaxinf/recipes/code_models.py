@@ -224,9 +224,7 @@ class WindowLM:
       check_int(name, getattr(self, name), low=1)
     check_int("seed", self.seed, low=0)
     check_int("copy_warmup_steps", self.copy_warmup_steps, low=0)
-    if self.copy is not None and not isinstance(self.copy, CopyTask):
-      raise TypeError(f"copy: expected a CopyTask or None, got {type(self.copy).__name__}")
-    self.train_configs()   # each phase's LMTrainConfig checks its windows and copy task
+    self.train_configs()   # each phase's LMTrainConfig checks its windows and copy task (type too)
 
   def warmup_task(self) -> CopyTask:
     """The copy-only warm-up's data: printable bytes repeating with a period up to half a window."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxinf.config import check_int
 from jaxinf.train.loop import run_training
 from jaxinf.train.step import (OptimizerConfig, check_model_params, check_optimizer,
                                check_positive_ints, check_seed, init_train_state, make_train_step)
@@ -59,9 +60,7 @@ class CopyTask:
         raise ValueError(f"{name}: expected a probability in [0, 1], got {v!r}")
     check_positive_ints(self, "min_period", "max_period", "min_span", "max_span", "token_high")
     for name in ("spans", "token_low"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+      check_int(name, getattr(self, name), low=0)
     for low, high in (("min_period", "max_period"), ("min_span", "max_span")):
       if getattr(self, low) > getattr(self, high):
         raise ValueError(f"{high}: expected >= {low} = {getattr(self, low)}, got "
