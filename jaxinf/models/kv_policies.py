@@ -385,10 +385,14 @@ def merge(kept_k, kept_v, kept_live, ev_k, ev_v, evicted, tau, beta: float):
 
 
 def select(policy: KVPolicy, cand: dict, prio: jax.Array, budget: jax.Array, slots: int,
-           tau: jax.Array | None, dtype):
+           tau: jax.Array | None, dtype, max_evicted: int | None = None):
   """Keeps the first `budget` [B] candidates of `cand` (arrays [B, C, ...] on axis 1: "k", "v",
   their "k_scale", "v_scale" when quantized, "pos", "score") in the order of `keep_order`, into
-  `slots` slots; D2O merges the evicted ones. Returns (slot arrays, tau)."""
+  `slots` slots; D2O merges the evicted ones. Returns (slot arrays, tau).
+
+  `max_evicted`: a bound on the live candidates beyond `budget` (a decode step of k tokens over a
+  cache holding at most `budget` live slots evicts at most k), so D2O compares only those with the
+  kept slots: the same merge at O(k * slots) instead of O(C * slots) per head."""
   c = cand["pos"].shape[1]
   if c < slots:  # fewer candidates than slots (a short prompt): pad with dead ones
     pad = slots - c
@@ -411,9 +415,16 @@ def select(policy: KVPolicy, cand: dict, prio: jax.Array, budget: jax.Array, slo
     scale = policy.storage != "native"
     kept_k = decode(out["k"], out.get("k_scale") if scale else None, jnp.float32)
     kept_v = decode(out["v"], out.get("v_scale") if scale else None, jnp.float32)
-    ev_k = decode(s["k"], s.get("k_scale") if scale else None, jnp.float32)
-    ev_v = decode(s["v"], s.get("v_scale") if scale else None, jnp.float32)
-    k, v, merged, tau = merge(kept_k, kept_v, keep[:, :slots], ev_k, ev_v, live & ~keep, tau,
+    ev, evicted = s, live & ~keep
+    if max_evicted is not None and max_evicted < c:   # the candidates just past the budget
+      at = budget[:, None] + jnp.arange(max_evicted)[None]                     # [B, E]
+      idx = jnp.broadcast_to(jnp.minimum(at, c - 1)[..., None], (*at.shape, live.shape[2]))
+      ev = {n: jnp.take_along_axis(a, idx if a.ndim == 3 else idx[..., None], axis=1)
+            for n, a in s.items()}
+      evicted = jnp.take_along_axis(evicted, idx, axis=1) & (at < c)[..., None]
+    ev_k = decode(ev["k"], ev.get("k_scale") if scale else None, jnp.float32)
+    ev_v = decode(ev["v"], ev.get("v_scale") if scale else None, jnp.float32)
+    k, v, merged, tau = merge(kept_k, kept_v, keep[:, :slots], ev_k, ev_v, evicted, tau,
                               policy.merge_beta)
     for name, x in (("k", k), ("v", v)):
       enc = encode(x, policy.storage, dtype)
@@ -586,7 +597,9 @@ def step(module, policy: KVPolicy, tokens, cache, *, impl, interpret, return_hid
       cand["score"] = score
       prio = priority(policy, cand["pos"], score, new_length, prefill=False)
       tau = cache["tau"][i] if "tau" in cache else None
-      out, tau = select(policy, cand, prio, cache["budget"][i], cache["k"].shape[3], tau, dtype)
+      # the cache holds at most budget live slots, so kn candidates at most are evicted
+      out, tau = select(policy, cand, prio, cache["budget"][i], cache["k"].shape[3], tau, dtype,
+                        max_evicted=kn)
       for n in names + ["pos", "score"]:
         layers_out[n].append(out[n])
       layers_out["tau"].append(tau)
