@@ -17,10 +17,14 @@ compressed cache
 * streamed bits per byte: `prefix` held-out bytes are prefilled, then `stream` more are fed one
   step at a time (teacher forcing, one compiled `lax.scan`), so decode-time eviction decides what
   every later byte sees; bits per byte of the streamed bytes;
-* planted-key recall: `SECRET_KEY = "<key_len hex digits>"` is planted before `context` bytes of
-  held-out code and the prompt ends with `SECRET_KEY = "`; the prompt is prefilled (each policy
+* planted-key recall: `SECRET_KEY = 0x<key_len hex digits>` is planted before `context` bytes of
+  held-out code and the prompt ends with `SECRET_KEY = 0x`; the prompt is prefilled (each policy
   compresses it once) and `generate` (greedy) continues it: exact recall of the whole key, and the
   key's bits per character under teacher forcing (a graded measure where recall is all-or-nothing).
+  The key is a hex literal, not a string: planted as `SECRET_KEY = "<key>"`, this model's first
+  digit after `= "` loses to the code prior of an empty string `""`, so exact recall is 0 for every
+  cache, the uncompressed one included, and tells the policies apart nowhere; the report measures
+  both plants on the uncompressed cache.
 
 Writes `results/kv_compression/{results.json, report.md, meta.json, kv_compression.png}`.
 """
@@ -59,13 +63,13 @@ class Config(common.StudyConfig):
   batch_size: int = 8
   seq_len: int = 512
   corpus_bytes: int | None = None  # None: the whole stdlib corpus
-  budgets: tuple[int, ...] = (32, 64, 128, 256)   # live KV slots per layer
+  budgets: tuple[int, ...] = (32, 64, 128, 256, 384)   # live KV slots per layer
   policies: tuple[str, ...] = EVICTING
   storages: tuple[str, ...] = ("int8", "float8_e4m3fn")  # no-eviction storage rows
   sinks: int = 4                   # StreamingLLM
   window: int = 16                 # SnapKV's observation window
   kernel: int = 5                  # SnapKV's pool
-  rows: int = 16                   # held-out texts per measure
+  rows: int = 32                   # held-out texts per measure
   prefix: int = 32                 # bytes prefilled before streaming
   stream: int = 480                # bytes streamed one step at a time
   context: int = 448               # held-out code bytes between the planted key and the query
@@ -95,7 +99,8 @@ class Config(common.StudyConfig):
 
   @property
   def prompt_len(self) -> int:
-    return len(plant_header("0" * self.key_len)) + self.context + len(QUERY)
+    return max(len(line.format(key="0" * self.key_len)) + self.context + len(query)
+               for line, query in PLANTS.values())
 
   def policy(self, policy: str, budget: int, storage: str = "native") -> KVPolicy:
     return KVPolicy(policy, budget=budget, sinks=self.sinks, window=self.window,
@@ -111,11 +116,10 @@ def smoke_config(cfg: Config) -> Config:
       context=16, key_len=4, window=4, sinks=2, storages=(), out_dir=common.smoke_dir(cfg.out_dir)))
 
 
-QUERY = '\nSECRET_KEY = "'
-
-
-def plant_header(key: str) -> str:
-  return f'SECRET_KEY = "{key}"\n'
+# the planted-key task's (planted line, the prompt's last bytes): "hex" is measured for every cache,
+# "string" only as the uncompressed control of why it is not
+PLANTS = {"hex": ("SECRET_KEY = 0x{key}\n", "\nSECRET_KEY = 0x"),
+          "string": ('SECRET_KEY = "{key}"\n', '\nSECRET_KEY = "')}
 
 
 def lm_recipe(cfg: Config) -> code_models.WindowLM:
@@ -142,15 +146,17 @@ def trained_model(cfg: Config, train: np.ndarray):
                                progress=cfg.progress)
 
 
-def recall_prompts(cfg: Config, heldout: np.ndarray):
-  """([rows, prompt_len] prompts, [rows, key_len] keys) of the planted-key task."""
+def recall_prompts(cfg: Config, heldout: np.ndarray, plant: str = "hex"):
+  """([rows, T] prompts, [rows, key_len] keys) of the planted-key task (`PLANTS[plant]`); every
+  plant gets the same keys and code."""
+  line, query = PLANTS[plant]
   rng = np.random.default_rng(cfg.seed + 11)
   code = common.heldout_prompts(heldout, cfg.rows, cfg.context, cfg.seed + 5)
   prompts, keys = [], []
   for row in code:
     key = "".join(rng.choice(list("0123456789abcdef"), cfg.key_len))
-    text = (plant_header(key).encode() + bytes(row.astype(np.uint8).tolist())
-            + QUERY.encode())
+    text = (line.format(key=key).encode() + bytes(row.astype(np.uint8).tolist())
+            + query.encode())
     prompts.append(np.frombuffer(text, np.uint8))
     keys.append(np.frombuffer(key.encode(), np.uint8))
   return np.stack(prompts).astype(np.int32), np.stack(keys).astype(np.int32)
@@ -182,6 +188,20 @@ def teacher_forced(model, params, prompt, continuation):
   else:
     live = jnp.mean(cache["length"].astype(jnp.float32))
   return b_tok.T, pred.T, live
+
+
+def plant_control(cfg: Config, model, params, heldout) -> dict:
+  """Each plant on the uncompressed cache: the share of first key digits teacher-forced argmax
+  gets right, exact recall (every digit right) and bits per key digit."""
+  out = {}
+  for plant in PLANTS:
+    prompts, keys = recall_prompts(cfg, heldout, plant)
+    bits, pred, _ = teacher_forced(model, params, jnp.asarray(prompts), jnp.asarray(keys))
+    pred = np.asarray(pred)
+    out[plant] = {"first_digit_acc": float((pred[:, 0] == keys[:, 0]).mean()),
+                  "recall": float((pred == keys).all(axis=1).mean()),
+                  "key_bits_per_char": float(np.mean(bits))}
+  return out
 
 
 def kv_bytes(model, batch: int, max_len: int) -> int:
@@ -255,6 +275,8 @@ def run(cfg: Config) -> list[dict]:
                                              disable=not cfg.progress):
     rows.append(dict(policy=policy, storage=storage, budget=budget,
                      **measure(cfg, model, params, stream_rows, recall, keys)))
+  control = plant_control(cfg, base, params, heldout)
+  hexk, string = control["hex"], control["string"]
   total = time.perf_counter() - t_start
   full = rows[0]
   worst = max(rows, key=lambda r: r["key_bits_per_char"])
@@ -282,11 +304,19 @@ def run(cfg: Config) -> list[dict]:
       f"copies ({worst['key_bits_per_char']:.3f} for {worst['policy']} at budget "
       f"{worst['budget']}, the most). `key_char_acc`: the share of key digits greedy decoding "
       "gets right (a first wrong digit usually derails the rest)."),
+      (f"Why a hex literal: on the uncompressed cache the first key digit after "
+       f"`SECRET_KEY = 0x` is right in {hexk['first_digit_acc']:.0%} of the prompts (recall "
+       f"{hexk['recall']:.2f}, {hexk['key_bits_per_char']:.3f} bits per digit); the same keys "
+       f"and code planted as `SECRET_KEY = \"<key>\"` get {string['first_digit_acc']:.0%} of first "
+       f"digits after `= \"` right (recall {string['recall']:.2f}, "
+       f"{string['key_bits_per_char']:.3f} bits per digit): the code prior of an empty string "
+       "wins there."),
       "", "Seed claim \"D2O beats H2O at the same budget\":", *claims(rows),
       "", f"Whole run {total:.0f} s on {jax.default_backend()}."])
   common.write_report(out_dir, rows, title="KV-cache compression: quality versus cache budget",
                       notes=notes, columns=COLUMNS,
-                      extra={"config": dataclasses.asdict(cfg), "total_seconds": total})
+                      extra={"config": dataclasses.asdict(cfg), "total_seconds": total,
+                             "plant_control": control})
   plot(out_dir / "kv_compression.png", cfg, rows)
   common.print_report(out_dir, total)
   return rows

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from bad_input import raises_before_tracing
 
@@ -31,6 +33,26 @@ def test_smoke_run(tmp_path):
   assert (out / "train" / "copy_warmup" / "checkpoints").is_dir()   # the copy warm-up ran first
   recipe = json.loads((out / "train" / "recipe.json").read_text())
   assert recipe["copy_warmup_steps"] == 2 and recipe["copy"]["spans"] == 2
+  control = json.loads((out / "meta.json").read_text())["plant_control"]
+  assert set(control) == {"hex", "string"} and "Why a hex literal" in report
+  assert all(0 <= c["first_digit_acc"] <= 1 and c["key_bits_per_char"] > 0
+             for c in control.values())
+
+
+def test_every_plant_holds_the_same_keys_and_code():
+  cfg = kv_compression.Config(rows=3, context=40, key_len=6)
+  heldout = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, np.uint8).astype(np.int32)
+  (hexp, hexk), (strp, strk) = (kv_compression.recall_prompts(cfg, heldout, p)
+                                for p in ("hex", "string"))
+  np.testing.assert_array_equal(hexk, strk)
+  for row_h, row_s, key in zip(hexp, strp, hexk):
+    text_h, text_s = bytes(row_h.astype(np.uint8)), bytes(row_s.astype(np.uint8))
+    key = bytes(key.astype(np.uint8)).decode()
+    assert text_h.startswith(f"SECRET_KEY = 0x{key}\n".encode())
+    assert text_s.startswith(f'SECRET_KEY = "{key}"\n'.encode())
+    assert text_h.endswith(b"\nSECRET_KEY = 0x") and text_s.endswith(b'\nSECRET_KEY = "')
+    assert text_h[22:-16] == text_s[22:-15] and len(text_h[22:-16]) == 40   # the same code
+    assert len(text_h) <= cfg.prompt_len and len(text_s) <= cfg.prompt_len
 
 
 @pytest.mark.parametrize("options, error, names", [
