@@ -1,7 +1,8 @@
 """Low-bit weights (and W8A8 activations) on the digits DiT and a byte-level code LM: quality,
 weight bytes and time per step for each format of `jaxinf.quant`.
 
-    python -m experiments.quantization            # a few minutes on 2 cores (checkpoints reused)
+    python -m experiments.quantization            # a few minutes on 2 cores once the checkpoints
+                                                  # exist (~35 min if the code LM must train)
     python -m experiments.quantization --smoke    # tiny models, a few training steps, ~20 s
 
 Two studies, every quantized tree built by `jaxinf.quant` (real low-bit storage: int8 / packed
@@ -18,9 +19,9 @@ unchanged through the models' own code (`x @ w` reaches the quantized leaf):
   the per-tensor searched (exponent, mantissa, bias) split ("fp4"), W8A8 int8 and fp8 (weights
   and per-token dynamic activation quantization), and AdaRound int4 (learned rounding on matmul
   inputs recorded from one denoiser call on noised digits).
-* Code LM: `jaxinf.recipes.code_models.WindowLM` at its defaults, a byte transformer trained 200
-  steps on the stdlib's source alone into `<lm_dir>/train/` (~3 min, once; the copy-trained model
-  of `experiments.kv_compression` is another recipe, in its own folder);
+* Code LM: the ~0.8M-parameter byte transformer of `experiments.kv_compression` (its recipe, and
+  by default its folder: whichever study runs first trains it into `<lm_dir>/train/`, ~31 min on
+  2 cores, and the other reuses it);
   held-out bits per byte (one full-sequence forward pass) at fp32, int8, int4, fp8 (searched),
   fp4 (searched), uniform 3-bit int (per channel) and SqueezeLLM 3- and 4-bit (Fisher diagonal
   from `fisher_batches` calibration sequences, 0.5 % sparse outliers).
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common
+from experiments import common, kv_compression
 from jaxinf.data import digits
 from jaxinf.data.stdlib_code import load_corpus
 from jaxinf.diffusion import solvers
@@ -91,7 +92,7 @@ class Config(common.StudyConfig):
   calibration_rows: int = 512      # recorded matmul inputs per weight (AdaRound)
   repeats: int = 3                 # timed sampling runs (median)
   lm_formats: tuple[str, ...] = LM_FORMATS
-  lm_dir: str = "results/quantization/lm"  # the code LM's folder (checkpoint in train/)
+  lm_dir: str = "results/kv_compression"   # the code LM's folder (checkpoint in train/)
   eval_rows: int = 32              # held-out windows for bits per byte
   eval_len: int = 512              # bytes per window
   fisher_batches: int = 16         # calibration sequences for SqueezeLLM's Fisher diagonal
@@ -115,12 +116,12 @@ class Config(common.StudyConfig):
       common.refuse("eval_len", f"expected >= 2 bytes, got {self.eval_len}")
 
   def lm_recipe(self) -> code_models.WindowLM:
-    """The code LM: `code_models.WindowLM` at its defaults (code alone, no copy data), or a tiny
-    one for `--smoke`."""
+    """The code LM: `experiments.kv_compression`'s recipe (so the two studies share one training),
+    or a tiny one for `--smoke`."""
     if self.smoke:
       return code_models.WindowLM(hidden_size=32, num_layers=2, max_len=64, train_steps=3,
                                   batch_size=2, seq_len=64, seed=self.seed)
-    return code_models.WindowLM(seed=self.seed)
+    return kv_compression.lm_recipe(kv_compression.Config(seed=self.seed))
 
 
 def smoke_config(cfg: Config) -> Config:
@@ -359,7 +360,7 @@ def run(cfg: Config) -> list[dict]:
        f"{cfg.adaround_iterations} Adam steps per weight on up to {cfg.calibration_rows} recorded "
        "inputs; its `quant_seconds` include that optimisation."),
       (f"Code LM: {meta.get('lm_params', 0):,}-parameter byte transformer "
-       f"(`code_models.WindowLM`, code only), bits per byte over {meta.get('lm_eval_bytes')} held-out "
+       "(`experiments.kv_compression`'s: copy warm-up, then code with copy data), bits per byte over {meta.get('lm_eval_bytes')} held-out "
        f"bytes ({cfg.eval_rows} windows). Quantized: every `kernel` (tied embedding stays fp32). "
        "fp8/fp4 `_search`: the per-tensor searched split and bias (chosen formats in "
        "`stored_as`). int3: 3-bit codes stored in 4-bit nibbles (no 3-bit packing), so int4's "
