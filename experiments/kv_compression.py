@@ -46,7 +46,6 @@ from jaxinf.data.stdlib_code import load_corpus
 from jaxinf.decoding.generate import generate
 from jaxinf.models.kv_policies import POLICIES, STORAGES, KVPolicy
 from jaxinf.recipes import code_models
-from jaxinf.train.lm import CopyTask
 
 EVICTING = tuple(p for p in POLICIES if p != "none")
 
@@ -123,21 +122,15 @@ PLANTS = {"hex": ("SECRET_KEY = 0x{key}\n", "\nSECRET_KEY = 0x"),
 
 
 def lm_recipe(cfg: Config) -> code_models.WindowLM:
-  """The study's model: `code_models.WindowLM` long enough for every measured sequence, warmed up
-  on copies and trained on code with copy data mixed in (printable random bytes repeating with a
-  period of up to 480 in `copy_windows` of the windows, `copy_spans` spans of 8-48 bytes copied
-  within each; both bounded by the window for `--smoke`), so that it can recall a planted key."""
-  window = cfg.seq_len + 1
-  copy = None
-  if cfg.copy_windows or cfg.copy_spans:
-    copy = CopyTask(repeat_windows=cfg.copy_windows, max_period=min(480, window - 1),
-                    spans=cfg.copy_spans, min_span=min(8, window // 2),
-                    max_span=min(48, window // 2), token_low=32, token_high=127)
-  return code_models.WindowLM(
+  """The study's model: `code_models.copy_trained_lm` (warmed up on copies, trained on code with
+  copy data mixed in, so that it can recall a planted key), long enough for every measured
+  sequence; `experiments.quantization` quantizes the same recipe at the defaults."""
+  return code_models.copy_trained_lm(
       hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
       max_len=max(cfg.prefix + cfg.stream, cfg.prompt_len + cfg.key_len),
       train_steps=cfg.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-      copy=copy, copy_warmup_steps=cfg.copy_warmup_steps)
+      copy_windows=cfg.copy_windows, copy_spans=cfg.copy_spans,
+      copy_warmup_steps=cfg.copy_warmup_steps)
 
 
 def trained_model(cfg: Config, train: np.ndarray):

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import common, kv_compression
+from experiments import common
 from jaxinf.data import digits
 from jaxinf.data.stdlib_code import load_corpus
 from jaxinf.diffusion import solvers
@@ -116,12 +116,12 @@ class Config(common.StudyConfig):
       common.refuse("eval_len", f"expected >= 2 bytes, got {self.eval_len}")
 
   def lm_recipe(self) -> code_models.WindowLM:
-    """The code LM: `experiments.kv_compression`'s recipe (so the two studies share one training),
-    or a tiny one for `--smoke`."""
+    """The code LM: `code_models.copy_trained_lm`, the recipe of `experiments.kv_compression` (so
+    the two studies share one training), or a tiny one for `--smoke`."""
     if self.smoke:
       return code_models.WindowLM(hidden_size=32, num_layers=2, max_len=64, train_steps=3,
                                   batch_size=2, seq_len=64, seed=self.seed)
-    return kv_compression.lm_recipe(kv_compression.Config(seed=self.seed))
+    return code_models.copy_trained_lm(seed=self.seed)
 
 
 def smoke_config(cfg: Config) -> Config:

@@ -192,9 +192,9 @@ def code_model(name: str, *, smoke: bool = False, progress: bool = True):
 
 @dataclasses.dataclass(frozen=True)
 class WindowLM:
-  """The 4-layer GQA byte transformer trained on long code windows of the KV-compression and
-  quantization studies (each trains its own recipe in its own folder; `window_lm` refuses a folder
-  holding another recipe's training): `hidden_size`, `num_layers` (4 heads, 2 KV
+  """The 4-layer GQA byte transformer trained on long code windows (`copy_trained_lm` is the recipe
+  the KV-compression and quantization studies share; `window_lm` refuses a folder holding another
+  recipe's training): `hidden_size`, `num_layers` (4 heads, 2 KV
   heads, tied embeddings, MLP 2.75x), `max_len` the longest context asked of it, trained
   `train_steps` of `batch_size` x `seq_len` bytes (AdamW 3e-3, 10 % warm-up, decay 0.1) with
   `copy` (a `jaxinf.train.lm.CopyTask`, or None) mixed in.
@@ -252,6 +252,26 @@ class WindowLM:
         tie_embeddings=True,
         max_len=max(self.max_len, self.seq_len,
                     self.copy_warmup_len if self.copy_warmup_steps else 1))
+
+
+def copy_trained_lm(*, hidden_size: int = 128, num_layers: int = 4, max_len: int = 512,
+                    train_steps: int = 1500, batch_size: int = 8, seq_len: int = 512,
+                    seed: int = 0, copy_windows: float = 0.25, copy_spans: int = 2,
+                    copy_warmup_steps: int = 4000) -> WindowLM:
+  """The copy-trained `WindowLM` that `experiments.kv_compression` measures and
+  `experiments.quantization` quantizes (at these defaults the two share one training): a warm-up
+  on copies alone, then code with `copy_windows` of the windows replaced by printable random bytes
+  repeating with a period of up to 480 and `copy_spans` spans of 8-48 bytes copied within each
+  (both bounded by the window for small windows)."""
+  window = seq_len + 1
+  copy = None
+  if copy_windows or copy_spans:
+    copy = CopyTask(repeat_windows=copy_windows, max_period=min(480, window - 1),
+                    spans=copy_spans, min_span=min(8, window // 2),
+                    max_span=min(48, window // 2), token_low=32, token_high=127)
+  return WindowLM(hidden_size=hidden_size, num_layers=num_layers, max_len=max_len,
+                  train_steps=train_steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                  copy=copy, copy_warmup_steps=copy_warmup_steps)
 
 
 def window_lm(recipe: WindowLM, train: np.ndarray, out_dir: str | Path, *, progress: bool = True):

@@ -46,3 +46,12 @@ def test_smoke_run(tmp_path):
 def test_bad_options_are_named(options, error, names):
   with raises_before_tracing(error, names):
     quantization.Config(**options)
+
+
+def test_the_code_lm_is_the_kv_compression_studys_recipe():
+  """At the defaults both studies ask for one recipe, so one training in one folder serves both
+  (`window_lm` would refuse the folder for any other)."""
+  from experiments import kv_compression
+  assert quantization.Config().lm_recipe() == kv_compression.lm_recipe(kv_compression.Config())
+  assert quantization.Config().lm_dir == kv_compression.Config().out_dir
+  assert quantization.Config(seed=3).lm_recipe().seed == 3
