@@ -360,7 +360,8 @@ def run(cfg: Config) -> list[dict]:
        f"{cfg.adaround_iterations} Adam steps per weight on up to {cfg.calibration_rows} recorded "
        "inputs; its `quant_seconds` include that optimisation."),
       (f"Code LM: {meta.get('lm_params', 0):,}-parameter byte transformer "
-       "(`experiments.kv_compression`'s: copy warm-up, then code with copy data), bits per byte over {meta.get('lm_eval_bytes')} held-out "
+       "(`experiments.kv_compression`'s: copy warm-up, then code with copy data), bits per byte "
+       f"over {meta.get('lm_eval_bytes')} held-out "
        f"bytes ({cfg.eval_rows} windows). Quantized: every `kernel` (tied embedding stays fp32). "
        "fp8/fp4 `_search`: the per-tensor searched split and bias (chosen formats in "
        "`stored_as`). int3: 3-bit codes stored in 4-bit nibbles (no 3-bit packing), so int4's "

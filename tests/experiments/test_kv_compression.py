@@ -4,6 +4,7 @@ and D2O; its options are refused by name when built."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -28,6 +29,7 @@ def test_smoke_run(tmp_path):
   assert h2o["live_slots_stream"] == 24 and d2o["live_slots_stream"] <= 24
   report = (out / "report.md").read_text()
   assert "D2O beats H2O at the same budget" in report and "budget 24:" in report
+  assert not re.search(r"\{(meta|cfg|full|r)\b", report)   # no f-string left unformatted
   assert (out / "kv_compression.png").stat().st_size > 0
   assert (out / "train" / "checkpoints").is_dir()
   assert (out / "train" / "copy_warmup" / "checkpoints").is_dir()   # the copy warm-up ran first

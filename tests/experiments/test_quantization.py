@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -32,6 +33,7 @@ def test_smoke_run(tmp_path):
   report = (out / "report.md").read_text()
   assert "FP8 W8A8 no noticeable degradation" in report
   assert "SqueezeLLM 3-bit closes most of the gap" in report
+  assert not re.search(r"\{(meta|cfg|full|r)\b", report)   # no f-string left unformatted
   assert (out / "quantization.png").stat().st_size > 0
 
 
